@@ -1,0 +1,1 @@
+"""The merchant node: Flower ClientApp and what it needs."""

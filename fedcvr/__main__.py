@@ -1,0 +1,3 @@
+from fedcvr.cli import main
+
+main()

@@ -1,0 +1,107 @@
+"""The `fedcvr` command: the front door for merchants, coordinators and researchers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedcvr import __version__
+
+app = typer.Typer(
+    name="fedcvr",
+    help="Federated, privacy-preserving conversion-rate optimisation for e-commerce.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Create, import, validate and summarise merchant data.", no_args_is_help=True)
+import_app = typer.Typer(help="Import public data sets into the fedcvr data contract.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+data_app.add_typer(import_app, name="import")
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"fedcvr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Federated, privacy-preserving conversion-rate optimisation for e-commerce."""
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _summary_table(summaries, total=None) -> Table:
+    from fedcvr.shared.data.contract import EVENT_TYPES
+
+    table = Table(title="Data summary", show_lines=False)
+    for column in ("merchant", "users", "items", *EVENT_TYPES, "from", "to", "click rate", "purchase rate",
+                   "conversion rate"):
+        table.add_column(column, justify="left" if column in ("merchant", "from", "to") else "right")
+    rows = list(summaries) + ([total] if total is not None else [])
+    for s in rows:
+        table.add_row(
+            s.name, f"{s.users:,}", f"{s.items:,}", *(f"{s.events[e]:,}" for e in EVENT_TYPES),
+            f"{s.first:%Y-%m-%d}" if s.first is not None else "", f"{s.last:%Y-%m-%d}" if s.last is not None else "",
+            _rate(s.click_rate), _rate(s.purchase_rate), _rate(s.conversion_rate),
+            end_section=s is summaries[-1] and total is not None,
+        )
+    table.caption = ("click rate = clicks / impressions; purchase rate = purchases / clicks; "
+                     "conversion rate = purchases / impressions")
+    return table
+
+
+@data_app.command("validate")
+def data_validate(
+    folder: Path = typer.Argument(..., help="A merchant folder (items + events tables) or a marketplace folder "
+                                            "with one sub-folder per merchant."),
+) -> None:
+    """Check data against the contract and print a summary, or every problem found (exit code 2)."""
+    from fedcvr.shared.data.contract import DataValidationError
+    from fedcvr.shared.data.loader import load_merchant, merchant_folders
+    from fedcvr.shared.data.summary import combine, summarise
+
+    try:
+        folders = merchant_folders(folder)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    summaries, failures = [], []
+    for merchant in folders:
+        try:
+            summaries.append(summarise(load_merchant(merchant)))
+        except DataValidationError as err:
+            failures.append(err)
+    for err in failures:
+        err_console.print(str(err), highlight=False, markup=False)
+    if summaries:
+        console.print(_summary_table(summaries, combine(summaries) if len(summaries) > 1 else None))
+    if failures:
+        _fail(f"{len(failures)} of {len(folders)} merchant folder(s) failed validation; see the problems above.")
+    console.print(f"[green]ok:[/] {len(folders)} merchant folder(s) match the data contract.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Code that both the coordinator (server) and the merchant nodes (client) use."""

@@ -1,0 +1,1 @@
+"""Researchers' entry points: the synthetic marketplace and experiment configurations."""
