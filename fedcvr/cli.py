@@ -22,7 +22,7 @@ import_app = typer.Typer(help="Import public data sets into the fedcvr data cont
 app.add_typer(data_app, name="data")
 data_app.add_typer(import_app, name="import")
 
-console = Console()
+console = Console() if Console().is_terminal else Console(width=160)
 err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2

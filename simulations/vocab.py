@@ -17,6 +17,7 @@ class CategoryVocab:
     reference_price: float
     has_colour: bool
     uses: tuple[str, ...]
+    material_phrase: str = "made of {}"
 
 
 COLOURS: tuple[str, ...] = ("black", "white", "navy", "grey", "red", "green", "beige", "blue", "pink", "olive",
@@ -63,7 +64,7 @@ CATEGORIES: tuple[CategoryVocab, ...] = (
                   ("aloe vera", "vitamin C", "hyaluronic acid", "argan oil", "shea butter"),
                   ("Lumiere", "Glowfield", "Pura Verde"),
                   ("30 ml", "50 ml", "100 ml", "250 ml"), 22.0, False,
-                  ("dry skin", "daily routines", "sensitive skin", "summer days")),
+                  ("dry skin", "daily routines", "sensitive skin", "summer days"), "enriched with {}"),
     CategoryVocab("Sports & Outdoors", ("yoga mat", "tent", "hiking backpack", "water bottle", "dumbbells",
                                        "cycling helmet", "sleeping bag"),
                   ("nylon", "neoprene", "steel", "recycled foam", "ripstop polyester"),
@@ -81,7 +82,7 @@ CATEGORIES: tuple[CategoryVocab, ...] = (
                   ("hardcover", "paperback", "spiral-bound"),
                   ("Inkwell Press", "Foxglove Books", "Northlight Editions"),
                   ("pocket edition", "standard edition", "illustrated edition"), 18.0, False,
-                  ("bedtime reading", "long journeys", "curious minds", "gift giving")),
+                  ("bedtime reading", "long journeys", "curious minds", "gift giving"), "bound as a {}"),
     CategoryVocab("Garden", ("plant pot", "garden hose", "pruning shears", "bird feeder", "seed kit",
                              "watering can"),
                   ("terracotta", "galvanised steel", "recycled plastic", "cedar wood"),
@@ -102,5 +103,5 @@ CATEGORIES: tuple[CategoryVocab, ...] = (
                   ("organic", "fair-trade", "single-origin", "gluten-free"),
                   ("Harvest Lane", "Bellacampo", "Old Mill"),
                   ("250 g", "500 g", "1 kg"), 9.0, False,
-                  ("breakfast", "the pantry", "gifting", "slow Sundays")),
+                  ("breakfast", "the pantry", "gifting", "slow Sundays"), "{}, carefully sourced"),
 )
