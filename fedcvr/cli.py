@@ -99,6 +99,45 @@ def data_validate(
     console.print(f"[green]ok:[/] {len(folders)} merchant folder(s) match the data contract.")
 
 
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="Folder to write the marketplace into (one sub-folder per merchant)."),
+    merchants: int = typer.Option(5, "--merchants", help="Number of merchants."),
+    items: int = typer.Option(2000, "--items", help="Number of distinct items over all merchants."),
+    shoppers: int = typer.Option(5000, "--shoppers", help="Number of shoppers over all merchants."),
+    events: int = typer.Option(200_000, "--events", help="Approximate number of events over all merchants."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed and sizes give the same data."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace merchant folders already in OUT."),
+) -> None:
+    """Generate the synthetic marketplace: merchants with catalogs, shoppers and sessions from a hidden
+    ground-truth model (stored next to each impression as true_p_click and true_p_purchase)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedcvr.shared.data.loader import is_merchant_folder
+    from fedcvr.simulations.synth import SynthConfig, generate_marketplace
+
+    try:
+        config = SynthConfig(merchants=merchants, items=items, shoppers=shoppers, events=events, seed=seed)
+    except ValueError as err:
+        _fail(str(err))
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file, not a folder: pass a folder path")
+    existing = [p for p in out.iterdir() if p.is_dir() and is_merchant_folder(p)] if out.is_dir() else []
+    if existing and not overwrite:
+        _fail(f"--out {out} already holds {len(existing)} merchant folder(s); pass --overwrite to replace them "
+              "or choose an empty folder")
+    for old in existing if overwrite else []:
+        for name in ("items.parquet", "events.parquet"):
+            (old / name).unlink(missing_ok=True)
+    with Progress(TextColumn("synthesising events"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task("events", total=events)
+        description = generate_marketplace(config, out, lambda done, total: bar.update(task, completed=done))
+    total = sum(sum(m["events"].values()) for m in description["merchants"])
+    console.print(f"[green]wrote[/] {len(description['merchants'])} merchant folders with {total:,} events to {out} "
+                  f"(seed {seed}); check them with `fedcvr data validate {out}`")
+
+
 def main() -> None:
     app()
 
