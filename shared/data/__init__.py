@@ -1,0 +1,1 @@
+"""The e-commerce data contract: loading, validating, summarising and turning events into examples."""
