@@ -143,13 +143,16 @@ def _as_text(frame: pd.DataFrame, column: str, check: _Checker) -> pd.Series | N
     series = frame[column]
     if pd.api.types.is_integer_dtype(series) and column in _ID_COLUMNS:
         return series.astype("int64").astype(str)
-    if pd.api.types.is_string_dtype(series) or pd.api.types.is_object_dtype(series):
-        non_str = series.notna() & ~series.map(lambda v: isinstance(v, str), na_action="ignore").fillna(True)
+    if isinstance(series.dtype, pd.StringDtype):
+        return series.astype(object).where(series.notna(), None)
+    if pd.api.types.is_object_dtype(series):
+        non_str = series.map(lambda v: not (v is None or isinstance(v, str) or (isinstance(v, float) and v != v)))
+        non_str = non_str.astype(bool)
         if non_str.any():
             check.add(column, "holds values that are not text", f"store '{column}' as a string column",
                       non_str, series)
             return None
-        return series.astype(object).where(series.notna(), None)
+        return series.where(series.notna(), None)
     check.add(column, f"has type {series.dtype}, but text is expected",
               f"store '{column}' as a string column (ids such as 17850.0 should be written as '17850')")
     return None
