@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine with Python 3.11+:
+#   make demo   create .venv, install fedcvr, synthesise the default marketplace, validate and summarise it
+#   make test   create .venv, install fedcvr with its test tools, run the test suite offline
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= data/demo
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fedcvr needs Python 3.11 or newer: run make PYTHON=python3.11 ...")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned in the same command as the packages that depend on it (a bare `torch` pulls a CUDA build)
+	$(BIN)/python -m pip install --quiet "torch==2.13.0" -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/fedcvr data synth --out $(DEMO_DIR) --seed 0 --overwrite
+	$(BIN)/fedcvr data validate $(DEMO_DIR)
+
+test: install
+	HF_HUB_OFFLINE=1 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
