@@ -49,7 +49,7 @@ INTEREST_SHARE = 0.6
 EVENTS_PER_IMPRESSION = 1.1  # impressions plus the clicks, carts and purchases they lead to (measured ~1.1)
 MIN_ITEMS_PER_MERCHANT = 20
 MIN_SHOPPERS_PER_MERCHANT = 10
-USERS_PER_CHUNK = 4096
+EVENTS_PER_CHUNK = 250_000  # shoppers are simulated in chunks of about this many events
 
 EVENT_SCHEMA = pa.schema([
     ("user_id", pa.string()), ("item_id", pa.string()), ("event", pa.string()),
@@ -195,10 +195,12 @@ def _make_catalogs(config: SynthConfig, world: _World) -> list[pd.DataFrame]:
         shared = _make_items(rng, rng.choice(len(CATEGORIES), n_shared, p=pool_mix), world)
         shared["item_id"] = [f"sku-{k:06d}" for k in range(n_shared)]
         sellers = rng.integers(1, min(m, 3) + 1, n_shared)
+        carried: list[list[int]] = [[] for _ in range(m)]
         for k in range(n_shared):
             weight = world.mix[:, shared["category"].iat[k]] + 1e-3
             for j in rng.choice(m, sellers[k], replace=False, p=weight / weight.sum()):
-                catalogs[j] = pd.concat([catalogs[j], shared.iloc[[k]]], ignore_index=True)
+                carried[j].append(k)
+        catalogs = [pd.concat([own, shared.iloc[carried[j]]], ignore_index=True) for j, own in enumerate(catalogs)]
     for j, items in enumerate(catalogs):
         noise = _rng(config.seed, 2, j).lognormal(0.0, 0.1, len(items))
         items["price"] = np.round(items["base_price"] * world.price_level[j] * noise, 2)
@@ -301,6 +303,7 @@ def generate_marketplace(config: SynthConfig, out: str | Path,
     catalogs = _make_catalogs(config, world)
     n_users = _split(config.shoppers, world.share, MIN_SHOPPERS_PER_MERCHANT)
     mean_sessions = config.events / EVENTS_PER_IMPRESSION / ((SLATE_MIN + SLATE_MAX) / 2) / config.shoppers
+    users_per_chunk = max(1, int(EVENTS_PER_CHUNK / (config.events / config.shoppers)))
     width = max(2, len(str(config.merchants)))
     merchants, written = [], 0
     for j in range(config.merchants):
@@ -313,8 +316,8 @@ def generate_marketplace(config: SynthConfig, out: str | Path,
         counts = dict.fromkeys(("impression", "click", "cart", "purchase"), 0)
         tmp = folder / ".events.parquet.tmp"
         with pq.ParquetWriter(tmp, EVENT_SCHEMA) as writer:
-            for chunk, first in enumerate(range(0, n_users[j], USERS_PER_CHUNK)):
-                size = min(USERS_PER_CHUNK, n_users[j] - first)
+            for chunk, first in enumerate(range(0, n_users[j], users_per_chunk)):
+                size = min(users_per_chunk, n_users[j] - first)
                 table = _simulate_chunk(_rng(config.seed, 4, j, chunk), j, name, first, size, mean_sessions,
                                         items, world, config)
                 writer.write_table(table)

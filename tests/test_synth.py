@@ -101,7 +101,7 @@ def test_ground_truth_predicts_behaviour_and_lives_in_the_text(tiny_market):
 
 
 def test_chunks_stream_to_parquet(tmp_path, monkeypatch):
-    monkeypatch.setattr(synth, "USERS_PER_CHUNK", 16)
+    monkeypatch.setattr(synth, "EVENTS_PER_CHUNK", 320)  # 20 events a shopper: 16 a chunk
     calls = []
     generate_marketplace(SynthConfig(merchants=1, items=40, shoppers=50, events=1_000, seed=2), tmp_path,
                          progress=lambda done, total: calls.append(done))
