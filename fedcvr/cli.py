@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -84,8 +85,11 @@ def data_validate(
         folders = merchant_folders(folder)
     except FileNotFoundError as err:
         _fail(str(err))
+    from rich.progress import track
+
     summaries, failures = [], []
-    for merchant in folders:
+    for merchant in track(folders, description="validating", console=err_console, transient=True,
+                          disable=len(folders) < 2):
         try:
             summaries.append(summarise(load_merchant(merchant)))
         except DataValidationError as err:
@@ -136,6 +140,53 @@ def data_synth(
     total = sum(sum(m["events"].values()) for m in description["merchants"])
     console.print(f"[green]wrote[/] {len(description['merchants'])} merchant folders with {total:,} events to {out} "
                   f"(seed {seed}); check them with `fedcvr data validate {out}`")
+
+
+def _print_import(report, user_word: str, partition_word: str) -> None:
+    from fedcvr.shared.data.importers.report import report_table
+
+    console.print(report_table(report, user_word, partition_word))
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"[green]wrote[/] {len(report.partitions)} merchant folder(s) to {report.out}. "
+                  f"Next: run `fedcvr data validate {report.out}`", highlight=False)
+
+
+@import_app.command("online-retail")
+def import_online_retail_command(
+    file: Annotated[Path, typer.Argument(help="Online Retail or Online Retail II file as published (.xlsx with "
+                                              "all sheets, .csv or .parquet).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write: one merchant sub-folder per country.")],
+) -> None:
+    """Import UCI Online Retail (I or II): clean it and write one merchant folder per country."""
+    from fedcvr.shared.data.importers.online_retail import import_online_retail
+    from fedcvr.shared.data.importers.report import ImportInputError
+
+    try:
+        report = import_online_retail(file, out, show_progress=True)
+    except ImportInputError as err:
+        _fail(str(err))
+    _print_import(report, "customers", "countries")
+
+
+@import_app.command("amazon")
+def import_amazon_command(
+    reviews: Annotated[Path, typer.Option("--reviews", help="Reviews file, JSON lines (2018 or 2023), .gz or plain.")],
+    meta: Annotated[Path, typer.Option("--meta", help="Meta file of the same release, JSON lines, .gz or plain.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write: one merchant sub-folder per partition.")],
+    partition_by: Annotated[str | None, typer.Option(
+        "--partition-by", help="Meta field that splits items into merchants (default: main category; "
+                               "e.g. brand, store).")] = None,
+) -> None:
+    """Import Amazon Reviews 2018/2023: each review is a purchase; one merchant folder per main category."""
+    from fedcvr.shared.data.importers.amazon import import_amazon
+    from fedcvr.shared.data.importers.report import ImportInputError
+
+    try:
+        report = import_amazon(reviews, meta, out, partition_by=partition_by, show_progress=True)
+    except ImportInputError as err:
+        _fail(str(err))
+    _print_import(report, "users", "partitions")
 
 
 def main() -> None:
