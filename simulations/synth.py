@@ -167,7 +167,8 @@ def _make_items(rng: np.random.Generator, categories: np.ndarray, world: _World)
         tone = ("Built to last, with a finish you will notice." if q_tier[i] >= 0.4 else
                 "Simple, practical and easy on the budget." if q_tier[i] < 0 else
                 "A dependable choice for every day.")
-        descriptions.append(f"A {qual.lower()} {noun} by {brand}, {vocab.material_phrase.format(material)}{colour_part}. "
+        made_of = vocab.material_phrase.format(material)
+        descriptions.append(f"A {qual.lower()} {noun} by {brand}, {made_of}{colour_part}. "
                             f"Great for {use}. {tone}")
     return pd.DataFrame({
         "category": categories, "noun": cols["noun"], "brand_idx": cols["brand"], "colour": cols["colour"],

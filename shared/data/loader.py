@@ -165,7 +165,8 @@ def _blank(series: pd.Series) -> pd.Series:
 def _missing_columns(frame: pd.DataFrame, required: tuple[str, ...], check: _Checker, table: str) -> list[str]:
     missing = [c for c in required if c not in frame.columns]
     for column in missing:
-        check.add(column, f"required column '{column}' is missing (columns found: {', '.join(map(str, frame.columns))})",
+        found = ", ".join(map(str, frame.columns))
+        check.add(column, f"required column '{column}' is missing (columns found: {found})",
                   f"add a '{column}' column to the {table} table, or rename the column that holds it")
     return missing
 
@@ -286,7 +287,8 @@ def _validate_events(frame: pd.DataFrame, check: _Checker, item_ids: set[str] | 
     if "item_id" in out and item_ids is not None:
         unknown_item = ~out["item_id"].isin(item_ids) & ~_blank(out["item_id"])
         if unknown_item.any():
-            check.add("item_id", f"refers to {out['item_id'][unknown_item].nunique()} item id(s) not in the items table",
+            n_unknown = out["item_id"][unknown_item].nunique()
+            check.add("item_id", f"refers to {n_unknown} item id(s) not in the items table",
                       "add those items to the items table or drop their events", unknown_item, out["item_id"])
             ok = False
     if "timestamp" in frame.columns:
