@@ -95,7 +95,7 @@ def data_validate(
         except DataValidationError as err:
             failures.append(err)
     for err in failures:
-        err_console.print(str(err), highlight=False, markup=False)
+        err_console.print(str(err), highlight=False, markup=False, soft_wrap=True)
     if summaries:
         console.print(_summary_table(summaries, combine(summaries) if len(summaries) > 1 else None))
     if failures:

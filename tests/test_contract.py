@@ -148,12 +148,15 @@ def test_all_problems_are_collected_before_raising(tmp_path):
     events.loc[0, "event"] = "view"
     events.loc[1, "timestamp"] = "soon"
     events.loc[2, "user_id"] = None
+    events.loc[3, "item_id"] = "nope"
     with pytest.raises(DataValidationError) as info:
         load_merchant(write_tables(tmp_path / "m", items, events))
-    columns = {p.column for p in info.value.problems}
-    assert {"title", "event", "timestamp", "user_id"} <= columns
+    columns = {(p.file.rsplit("/", 1)[-1], p.column) for p in info.value.problems}
+    # the events are still checked against the items table's ids although that table has its own problem
+    assert columns == {("items.csv", "title"), ("events.csv", "event"), ("events.csv", "timestamp"),
+                       ("events.csv", "user_id"), ("events.csv", "item_id")}
     text = str(info.value)
-    assert text.startswith("4 problem(s) in the data folder") and "fix:" in text
+    assert text.startswith("5 problem(s) in the data folder") and "fix:" in text
 
 
 def test_marketplace_discovery(tmp_path):

@@ -322,6 +322,18 @@ def _validate_events(frame: pd.DataFrame, check: _Checker, item_ids: set[str] | 
     return out.sort_values("timestamp", kind="stable").reset_index(drop=True)
 
 
+def _readable_item_ids(path: Path) -> set[str] | None:
+    """Item ids of an items table that failed validation, so events can still be checked against them."""
+    frame, problem = read_table(path)
+    if problem or frame is None or "item_id" not in frame.columns:
+        return None
+    ids = frame["item_id"]
+    if not (pd.api.types.is_integer_dtype(ids) or pd.api.types.is_string_dtype(ids)
+            or pd.api.types.is_object_dtype(ids)):
+        return None
+    return set(ids.dropna().astype(str).str.strip())
+
+
 def load_merchant(folder: str | Path) -> MerchantData:
     """Read and validate one merchant folder; raise `DataValidationError` with every problem found."""
     folder = Path(folder)
@@ -349,7 +361,7 @@ def load_merchant(folder: str | Path) -> MerchantData:
         if problem:
             problems.append(problem)
         else:
-            known = set(items["item_id"]) if items is not None else None
+            known = set(items["item_id"]) if items is not None else _readable_item_ids(paths["items"])
             events = _validate_events(frame, _Checker(paths["events"], problems), known)
     if problems:
         raise DataValidationError(str(folder), problems)
