@@ -361,7 +361,8 @@ def load_merchant(folder: str | Path) -> MerchantData:
         if problem:
             problems.append(problem)
         else:
-            known = set(items["item_id"]) if items is not None else _readable_item_ids(paths["items"])
+            known = set(items["item_id"]) if items is not None else (
+                _readable_item_ids(paths["items"]) if "items" in paths else None)
             events = _validate_events(frame, _Checker(paths["events"], problems), known)
     if problems:
         raise DataValidationError(str(folder), problems)
