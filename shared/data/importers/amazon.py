@@ -59,9 +59,12 @@ def _parse(line: bytes) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def iter_records(path: Path, label: str, report: ImportReport, progress) -> Iterator[dict]:
+def iter_records(path: Path, label: str, report: ImportReport, progress, stats: dict | None = None
+                 ) -> Iterator[dict]:
     """Yield each line of a JSON-lines file (gzipped or plain) as a dict; count lines that are neither JSON
-    nor a Python literal dict, and name the first one in the report."""
+    nor a Python literal dict, and name the first one in the report. `stats["lines"]` counts non-empty lines."""
+    stats = {} if stats is None else stats
+    stats["lines"] = 0
     if not path.is_file():
         raise ImportInputError(f"{path}: no such file (given as {label}). fix: pass the path of the downloaded "
                                f"{label} file (.json, .jsonl or .gz).")
@@ -79,6 +82,7 @@ def iter_records(path: Path, label: str, report: ImportReport, progress) -> Iter
                 line = line.strip()
                 if not line:
                     continue
+                stats["lines"] += 1
                 record = _parse(line)
                 if record is None:
                     bad += 1
@@ -90,7 +94,11 @@ def iter_records(path: Path, label: str, report: ImportReport, progress) -> Iter
                                    "damaged or its download was cut short; download it again.") from err
     progress.update(task, completed=size)
     if bad:
-        report.drop(f"{label}: lines that are neither JSON nor a Python literal (first: line {first_bad:,})", bad)
+        reason = f"{label}: lines that are neither JSON nor a Python literal (first: line {first_bad:,})"
+        if label == "reviews":
+            report.drop(reason, bad)
+        else:
+            report.notes.append(f"{reason}: {bad:,} skipped")
 
 
 def _detect(record: dict, path: Path, kind: str) -> str:
@@ -185,10 +193,9 @@ def read_meta(path: Path, report: ImportReport, progress, partition_by: str | No
 def read_reviews(path: Path, meta_path: Path, meta_fmt: str, items: dict, report: ImportReport,
                  progress) -> pd.DataFrame:
     """The reviews whose item has metadata with a title, as user_id, item_id, timestamp."""
-    fmt, chunks, rows, records = None, [], ([], [], []), 0
+    fmt, chunks, rows, stats = None, [], ([], [], []), {}
     missing = no_meta = no_title = 0
-    for record in iter_records(path, "reviews", report, progress):
-        records += 1
+    for record in iter_records(path, "reviews", report, progress, stats):
         if fmt is None:
             fmt = _detect(record, path, "reviews")
             if fmt != meta_fmt:
@@ -218,7 +225,7 @@ def read_reviews(path: Path, meta_path: Path, meta_fmt: str, items: dict, report
     if fmt is None:
         raise ImportInputError(f"{path}: holds no records. fix: pass the reviews file of {_HELP}.")
     chunks.append(pd.DataFrame({"user_id": rows[0], "item_id": rows[1], "time": np.array(rows[2], dtype="int64")}))
-    report.rows_read = records
+    report.rows_read = stats["lines"]  # non-empty lines, unreadable ones included
     report.drop("reviews without user, item or time", missing)
     report.drop("reviews of items without metadata", no_meta)
     report.drop("reviews of items without a title", no_title)

@@ -112,10 +112,12 @@ def _normalise(frame: pd.DataFrame, path: Path, where, part: str = "") -> pd.Dat
     raw_date = src["invoice_date"]
     if pd.api.types.is_datetime64_any_dtype(raw_date):
         date = pd.to_datetime(raw_date)
-    else:
-        date = pd.to_datetime(raw_date.astype(str).str.strip(), errors="coerce", format="ISO8601")
-        if date.isna().any():
-            date = pd.to_datetime(raw_date.astype(str).str.strip(), errors="coerce", format="mixed")
+    else:  # parse each distinct text once: ISO 8601 first, then US style "12/1/2010 8:26" and other forms
+        codes, texts = pd.factorize(raw_date.astype(str).str.strip())
+        parsed = pd.to_datetime(pd.Series(texts), errors="coerce", format="ISO8601")
+        if parsed.isna().any():
+            parsed = pd.to_datetime(pd.Series(texts), errors="coerce", format="mixed")
+        date = pd.Series(parsed.to_numpy()[codes], index=raw_date.index)
     if getattr(date.dt, "tz", None) is not None:
         date = date.dt.tz_convert("UTC").dt.tz_localize(None)
     _check(date.isna(), raw_date, where, path, found["invoice_date"], "write dates such as 2010-12-01 08:26:00")
@@ -235,7 +237,7 @@ def clean(frame: pd.DataFrame, report: ImportReport) -> tuple[pd.DataFrame, pd.D
     frame = frame.assign(item_id=frame["stock_code"].fillna("").str.strip().str.upper())
     is_cancel = frame["invoice"].fillna("").str.upper().str.startswith("C")
     for reason, bad in (
-        ("rule 3: non-product stock code (postage, fees, manual ...)", lambda f, c: f["item_id"].isin(NON_PRODUCT_CODES)),
+        ("rule 3: non-product stock code (postage, fees, ...)", lambda f, c: f["item_id"].isin(NON_PRODUCT_CODES)),
         ("rule 3: quantity <= 0 on a non-cancellation line", lambda f, c: ~c & (f["quantity"] <= 0)),
         ("rule 3: unit price <= 0 on a non-cancellation line", lambda f, c: ~c & (f["unit_price"] <= 0)),
     ):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -43,11 +44,13 @@ class ImportReport:
 
 
 def make_progress(enabled: bool, *, bytes_total: bool = False) -> Progress:
-    """A transient rich progress display; a silent one when `enabled` is False."""
+    """A transient rich progress display on stderr; a silent one when `enabled` is False or stderr is not a
+    terminal (logs and pipes get the final counts only)."""
+    console = Console(stderr=True)
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
     columns.append(DownloadColumn() if bytes_total else TextColumn("{task.completed:,.0f} rows"))
     columns.append(TimeElapsedColumn())
-    return Progress(*columns, transient=True, disable=not enabled)
+    return Progress(*columns, console=console, transient=True, disable=not (enabled and console.is_terminal))
 
 
 def write_partitions(out: Path, items: pd.DataFrame, events: pd.DataFrame, report: ImportReport,

@@ -1,0 +1,178 @@
+"""The Amazon Reviews importer on small hand-written files of both releases (2018 and 2023), gzipped and plain."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fedcvr.cli import app
+from fedcvr.shared.data.importers.amazon import import_amazon, parse_price
+from fedcvr.shared.data.importers.report import ImportInputError
+from fedcvr.shared.data.loader import load_merchant, merchant_folders
+
+
+def flat(text: str) -> str:
+    return "".join(text.split())
+
+
+def write_lines(path: Path, lines: list[str], gzipped: bool) -> Path:
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    path.write_bytes(gzip.compress(data) if gzipped else data)
+    return path
+
+
+def load_all(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    merchants = [load_merchant(folder) for folder in merchant_folders(out)]
+    events = pd.concat([m.events.assign(partition=m.name) for m in merchants], ignore_index=True)
+    items = pd.concat([m.items.assign(partition=m.name) for m in merchants], ignore_index=True)
+    return events, items
+
+
+@pytest.fixture
+def files_2018(tmp_path):
+    reviews = [
+        json.dumps({"reviewerID": "U1", "asin": "A1", "unixReviewTime": 1500000000, "overall": 5.0}),
+        "{'reviewerID': 'U2', 'asin': 'A2', 'unixReviewTime': 1500000100, 'overall': 4.0}",  # python literal
+        json.dumps({"reviewerID": "U1", "asin": "A1", "unixReviewTime": 1500000000, "overall": 5.0}),  # repeat
+        json.dumps({"reviewerID": "U3", "asin": "A9", "unixReviewTime": 1500000200}),  # no meta for A9
+        json.dumps({"reviewerID": "U3", "asin": "A3", "unixReviewTime": 1500000300}),  # A3 has no title
+        "this line is neither JSON nor a Python literal",
+        "",
+        json.dumps({"asin": "A1", "unixReviewTime": 1500000400}),  # no reviewer
+        json.dumps({"reviewerID": "U1", "asin": "A5", "unixReviewTime": 1500000500}),
+        json.dumps({"reviewerID": "U2", "asin": "A1", "unixReviewTime": 1500000600}),
+    ]
+    meta = [
+        json.dumps({"asin": "A1", "title": " Red  Mug ", "description": ["Red", "ceramic mug."], "brand": "Acme",
+                    "category": ["Home & Kitchen", "Kitchen", "Mugs"], "main_cat": "Home", "price": "$12.99"}),
+        ("{'asin': 'A2', 'title': 'Pen', 'description': 'Blue pen', 'brand': '', 'category': [], "
+         "'main_cat': 'Office Products', 'price': '$5.99 - $9.99'}"),  # python literal
+        json.dumps({"asin": "A3", "title": "", "main_cat": "Home", "price": "$1.00"}),
+        json.dumps({"asin": "A4", "title": "Never reviewed", "main_cat": "Toys", "price": ""}),
+        json.dumps({"asin": "A5", "title": "Piano", "brand": "Zed", "category": ["Music"], "main_cat": "",
+                    "price": "$1,299.00"}),
+        json.dumps({"asin": "A1", "title": "Duplicate record: ignored", "main_cat": "Toys"}),
+    ]
+    return (write_lines(tmp_path / "reviews_2018.json.gz", reviews, gzipped=True),
+            write_lines(tmp_path / "meta_2018.json", meta, gzipped=False))
+
+
+@pytest.fixture
+def files_2023(tmp_path):
+    reviews = [
+        json.dumps({"user_id": "X1", "asin": "B1a", "parent_asin": "P1", "timestamp": 1600000000000, "rating": 5}),
+        json.dumps({"user_id": "X2", "asin": "B2", "parent_asin": "P2", "timestamp": 1600000001000, "rating": 3}),
+        json.dumps({"user_id": "X2", "asin": "B1b", "parent_asin": "P1", "timestamp": 1600000002000, "rating": 4}),
+        json.dumps({"user_id": "X3", "asin": "B9", "parent_asin": "P9", "timestamp": 1600000003000, "rating": 1}),
+    ]
+    meta = [
+        json.dumps({"parent_asin": "P1", "title": "Lamp", "description": ["Bright", "LED lamp"], "store": "Lumen",
+                    "categories": ["Home", "Lighting"], "main_category": "Home", "price": 19.5,
+                    "details": {"Brand": "Other"}}),
+        json.dumps({"parent_asin": "P2", "title": "Stapler", "description": [], "store": None,
+                    "categories": [], "main_category": "Office Products", "price": None,
+                    "details": {"Brand": "Brandy"}}),
+    ]
+    # the meta file is gzipped although its name does not say so: detected by the magic bytes
+    return (write_lines(tmp_path / "reviews_2023.jsonl", reviews, gzipped=False),
+            write_lines(tmp_path / "meta_2023.jsonl", meta, gzipped=True))
+
+
+def test_2018_counts_fields_and_default_partitions(tmp_path, files_2018):
+    reviews, meta = files_2018
+    report = import_amazon(reviews, meta, tmp_path / "out")
+    assert report.rows_read == 9  # non-empty lines, the unreadable one included
+    assert report.rows_read - sum(report.dropped.values()) == report.events
+    assert report.dropped == {
+        "reviews: lines that are neither JSON nor a Python literal (first: line 6)": 1,
+        "reviews without user, item or time": 1,
+        "reviews of items without metadata": 1,
+        "reviews of items without a title": 1,
+        "repeated reviews (same user, item and timestamp)": 1,
+    }
+    assert (report.users, report.items, report.events) == (2, 3, 4)
+    assert report.partitions == {"home": 2, "office-products": 1, "unknown": 1}
+    events, items = load_all(tmp_path / "out")
+    assert set(events.event) == {"purchase"}
+    assert set(zip(events.user_id, events.item_id)) == {("U1", "A1"), ("U2", "A2"), ("U1", "A5"), ("U2", "A1")}
+    assert events.timestamp.min() == pd.Timestamp("2017-07-14 02:40:00")
+    item = items.set_index("item_id")
+    assert list(item.index.sort_values()) == ["A1", "A2", "A5"]  # A3 (no title), A4 (no review) are not written
+    assert item.loc["A1", "title"] == "Red Mug"
+    assert item.loc["A1", "description"] == "Red ceramic mug."
+    assert item.loc["A1", "brand"] == "Acme"
+    assert item.loc["A1", "category"] == "Home & Kitchen > Kitchen > Mugs"
+    assert item.loc["A1", "price"] == 12.99
+    assert item.loc["A2", "description"] == "Blue pen" and item.loc["A2", "brand"] == ""
+    assert item.loc["A2", "category"] == "Office Products"  # empty category list: the main category
+    assert math.isnan(item.loc["A2", "price"])  # a price range
+    assert item.loc["A5", "price"] == 1299.0 and item.loc["A5", "partition"] == "unknown"
+
+
+def test_2018_partition_by_brand(tmp_path, files_2018):
+    reviews, meta = files_2018
+    report = import_amazon(reviews, meta, tmp_path / "out", partition_by="brand")
+    assert report.partitions == {"acme": 2, "unknown": 1, "zed": 1}
+    assert sorted(p.name for p in merchant_folders(tmp_path / "out")) == ["acme", "unknown", "zed"]
+
+
+def test_2023_fields_join_via_parent_asin(tmp_path, files_2023):
+    reviews, meta = files_2023
+    report = import_amazon(reviews, meta, tmp_path / "out")
+    assert report.rows_read == 4
+    assert report.dropped["reviews of items without metadata"] == 1
+    assert (report.users, report.items, report.events) == (2, 2, 3)
+    assert report.partitions == {"home": 2, "office-products": 1}
+    events, items = load_all(tmp_path / "out")
+    first = events.sort_values("timestamp").iloc[0]
+    assert (first.user_id, first.item_id, first.timestamp) == ("X1", "P1", pd.Timestamp("2020-09-13 12:26:40"))
+    item = items.set_index("item_id")
+    assert item.loc["P1", "title"] == "Lamp" and item.loc["P1", "description"] == "Bright LED lamp"
+    assert item.loc["P1", "brand"] == "Lumen"  # store wins over details["Brand"]
+    assert item.loc["P1", "category"] == "Home > Lighting" and item.loc["P1", "price"] == 19.5
+    assert item.loc["P2", "brand"] == "Brandy"  # no store: details["Brand"]
+    assert item.loc["P2", "category"] == "Office Products" and math.isnan(item.loc["P2", "price"])
+
+
+def test_2023_partition_by_store_through_cli(tmp_path, files_2023):
+    reviews, meta = files_2023
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["data", "import", "amazon", "--reviews", str(reviews), "--meta", str(meta),
+                                      "--out", str(out), "--partition-by", "store"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in merchant_folders(out)) == ["lumen", "unknown"]
+    assert "reviews of items without metadata" in result.output
+    assert flat(f"fedcvr data validate {out}") in flat(result.output)
+
+
+def test_mixed_formats_and_unknown_partition_field_are_clear_errors(tmp_path, files_2018, files_2023):
+    with pytest.raises(ImportInputError, match="same release"):
+        import_amazon(files_2018[0], files_2023[1], tmp_path / "o1")
+    with pytest.raises(ImportInputError, match="swap"):
+        import_amazon(files_2018[1], files_2018[0], tmp_path / "o2")
+    with pytest.raises(ImportInputError, match="'colour'"):
+        import_amazon(*files_2023, tmp_path / "o3", partition_by="colour")
+
+
+def test_cli_missing_file_exit_2(tmp_path, files_2023):
+    missing = tmp_path / "no_such_reviews.json.gz"
+    result = CliRunner().invoke(app, ["data", "import", "amazon", "--reviews", str(missing), "--meta",
+                                      str(files_2023[1]), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert flat(str(missing)) in flat(result.output) and "--reviews" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("$12.99", 12.99), ("12.99", 12.99), ("$1,299.00", 1299.0), (7, 7.0), (19.5, 19.5),
+    ("", None), (None, None), ("$5.99 - $9.99", None), (".a-box-inner{background-color:#fff;}", None), (-1.0, None),
+])
+def test_parse_price(raw, expected):
+    value = parse_price(raw)
+    assert math.isnan(value) if expected is None else value == expected
