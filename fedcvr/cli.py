@@ -88,16 +88,22 @@ def data_validate(
     from rich.progress import track
 
     summaries, failures = [], []
+    all_users: set[str] = set()
+    all_items: set[str] = set()
     for merchant in track(folders, description="validating", console=err_console, transient=True,
                           disable=len(folders) < 2):
         try:
-            summaries.append(summarise(load_merchant(merchant)))
+            data = load_merchant(merchant)
+            summaries.append(summarise(data))
+            all_users.update(data.events["user_id"].unique())
+            all_items.update(data.items["item_id"])
         except DataValidationError as err:
             failures.append(err)
     for err in failures:
         err_console.print(str(err), highlight=False, markup=False, soft_wrap=True)
     if summaries:
-        console.print(_summary_table(summaries, combine(summaries) if len(summaries) > 1 else None))
+        total = combine(summaries, len(all_users), len(all_items)) if len(summaries) > 1 else None
+        console.print(_summary_table(summaries, total))
     if failures:
         _fail(f"{len(failures)} of {len(folders)} merchant folder(s) failed validation; see the problems above.")
     console.print(f"[green]ok:[/] {len(folders)} merchant folder(s) match the data contract.")

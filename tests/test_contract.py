@@ -186,3 +186,13 @@ def test_cli_validate_bad_data_exits_2_with_the_problems(tmp_path):
     assert result.exit_code == 2
     assert "unknown event names ('view')" in result.output and "failed validation" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_validate_total_counts_distinct_users_and_items(tmp_path):
+    write_tables(tmp_path / "a", good_items(), good_events())
+    write_tables(tmp_path / "b", good_items(), good_events())
+    result = CliRunner().invoke(app, ["data", "validate", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    total = next(line for line in result.output.splitlines() if "│ all" in line)
+    # both shops have the same 2 shoppers and 3 items; 6 impressions, 2 clicks, 2 purchases in all
+    assert [cell.strip() for cell in total.split("│")[1:8]] == ["all", "2", "3", "6", "2", "0", "2"]

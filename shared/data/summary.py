@@ -60,13 +60,13 @@ def summarise(data: MerchantData) -> DataSummary:
     )
 
 
-def combine(summaries: list[DataSummary], name: str = "all") -> DataSummary:
-    """Totals over merchants. Users and items are summed: merchants' shoppers are distinct by contract of the
-    data folders, while shared items are counted once per merchant that sells them."""
+def combine(summaries: list[DataSummary], users: int, items: int, name: str = "all") -> DataSummary:
+    """Totals over merchants: event counts add up; `users` and `items` are the distinct counts over all merchants
+    (a shopper or an item can appear at several merchants, so per-merchant counts do not add up)."""
     return DataSummary(
         name=name,
-        users=sum(s.users for s in summaries),
-        items=sum(s.items for s in summaries),
+        users=users,
+        items=items,
         events={k: sum(s.events.get(k, 0) for s in summaries) for k in EVENT_TYPES},
         first=min((s.first for s in summaries if s.first is not None), default=None),
         last=max((s.last for s in summaries if s.last is not None), default=None),
