@@ -1,0 +1,87 @@
+"""The ServerApp's run config, read once into a typed, validated dataclass.
+
+Keys (defaults in `[tool.flwr.app.config]` of pyproject.toml; override with `flwr run . --run-config "k=v"`):
+  num-server-rounds   rounds of federated training, >= 1
+  min-nodes           nodes to wait for before starting, >= 1
+  round-timeout       seconds to wait for nodes to connect and for replies to a round, > 0
+  fraction-evaluate   share of nodes asked to evaluate, 0 < f <= 1
+  seed                seed of the server's random choices, an integer
+  out-dir             absolute folder for result files ("" writes none)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A run config value that is missing or invalid; the message names the key, the value and the fix."""
+
+
+def _get(run_config: Mapping[str, object], key: str) -> object:
+    if key not in run_config:
+        raise ConfigError(f"run config key `{key}` is missing; add it to [tool.flwr.app.config] in "
+                          f"pyproject.toml or pass it with --run-config \"{key}=...\".")
+    return run_config[key]
+
+
+def _int(run_config: Mapping[str, object], key: str, minimum: int | None, fix: str) -> int:
+    value = _get(run_config, key)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise ConfigError(f"run config `{key}` = {value!r} is invalid: {fix}.")
+    return value
+
+
+def _float(run_config: Mapping[str, object], key: str, low: float, high: float | None, fix: str) -> float:
+    value = _get(run_config, key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"run config `{key}` = {value!r} is invalid: {fix}.")
+    value = float(value)
+    if not value > low or (high is not None and value > high):
+        raise ConfigError(f"run config `{key}` = {value!r} is invalid: {fix}.")
+    return value
+
+
+def _out_dir(run_config: Mapping[str, object]) -> Path | None:
+    value = run_config.get("out-dir", "")
+    if not isinstance(value, str):
+        raise ConfigError(f"run config `out-dir` = {value!r} is invalid: it must be a folder path (text), "
+                          "or \"\" to write no files.")
+    if not value.strip():
+        return None
+    path = Path(value.strip()).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(f"run config `out-dir` = {value!r} is a relative path, but flwr runs the ServerApp "
+                          "in a folder of its own: pass an absolute path (`fedcvr` makes it absolute).")
+    return path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The validated server-side run config."""
+
+    num_server_rounds: int
+    min_nodes: int
+    round_timeout: float
+    fraction_evaluate: float
+    seed: int
+    out_dir: Path | None
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
+        """Read and validate the run config; raises ConfigError on the first bad value."""
+        return cls(
+            num_server_rounds=_int(run_config, "num-server-rounds", 1, "it must be a whole number >= 1"),
+            min_nodes=_int(run_config, "min-nodes", 1,
+                           "min-nodes must be a whole number >= 1 (the number of nodes to wait for)"),
+            round_timeout=_float(run_config, "round-timeout", 0.0, None,
+                                 "round-timeout must be a number of seconds > 0, e.g. 600"),
+            fraction_evaluate=_float(run_config, "fraction-evaluate", 0.0, 1.0,
+                                     "fraction-evaluate must be a number with 0 < f <= 1, e.g. 1.0 for all"),
+            seed=_int(run_config, "seed", None, "seed must be a whole number, e.g. 42"),
+            out_dir=_out_dir(run_config),
+        )

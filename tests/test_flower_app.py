@@ -1,0 +1,475 @@
+"""The Flower App: data folder resolution, the ClientApp census handler, the ServerApp's census logic (in
+process, with a fake Grid that runs the real ClientApp) and one end-to-end `flwr run` simulation (slow)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedcvr.client.app import app as client_app
+from fedcvr.client.data_source import DataSourceError, resolve_data_dir
+from fedcvr.server.app import CensusError, collect_census, run_census, wait_for_nodes
+from fedcvr.server.app import app as server_app
+from fedcvr.server.config import ConfigError, ServerConfig
+from fedcvr.shared.census import CENSUS_MESSAGE_TYPE, CENSUS_RECORD
+from fedcvr.shared.data.contract import DataValidationError
+from fedcvr.shared.data.loader import load_merchant
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------- data
+
+# (user_id, item_id, event) rows per merchant; items are i0..i{n-1}. Counts are known by construction.
+MERCHANTS: dict[str, tuple[int, list[tuple[str, str, str]]]] = {
+    "shop-a": (3, [("u1", "i0", "impression"), ("u1", "i0", "click"), ("u2", "i1", "impression"),
+                   ("u2", "i2", "impression"), ("u2", "i2", "click"), ("u2", "i2", "cart"),
+                   ("u2", "i2", "purchase")]),
+    "shop-b": (2, [("v1", "i0", "impression"), ("v1", "i1", "impression"), ("v2", "i1", "impression"),
+                   ("v3", "i1", "impression"), ("v3", "i1", "click")]),
+    "shop-c": (4, [("w1", "i3", "impression"), ("w1", "i3", "click"), ("w1", "i3", "purchase")]),
+}
+
+
+def write_merchant(folder: Path, n_items: int, rows: list[tuple[str, str, str]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"item_id": [f"i{k}" for k in range(n_items)],
+                  "title": [f"Item {k}" for k in range(n_items)]}).to_parquet(folder / "items.parquet")
+    pd.DataFrame({
+        "user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows], "event": [r[2] for r in rows],
+        "timestamp": pd.date_range("2024-03-01", periods=len(rows), freq="min"),
+    }).to_parquet(folder / "events.parquet")
+    return folder
+
+
+def expected_counts(n_items: int, rows: list[tuple[str, str, str]]) -> dict[str, int]:
+    events = [r[2] for r in rows]
+    return {"merchants": 1, "users": len({r[0] for r in rows}), "items": n_items,
+            "impressions": events.count("impression"), "clicks": events.count("click"),
+            "carts": events.count("cart"), "purchases": events.count("purchase"), "events": len(rows)}
+
+
+def expected_totals(names: list[str]) -> dict[str, int]:
+    parts = [expected_counts(*MERCHANTS[n]) for n in names]
+    return {k: sum(p[k] for p in parts) for k in parts[0]}
+
+
+@pytest.fixture
+def marketplace(tmp_path: Path) -> Path:
+    root = tmp_path / "market"
+    for name, (n_items, rows) in MERCHANTS.items():
+        write_merchant(root / name, n_items, rows)
+    return root
+
+
+def break_merchant(folder: Path) -> None:
+    """Make the events refer to an item the catalog lacks (a DataValidationError)."""
+    write_merchant(folder, 1, [("u1", "i0", "impression"), ("u1", "i7", "click")])
+
+
+# ---------------------------------------------------------------- data_source
+
+
+def sim_node(partition: int, partitions: int = 3) -> dict[str, object]:
+    return {"partition-id": partition, "num-partitions": partitions}
+
+
+def test_simulation_partition_i_is_the_ith_merchant_folder_in_sorted_order(marketplace):
+    run_config = {"data-root": str(marketplace)}
+    found = [resolve_data_dir(sim_node(i), run_config).name for i in range(3)]
+    assert found == ["shop-a", "shop-b", "shop-c"]
+
+
+def test_simulation_data_root_may_be_one_merchant_folder(marketplace):
+    shop = marketplace / "shop-b"
+    assert resolve_data_dir(sim_node(0, 1), {"data-root": str(shop)}) == shop
+
+
+def test_deployment_reads_data_dir_from_the_node_config(marketplace):
+    folder = marketplace / "shop-c"
+    assert resolve_data_dir({"data-dir": str(folder)}, {"data-root": "ignored"}) == folder
+
+
+def test_deployment_data_dir_that_does_not_exist(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataSourceError, match=r"node config data-dir = '.*nope': the folder .* does not"):
+        resolve_data_dir({"data-dir": str(missing)}, {})
+
+
+def test_simulation_without_data_root():
+    with pytest.raises(DataSourceError, match=r"run config has no `data-root`"):
+        resolve_data_dir(sim_node(0), {})
+    with pytest.raises(DataSourceError, match=r"run config `data-root` is ''"):
+        resolve_data_dir(sim_node(0), {"data-root": ""})
+
+
+def test_relative_data_root_that_does_not_exist_names_key_path_and_fix():
+    with pytest.raises(DataSourceError) as err:
+        resolve_data_dir(sim_node(0), {"data-root": "data/no-such-demo"})
+    text = str(err.value)
+    assert "data-root = 'data/no-such-demo'" in text
+    assert "relative path" in text and "absolute path" in text
+
+
+def test_partition_beyond_the_merchant_folders(marketplace):
+    with pytest.raises(DataSourceError) as err:
+        resolve_data_dir(sim_node(3, 4), {"data-root": str(marketplace)})
+    text = str(err.value)
+    assert "partition-id 3" in text and "holds 3 merchant folder(s) (shop-a, shop-b, shop-c)" in text
+    assert "num-supernodes must not exceed 3" in text
+
+
+def test_data_root_without_merchants(tmp_path):
+    with pytest.raises(DataSourceError, match="holds no merchant data"):
+        resolve_data_dir(sim_node(0), {"data-root": str(tmp_path)})
+
+
+def test_node_config_without_data_dir_or_partition():
+    with pytest.raises(DataSourceError, match="neither `data-dir`.*nor `partition-id`"):
+        resolve_data_dir({}, {"data-root": "/x"})
+
+
+def test_bad_partition_id(marketplace):
+    with pytest.raises(DataSourceError, match=r"`partition-id` is -1"):
+        resolve_data_dir({"partition-id": -1}, {"data-root": str(marketplace)})
+
+
+# ---------------------------------------------------------------- ClientApp handler
+
+
+def census_message(node_id: int, message_id: str = "m1") -> Message:
+    """A census instruction as it arrives at a node (built from public Metadata, no run needed)."""
+    metadata = Metadata(run_id=1, message_id=message_id, src_node_id=0, dst_node_id=node_id,
+                        reply_to_message_id="", group_id="", created_at=time.time(), ttl=600.0,
+                        message_type=CENSUS_MESSAGE_TYPE)
+    return Message(content=RecordDict(), metadata=metadata)
+
+
+def node_context(node_id: int, node_config: dict, run_config: dict) -> Context:
+    return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(),
+                   run_config=run_config)
+
+
+def test_client_replies_with_the_census_sums(marketplace):
+    message = census_message(node_id=11)
+    reply = client_app(message, node_context(11, sim_node(1), {"data-root": str(marketplace)}))
+    assert not reply.has_error()
+    assert dict(reply.content.metric_records[CENSUS_RECORD]) == expected_counts(*MERCHANTS["shop-b"])
+    assert reply.metadata.reply_to_message_id == "m1"
+    assert reply.metadata.src_node_id == 11 and reply.metadata.dst_node_id == 0
+
+
+def test_client_replies_with_the_data_validation_error_text(marketplace):
+    break_merchant(marketplace / "shop-a")
+    with pytest.raises(DataValidationError) as err:
+        load_merchant(marketplace / "shop-a")
+    reply = client_app(census_message(5), node_context(5, {"data-dir": str(marketplace / "shop-a")}, {}))
+    assert reply.has_error()
+    assert str(err.value) in reply.error.reason
+    assert reply.error.reason.startswith("DataValidationError: ")
+
+
+def test_client_replies_with_the_data_source_error(marketplace):
+    reply = client_app(census_message(5), node_context(5, sim_node(7, 8), {"data-root": str(marketplace)}))
+    assert reply.has_error() and "num-supernodes must not exceed 3" in reply.error.reason
+
+
+def test_client_has_no_handler_for_other_messages(marketplace):
+    message = census_message(1)
+    message.metadata.message_type = "train"
+    with pytest.raises(ValueError, match="No train function registered"):
+        client_app(message, node_context(1, sim_node(0), {"data-root": str(marketplace)}))
+
+
+# ---------------------------------------------------------------- ServerApp config
+
+def pyproject_run_config() -> dict[str, object]:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def test_server_config_from_pyproject_defaults():
+    config = ServerConfig.from_run_config(pyproject_run_config())
+    assert config.min_nodes >= 1 and config.num_server_rounds >= 1 and config.round_timeout > 0
+    assert 0 < config.fraction_evaluate <= 1 and config.out_dir is None
+
+
+def test_server_config_out_dir(tmp_path):
+    config = ServerConfig.from_run_config({**pyproject_run_config(), "out-dir": str(tmp_path)})
+    assert config.out_dir == tmp_path
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("min-nodes", 0, "min-nodes must be a whole number >= 1"),
+    ("min-nodes", True, "min-nodes must be a whole number >= 1"),
+    ("num-server-rounds", 0, ">= 1"),
+    ("round-timeout", -5, "round-timeout must be a number of seconds > 0"),
+    ("fraction-evaluate", 1.5, "0 < f <= 1"),
+    ("fraction-evaluate", 0.0, "0 < f <= 1"),
+    ("seed", "x", "seed must be a whole number"),
+    ("out-dir", "runs/out", "relative path"),
+])
+def test_server_config_errors_name_key_value_and_fix(key, value, needle):
+    with pytest.raises(ConfigError) as err:
+        ServerConfig.from_run_config({**pyproject_run_config(), key: value})
+    text = str(err.value)
+    assert f"`{key}` = {value!r}" in text and needle in text
+
+
+def test_server_config_missing_key():
+    config = pyproject_run_config()
+    del config["round-timeout"]
+    with pytest.raises(ConfigError, match="`round-timeout` is missing"):
+        ServerConfig.from_run_config(config)
+
+
+# ---------------------------------------------------------------- ServerApp census, in process
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """What the ServerApp process has when flwr runs it: instruction messages need a run and node id."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class FakeGrid:
+    """Delivers messages to the real ClientApp in this process, one Context per node."""
+
+    def __init__(self, contexts: dict[int, Context], silent: tuple[int, ...] = ()):
+        self.contexts = contexts
+        self.silent = silent
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for index, message in enumerate(messages):
+            self.sent.append(message)
+            message.metadata.__dict__["_message_id"] = f"m{index}"  # the SuperLink sets it
+            if message.metadata.dst_node_id not in self.silent:
+                replies.append(client_app(message, self.contexts[message.metadata.dst_node_id]))
+        return replies
+
+
+def sim_grid(marketplace: Path, n: int = 3, **kwargs) -> FakeGrid:
+    run_config = {"data-root": str(marketplace)}
+    return FakeGrid({100 + i: node_context(100 + i, sim_node(i, n), run_config) for i in range(n)}, **kwargs)
+
+
+def test_census_merges_all_nodes(marketplace, server_identity):
+    grid = sim_grid(marketplace)
+    result = collect_census(grid, sorted(grid.get_node_ids()), timeout=5)
+    assert result.totals == expected_totals(["shop-a", "shop-b", "shop-c"])
+    assert result.failures == {}
+    assert {m.metadata.message_type for m in grid.sent} == {"query.census"}
+    assert result.rates["click_rate"] == pytest.approx(result.totals["clicks"] / result.totals["impressions"])
+
+
+def test_census_logs_failed_nodes_and_merges_the_others(marketplace, server_identity, caplog):
+    break_merchant(marketplace / "shop-b")
+    grid = sim_grid(marketplace, n=4, silent=(102,))  # node 103 has no merchant; node 102 never replies
+    with caplog.at_level(logging.ERROR, logger="flwr"):
+        result = collect_census(grid, sorted(grid.get_node_ids()), timeout=5)
+    assert result.totals == expected_totals(["shop-a"])
+    assert set(result.failures) == {101, 102, 103}
+    assert "refers to 1 item id(s) not in the items table" in result.failures[101]
+    assert "no reply within round-timeout" in result.failures[102]
+    assert "num-supernodes must not exceed 3" in result.failures[103]
+    logged = caplog.text
+    assert "Node 101 failed the census: DataValidationError" in logged and "Node 103 failed" in logged
+
+
+def test_census_fails_when_no_node_answers(marketplace, server_identity):
+    grid = sim_grid(marketplace, n=2, silent=(100, 101))
+    with pytest.raises(CensusError, match="none of the 2 node"):
+        collect_census(grid, [100, 101], timeout=1)
+
+
+def test_wait_for_nodes_times_out_with_a_clear_error():
+    now = [0.0]
+    grid = FakeGrid({1: None})
+    with pytest.raises(CensusError) as err:
+        wait_for_nodes(grid, 3, 10, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
+    assert "only 1 node(s) connected within round-timeout = 10 s, but min-nodes = 3" in str(err.value)
+    assert now[0] >= 10
+
+
+def test_wait_for_nodes_returns_once_enough_are_connected():
+    grid = FakeGrid({})
+    arrivals = iter([{}, {5: None}, {5: None, 3: None}])
+
+    def sleep(_):
+        grid.contexts = next(arrivals)
+
+    assert wait_for_nodes(grid, 2, 60, sleep=sleep, clock=lambda: 0.0) == [3, 5]
+
+
+def test_server_app_main_writes_census_json(marketplace, server_identity, tmp_path):
+    grid = sim_grid(marketplace)
+    run_config = {**pyproject_run_config(), "min-nodes": 3, "out-dir": str(tmp_path / "out")}
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    census = json.loads((tmp_path / "out" / "census.json").read_text())
+    assert census["totals"] == expected_totals(["shop-a", "shop-b", "shop-c"])
+    assert census["nodes"] == {"asked": 3, "replied": 3, "failed": []}
+    assert set(census["rates"]) == {"click_rate", "purchase_rate", "conversion_rate"}
+
+
+def test_run_census_without_out_dir_writes_nothing(marketplace, server_identity, tmp_path):
+    config = ServerConfig.from_run_config({**pyproject_run_config(), "min-nodes": 1})
+    result = run_census(sim_grid(marketplace), config)
+    assert result.totals["merchants"] == 3
+    assert not list(tmp_path.rglob("census.json"))
+
+
+# ---------------------------------------------------------------- end to end: `flwr run`, local simulation
+
+FLWR_CONFIG_TOML = """\
+[superlink]
+default = "local"
+
+[superlink.local]
+address = ":local:"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended, or is not ours
+        return b""
+
+
+def _processes_of(flwr_home: Path) -> dict[int, str]:
+    """Our processes that belong to the run under `flwr_home`: those with FLWR_HOME=<flwr_home> in their
+    environment (flwr passes its environment on to the SuperLink, and that to its children) or the path in
+    their command line (the SuperLink's --log-file and --database)."""
+    marker_env = f"FLWR_HOME={flwr_home}".encode()
+    marker_cmd = str(flwr_home).encode()
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        cmdline = _read(proc / "cmdline")
+        if marker_env in _read(proc / "environ").split(b"\0") or marker_cmd in cmdline:
+            found[int(proc.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+    return found
+
+
+def _session_of(pid: int) -> int | None:
+    stat = _read(Path(f"/proc/{pid}/stat")).decode(errors="replace")
+    fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state ppid pgrp session ...
+    return int(fields[3]) if len(fields) > 3 else None
+
+
+def _alive(pid: int) -> bool:
+    stat = _read(Path(f"/proc/{pid}/stat")).decode(errors="replace")
+    return bool(stat) and stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def stop_local_superlink(flwr_home: Path, grace: float = 10.0) -> list[int]:
+    """Stop the SuperLink that `flwr run` started for `flwr_home`, and everything it started, by PID.
+
+    The SuperLink is the process whose command line is `flower-superlink ... --log-file
+    <flwr_home>/local-superlink/superlink.log`; flwr starts it with start_new_session=True, so it leads a
+    session that holds its children (flower-superexec, flwr-simulation). SIGTERM first, SIGKILL after `grace`
+    seconds. Returns the PIDs that were signalled."""
+    own = _processes_of(flwr_home)
+    leaders = {pid for pid, cmd in own.items() if "flower-superlink" in cmd}
+    targets = set(own)
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and _session_of(int(proc.name)) in leaders:
+            targets.add(int(proc.name))
+    targets.discard(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in sorted(p for p in targets if _alive(p)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in targets):
+            time.sleep(0.2)
+        if not any(_alive(p) for p in targets):
+            break
+    return sorted(targets)
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_end_to_end(marketplace, tmp_path):
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(FLWR_CONFIG_TOML)
+    out_dir = tmp_path / "out"
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # flwr starts `flower-superlink`
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_OFFLINE": "1",
+        # A SuperLink of our own on free ports, so that runs of other people on this machine do not collide.
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+    }
+    command = [
+        str(bin_dir / "flwr"), "run", str(REPO), "--stream",
+        "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
+        "--run-config", f"data-root='{marketplace}' out-dir='{out_dir}' min-nodes=3 round-timeout=60",
+    ]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150,
+                              check=False)
+        wall = time.monotonic() - started
+        # `flwr run --stream` exits 0 even when the ServerApp fails: the run's status tells.
+        run_id = re.search(r"Successfully started run (\d+)", done.stdout)
+        status = subprocess.run(
+            [str(bin_dir / "flwr"), "ls", "--run-id", run_id.group(1), "--format", "json"]
+            if run_id else ["true"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False)
+    finally:
+        stopping = time.monotonic()
+        signalled = stop_local_superlink(flwr_home)
+        stop_wall = time.monotonic() - stopping
+    log = f"exit code {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    print(f"\nflwr run took {wall:.1f} s; stopping PIDs {signalled} took {stop_wall:.1f} s")
+    left = _processes_of(flwr_home)
+    assert not left, f"processes left running: {left}"
+    assert done.returncode == 0 and run_id, log
+    run = json.loads(status.stdout)["runs"][0]
+    assert run["status"] == "finished:completed", f"{run['status']}: {run['status-details']}\n{log}"
+    census = json.loads((out_dir / "census.json").read_text())
+    assert census["totals"] == expected_totals(["shop-a", "shop-b", "shop-c"]), log
+    assert census["nodes"] == {"asked": 3, "replied": 3, "failed": []}
+    assert "Census totals and rates" in done.stdout, log
+    assert wall < 90, f"flwr run took {wall:.0f} s"
