@@ -195,6 +195,83 @@ def import_amazon_command(
     _print_import(report, "users", "partitions")
 
 
+_REPORTED = ("click.auc", "click.gauc", "click.logloss", "ctcvr.auc", "ctcvr.gauc", "ctcvr.logloss",
+             "ctcvr.calibration", "ctcvr.ece", "hr@10", "ndcg@10", "hr@50", "ndcg@50")
+
+
+def _metrics_table(split: str, by_model: dict[str, dict[str, float | None]]) -> Table:
+    table = Table(title=f"{split} split")
+    table.add_column("metric")
+    for name in by_model:
+        table.add_column(name, justify="right")
+    for metric in _REPORTED:
+        values = [by_model[name].get(metric) for name in by_model]
+        table.add_row(metric, *("n/a" if v is None else f"{v:.4f}" for v in values))
+    return table
+
+
+@app.command("train-central")
+def train_central_command(
+    data: Path = typer.Option(..., "--data", help="Marketplace folder (one sub-folder per merchant)."),
+    out: Path = typer.Option(..., "--out", help="Model folder to write (weights, config, encoder, metrics)."),
+    merchants: str = typer.Option("", "--merchants", help="Comma-separated merchant folder names (default: all)."),
+    epochs: int = typer.Option(None, "--epochs", help="Most epochs (early stopping may end sooner). [default: 8]"),
+    encoder: str = typer.Option(None, "--encoder", help="Local BERT folder. [default: the packaged all-MiniLM-L6-v2]"),
+    adapter_layers: int = typer.Option(None, "--adapter-layers", help="Top layers with adapters (0 = frozen "
+                                                                      "embeddings). [default: 1]"),
+    adapter_size: int = typer.Option(None, "--adapter-size", help="Adapter bottleneck size. [default: 32]"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Examples per step. [default: 1024]"),
+    lr: float = typer.Option(None, "--lr", help="Adam learning rate, decayed along a cosine. [default: 0.006]"),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda. [default: auto]"),
+    seed: int = typer.Option(None, "--seed", help="Seed for initialisation and shuffling. [default: 0]"),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Folder of the frozen-prefix cache. "
+                                                             "[default: ~/.cache/fedcvr/prefix or $FEDCVR_CACHE]"),
+) -> None:
+    """Train the conversion model on the union of the merchants (no federation, no privacy): the upper bound
+    that federated results are compared with. Prints the model, a popularity baseline and, on synthetic data,
+    the ground-truth oracle side by side for each split."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from fedcvr.shared.data.contract import DataValidationError
+    from fedcvr.shared.data.examples import ExampleConfig
+    from fedcvr.shared.model.config import ModelConfig, TrainConfig
+    from fedcvr.shared.model.errors import ModelConfigError
+    from fedcvr.simulations.central import train_central
+
+    try:
+        model_config = ModelConfig.from_run_config({}, encoder=encoder, adapter_layers=adapter_layers,
+                                                   adapter_size=adapter_size)
+        train_config = TrainConfig.from_run_config({}, epochs=epochs, batch_size=batch_size, lr=lr, device=device,
+                                                   seed=seed)
+    except ModelConfigError as err:
+        _fail(str(err))
+    names = [n.strip() for n in merchants.split(",") if n.strip()] or None
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
+
+        def on_epoch_start(epoch: int, examples: int):
+            task = bar.add_task(f"epoch {epoch}", total=examples, loss="")
+            return lambda done, loss: bar.update(task, advance=done, loss=f"loss {loss:.4f}")
+
+        def on_epoch_end(record: dict) -> None:
+            score = record["validation_ctcvr.auc"]
+            bar.console.print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, validation CTCVR AUC "
+                              f"{'n/a' if score is None else f'{score:.4f}'}")
+
+        try:
+            result = train_central(data, out, model_config, train_config, ExampleConfig(), names, cache_dir,
+                                   on_stage=lambda text: bar.console.print(f"[dim]{text}[/]"),
+                                   on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end)
+        except (ModelConfigError, FileNotFoundError) as err:
+            _fail(str(err))
+        except DataValidationError as err:
+            err_console.print(str(err), highlight=False, markup=False, soft_wrap=True)
+            _fail("the data does not match the contract; fix the problems above (see `fedcvr data validate`)")
+    for split, by_model in result.metrics.items():
+        console.print(_metrics_table(split, by_model))
+    console.print(f"[green]saved[/] the model (best epoch {result.best_epoch}) to {out} in {result.seconds:.0f} s")
+
+
 def main() -> None:
     app()
 

@@ -46,6 +46,9 @@ from .vocab import CATEGORIES, COLOURS, QUALIFIERS
 
 SLATE_MIN, SLATE_MAX = 6, 12
 INTEREST_SHARE = 0.6
+PERSONAS = 16  # shopper archetypes shared by the whole marketplace
+OWN_TASTE = 0.2  # weight of a shopper's own category interest next to its persona's
+OWN_SPREAD = 0.35  # spread of a shopper's own colour and material preferences around its persona's
 EVENTS_PER_IMPRESSION = 1.1  # impressions plus the clicks, carts and purchases they lead to (measured ~1.1)
 MIN_ITEMS_PER_MERCHANT = 20
 MIN_SHOPPERS_PER_MERCHANT = 10
@@ -112,6 +115,11 @@ class _World:
     price_level: np.ndarray  # (M,)
     ctr_level: np.ndarray  # (M,)
     cvr_level: np.ndarray  # (M,)
+    persona_mix: np.ndarray  # (M, P) how common each shopper persona is at each merchant
+    persona_interest: np.ndarray  # (P, C)
+    persona_colour: np.ndarray  # (P, colours)
+    persona_material: np.ndarray  # (P, materials)
+    persona_price: np.ndarray  # (P,) price sensitivity
 
 
 def _make_world(config: SynthConfig) -> _World:
@@ -126,6 +134,11 @@ def _make_world(config: SynthConfig) -> _World:
         price_level=rng.lognormal(0.0, 0.3, m),
         ctr_level=rng.normal(0.0, 0.3, m),
         cvr_level=rng.normal(0.0, 0.5, m),
+        persona_mix=rng.dirichlet(np.full(PERSONAS, 0.7), m),
+        persona_interest=rng.dirichlet(np.full(n_cat, 0.3), PERSONAS),
+        persona_colour=rng.normal(0.0, 1.0, (PERSONAS, len(COLOURS))),
+        persona_material=rng.normal(0.0, 1.0, (PERSONAS, _MATERIAL_OFFSET[-1])),
+        persona_price=rng.lognormal(0.0, 0.5, PERSONAS),
     )
 
 
@@ -217,10 +230,12 @@ def _simulate_chunk(rng: np.random.Generator, j: int, merchant: str, first_user:
                     mean_sessions: float, items: pd.DataFrame, world: _World, config: SynthConfig) -> pa.Table:
     """Shoppers first_user .. first_user + n_users - 1 of merchant j: their sessions as a table of events."""
     n_cat = len(CATEGORIES)
-    interest = INTEREST_SHARE * rng.dirichlet(np.full(n_cat, 0.3), n_users) + (1 - INTEREST_SHARE) * world.mix[j]
-    colour_pref = rng.normal(0.0, 1.0, (n_users, len(COLOURS)))
-    material_pref = rng.normal(0.0, 1.0, (n_users, _MATERIAL_OFFSET[-1]))
-    price_sens = rng.lognormal(0.0, 0.5, n_users)
+    persona = rng.choice(len(world.persona_price), n_users, p=world.persona_mix[j])
+    interest = (1 - OWN_TASTE) * world.persona_interest[persona] + OWN_TASTE * rng.dirichlet(np.full(n_cat, 0.5),
+                                                                                             n_users)
+    colour_pref = world.persona_colour[persona] + rng.normal(0.0, OWN_SPREAD, (n_users, len(COLOURS)))
+    material_pref = world.persona_material[persona] + rng.normal(0.0, OWN_SPREAD, (n_users, _MATERIAL_OFFSET[-1]))
+    price_sens = world.persona_price[persona] * rng.lognormal(0.0, OWN_SPREAD / 2, n_users)
     activity = rng.lognormal(0.0, 0.8, n_users)
     n_sessions = 1 + rng.poisson(np.maximum(mean_sessions * activity / np.exp(0.32) - 1, 0))
 

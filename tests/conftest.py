@@ -58,3 +58,34 @@ def tiny_market(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("market")
     generate_marketplace(SynthConfig(merchants=3, items=300, shoppers=400, events=12_000, seed=11), out)
     return out
+
+
+def make_tiny_bert(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """A tiny random BERT checkpoint with a word-level vocabulary of the synthetic catalog's words."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from fedcvr.simulations.vocab import CATEGORIES, COLOURS, QUALIFIERS
+
+    words = {"a", "by", "made", "of", "in", "for", "great", "size", "with", "the"}
+    for vocab in CATEGORIES:
+        for group in (vocab.nouns, vocab.materials, vocab.brands, vocab.sizes, vocab.uses, (vocab.name,)):
+            for phrase in group:
+                words.update(phrase.lower().replace(",", " ").replace("&", " ").split())
+    words.update(COLOURS)
+    words.update(q[0].lower() for q in QUALIFIERS)
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","]
+    tokens = specials + sorted(words)
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokens), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))

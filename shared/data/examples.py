@@ -24,15 +24,18 @@ Split
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ..settings import read_section
 from .contract import EVENT_TYPES
 from .loader import MerchantData
 
-HISTORY_EVENTS = ("click", "cart", "purchase")
+HISTORY_EVENTS = ("impression", "click", "cart", "purchase")
 _NS_PER_HOUR = 3_600 * 1_000_000_000
 
 
@@ -40,12 +43,21 @@ _NS_PER_HOUR = 3_600 * 1_000_000_000
 class ExampleConfig:
     """How examples are built; read from `examples.*` in the run config."""
 
-    history_length: int = 20
+    history_length: int = 30
     negatives: int = 4
     attribution_window_hours: float = 24.0
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
+
+    KEYS = {"examples.history-length": "history_length", "examples.negatives": "negatives",
+            "examples.attribution-window-hours": "attribution_window_hours",
+            "examples.validation-fraction": "validation_fraction", "examples.test-fraction": "test_fraction",
+            "seed": "seed"}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ExampleConfig:
+        return cls(**read_section(cls, cls.KEYS, run_config))
 
     def __post_init__(self) -> None:
         if self.history_length < 1:

@@ -1,0 +1,104 @@
+"""Typed, validated model and training settings, read once from the run config (`[tool.flwr.app.config]`).
+
+Keys (kebab-case, as in pyproject.toml):
+  model.encoder            local folder of a Hugging Face BERT checkpoint; "" = the packaged all-MiniLM-L6-v2
+  model.max-text-tokens    tokens of item text kept (title + description + brand + category)
+  model.dim                size of item and user embeddings
+  model.attention-hidden   hidden units of the user tower's target attention
+  model.head-hidden        hidden units of each ESMM tower
+  model.max-position       positions above this share one position-bias slot
+  adapter.layers           number of top transformer layers that get a trainable adapter (0 = frozen embeddings)
+  adapter.size             bottleneck size of each adapter
+  train.epochs, train.batch-size, train.lr (Adam, decayed along a cosine over the epochs), train.weight-decay,
+  train.patience (epochs without a better validation CTCVR AUC before stopping), train.device (auto | cpu | cuda),
+  train.threads (0 = all CPUs), train.seed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..settings import read_section
+from .errors import ModelConfigError
+
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+def _positive(key: str, value: float, minimum: float = 1) -> None:
+    if value < minimum:
+        raise ModelConfigError(f"{key} = {value!r}: must be at least {minimum}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder: str = ""
+    max_text_tokens: int = 64
+    dim: int = 64
+    attention_hidden: int = 64
+    head_hidden: int = 64
+    max_position: int = 50
+    adapter_layers: int = 1
+    adapter_size: int = 32
+
+    KEYS = {
+        "model.encoder": "encoder", "model.max-text-tokens": "max_text_tokens", "model.dim": "dim",
+        "model.attention-hidden": "attention_hidden", "model.head-hidden": "head_hidden",
+        "model.max-position": "max_position", "adapter.layers": "adapter_layers", "adapter.size": "adapter_size",
+    }
+
+    def __post_init__(self) -> None:
+        _positive("model.max-text-tokens", self.max_text_tokens, 4)
+        for key in ("model.dim", "model.attention-hidden", "model.head-hidden", "model.max-position",
+                    "adapter.size"):
+            _positive(key, getattr(self, self.KEYS[key]))
+        _positive("adapter.layers", self.adapter_layers, 0)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+        values = read_section(cls, cls.KEYS, run_config, ModelConfigError)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 1024
+    lr: float = 0.006
+    weight_decay: float = 0.0
+    patience: int = 2
+    device: str = "auto"
+    threads: int = 0
+    seed: int = 0
+
+    KEYS = {
+        "train.epochs": "epochs", "train.batch-size": "batch_size", "train.lr": "lr",
+        "train.weight-decay": "weight_decay", "train.patience": "patience", "train.device": "device",
+        "train.threads": "threads", "train.seed": "seed",
+    }
+
+    def __post_init__(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch-size", self.batch_size, 2)
+        if not self.lr > 0:
+            raise ModelConfigError(f"train.lr = {self.lr!r}: must be > 0")
+        if self.weight_decay < 0:
+            raise ModelConfigError(f"train.weight-decay = {self.weight_decay!r}: must be >= 0")
+        _positive("train.patience", self.patience, 0)
+        _positive("train.threads", self.threads, 0)
+        if self.device not in _DEVICES:
+            raise ModelConfigError(f"train.device = {self.device!r}: use one of {', '.join(_DEVICES)}")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> TrainConfig:
+        values = read_section(cls, cls.KEYS, run_config, ModelConfigError)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

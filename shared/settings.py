@@ -1,0 +1,30 @@
+"""Reading typed settings out of a flat run config (`[tool.flwr.app.config]`, kebab-case keys)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+
+def read_section(section: type, keys: Mapping[str, str], run_config: Mapping[str, Any],
+                 error: type[Exception] = ValueError) -> dict[str, Any]:
+    """Values of the dataclass `section`'s fields named by `keys` (config key -> field) that `run_config` sets,
+    type-checked against the field types; a wrong type raises `error` naming the key, the value and the fix."""
+    values: dict[str, Any] = {}
+    types = {f.name: f.type for f in fields(section)}
+    for key, name in keys.items():
+        if key not in run_config:
+            continue
+        value = run_config[key]
+        expected = types[name]
+        if expected == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise error(f"{key} = {value!r}: expected a whole number, e.g. {key} = 3")
+        if expected == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise error(f"{key} = {value!r}: expected a number, e.g. {key} = 0.5")
+        if expected == "str" and not isinstance(value, str):
+            raise error(f"{key} = {value!r}: expected text in quotes, e.g. {key} = \"{value}\"")
+        if expected == "bool" and not isinstance(value, bool):
+            raise error(f"{key} = {value!r}: expected true or false")
+        values[name] = float(value) if expected == "float" else value
+    return values

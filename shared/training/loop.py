@@ -1,0 +1,142 @@
+"""Training steps, prediction, full-catalog ranking and evaluation sums for the conversion model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..model.errors import ModelConfigError
+from ..model.esmm import ConversionModel, ScoreInputs, esmm_loss
+from ..model.prefix_cache import PrefixStates
+from .data import TrainingSet, batch_rows, make_batch
+
+EVAL_BATCH = 2048
+ENCODE_CHUNK = 512
+RANK_PAIRS = 65_536  # (purchase, candidate) pairs scored at once in full-catalog ranking
+
+
+def resolve_device(device: str, threads: int = 0) -> torch.device:
+    """`train.device` -> a torch device (auto = CUDA where there is one, else CPU); sets the CPU thread count."""
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError("train.device = 'cuda': no CUDA device is visible here; use 'auto' or 'cpu'")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class ItemSide:
+    """What encoding items needs: cached prefix states and price features of the whole catalog."""
+
+    prefix: PrefixStates
+    numeric: torch.Tensor  # (N, 2)
+
+    def encode(self, model: ConversionModel, items: torch.Tensor, device: torch.device) -> torch.Tensor:
+        states, mask = self.prefix.gather(items, device)
+        return model.encode_items(states, mask, self.numeric[items].to(device))
+
+
+def train_epoch(model: ConversionModel, side: ItemSide, data: TrainingSet, optimizer: torch.optim.Optimizer,
+                batch_size: int, rng: np.random.Generator, device: torch.device,
+                progress: Callable[[int, float], None] | None = None,
+                extra_loss: Callable[[], torch.Tensor] | None = None) -> float:
+    """One pass over `data`; returns the mean ESMM loss. `progress(examples_done, loss)` after each step;
+    `extra_loss()` is added to each step's loss (e.g. FedProx's proximal term)."""
+    model.train()
+    total, seen = 0.0, 0
+    for rows in batch_rows(data, batch_size, rng):
+        batch = make_batch(data, rows).to(device)
+        items = side.encode(model, batch.items, device)
+        ctr, cvr, _ = model.score(items, batch.inputs)
+        loss = esmm_loss(ctr, cvr, batch.clicked, batch.purchased)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(rows)
+        seen += len(rows)
+        if progress:
+            progress(len(rows), float(loss.detach()))
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def embed_catalog(model: ConversionModel, side: ItemSide, device: torch.device) -> torch.Tensor:
+    """(N, D) embeddings of every catalog item with the current weights."""
+    model.eval()
+    n = len(side.numeric)
+    parts = [side.encode(model, torch.arange(s, min(s + ENCODE_CHUNK, n)), device) for s in range(0, n, ENCODE_CHUNK)]
+    return torch.cat(parts) if parts else torch.zeros(0, model.config.dim, device=device)
+
+
+def _inputs(data: TrainingSet, rows: np.ndarray, device: torch.device) -> ScoreInputs:
+    history = data.history_item[rows]
+    return ScoreInputs(
+        target=torch.from_numpy(data.item[rows]).to(device),
+        history=torch.from_numpy(np.maximum(history, 0)).to(device),
+        history_mask=torch.from_numpy(history >= 0).to(device),
+        events=torch.from_numpy(data.history_event[rows]).to(device),
+        age_hours=torch.from_numpy(data.history_age_hours[rows]).to(device),
+        position=torch.from_numpy(data.slot[rows]).to(device),
+    )
+
+
+@torch.no_grad()
+def predict(model: ConversionModel, item_embeddings: torch.Tensor, data: TrainingSet,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """pCTR and pCTCVR (N,) of every example, using catalog embeddings (N_items, D)."""
+    model.eval()
+    p_ctr, p_ctcvr = [], []
+    for rows in batch_rows(data, EVAL_BATCH, None):
+        ctr, cvr, _ = model.score(item_embeddings, _inputs(data, rows, device))
+        p_ctr.append(torch.sigmoid(ctr).cpu())
+        p_ctcvr.append((torch.sigmoid(ctr) * torch.sigmoid(cvr)).cpu())
+    if not p_ctr:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return torch.cat(p_ctr).numpy(), torch.cat(p_ctcvr).numpy()
+
+
+@torch.no_grad()
+def rank_purchases(model: ConversionModel, item_embeddings: torch.Tensor, data: TrainingSet,
+                   candidates: dict[int, np.ndarray], device: torch.device) -> np.ndarray:
+    """Rank (1-based) of the purchased item of each purchase example among its merchant's whole catalog
+    (`candidates[merchant]` = catalog rows), scored by pCTCVR at an unknown position."""
+    model.eval()
+    ranks = []
+    for merchant in np.unique(data.merchant):
+        pool = torch.from_numpy(candidates[int(merchant)]).to(device)
+        bought = np.flatnonzero((data.merchant == merchant) & (data.purchased > 0))
+        per_step = max(1, RANK_PAIRS // max(len(pool), 1))
+        for start in range(0, len(bought), per_step):
+            rows = bought[start:start + per_step]
+            base = _inputs(data, rows, device)
+            n, k = len(rows), len(pool)
+            expand = ScoreInputs(
+                target=pool.repeat(n),
+                history=base.history.repeat_interleave(k, 0),
+                history_mask=base.history_mask.repeat_interleave(k, 0),
+                events=base.events.repeat_interleave(k, 0),
+                age_hours=base.age_hours.repeat_interleave(k, 0),
+                position=torch.zeros(n * k, dtype=torch.long, device=device),
+            )
+            ctr, cvr, _ = model.score(item_embeddings, expand)
+            scores = (torch.sigmoid(ctr) * torch.sigmoid(cvr)).view(n, k).cpu().numpy()
+            target_col = np.searchsorted(candidates[int(merchant)], data.item[rows])
+            ranks.append(metrics.rank_of(scores[np.arange(n), target_col], scores))
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
+def evaluation_sums(data: TrainingSet, p_ctr: np.ndarray, p_ctcvr: np.ndarray,
+                    ranks: np.ndarray | None) -> metrics.MetricSums:
+    """Mergeable metric sums of one set of predictions (and, if given, of full-catalog ranks)."""
+    sums = metrics.prediction_sums(data.clicked, data.purchased, p_ctr, p_ctcvr, data.user)
+    if ranks is not None:
+        sums = metrics.combine(sums, metrics.ranking_sums(ranks))
+    return sums

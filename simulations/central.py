@@ -1,0 +1,195 @@
+"""Centralised training: the non-private upper bound that federated results are compared with.
+
+Trains one conversion model on the union of the merchants' training splits, stops early on the validation
+CTCVR AUC, and evaluates every split with the model, a popularity baseline and (on synthetic data) the
+ground-truth oracle.
+
+Popularity baseline: each item's click and purchase rates over the training impressions, smoothed towards the
+overall rates with 10 pseudo-impressions: score_i = (events_i + 10 x overall rate) / (impressions_i + 10).
+Oracle: the synthetic marketplace's `true_p_click` and `true_p_purchase` of each impression (no ranking metrics:
+the oracle scores only shown items).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedcvr.shared import metrics
+from fedcvr.shared.data.examples import ExampleConfig, build_examples, split_by_time
+from fedcvr.shared.data.loader import MerchantData, load_merchant, merchant_folders
+from fedcvr.shared.model.config import ModelConfig, TrainConfig
+from fedcvr.shared.model.encoder import load_backbone
+from fedcvr.shared.model.errors import ModelConfigError
+from fedcvr.shared.model.esmm import ConversionModel
+from fedcvr.shared.model.folder import save_model_folder
+from fedcvr.shared.model.prefix_cache import PrefixCache
+from fedcvr.shared.model.weights import load_trainable_state, trainable_state
+from fedcvr.shared.training.data import Catalog, TrainingSet
+from fedcvr.shared.training.loop import (
+    ItemSide,
+    embed_catalog,
+    evaluation_sums,
+    predict,
+    rank_purchases,
+    resolve_device,
+    train_epoch,
+)
+
+SPLITS = ("train", "validation", "test")
+SMOOTHING = 10.0
+EARLY_STOP_METRIC = "ctcvr.auc"
+
+
+@dataclass
+class Prepared:
+    """The merchants' data as one catalog and three training sets, plus each merchant's catalog rows."""
+
+    names: list[str]
+    catalog: Catalog
+    splits: dict[str, TrainingSet]
+    candidates: dict[int, np.ndarray]
+
+
+def select_merchants(data_root: Path, names: list[str] | None) -> list[Path]:
+    folders = merchant_folders(data_root)
+    if not names:
+        return folders
+    by_name = {f.name: f for f in folders}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ModelConfigError(f"--merchants: {', '.join(unknown)} not found in {data_root}; the merchants there are "
+                               f"{', '.join(sorted(by_name))}")
+    return [by_name[n] for n in names]
+
+
+def prepare(merchants: list[MerchantData], example_config: ExampleConfig) -> Prepared:
+    catalog = Catalog.from_items([m.items for m in merchants])
+    if len(catalog) == 0:
+        raise ModelConfigError("the merchants' items tables hold zero items: there is nothing to encode or rank")
+    parts: dict[str, list] = {s: [] for s in SPLITS}
+    for m in merchants:
+        split = split_by_time(build_examples(m, example_config), example_config)
+        for name in SPLITS:
+            parts[name].append(getattr(split, name))
+    splits = {name: TrainingSet.build(parts[name], catalog) for name in SPLITS}
+    if len(splits["train"]) == 0:
+        raise ModelConfigError("the training split is empty: the merchants' events yield no examples")
+    candidates = {k: np.unique(catalog.codes(m.items["item_id"].to_numpy())) for k, m in enumerate(merchants)}
+    return Prepared([m.name for m in merchants], catalog, splits, candidates)
+
+
+def popularity(train: TrainingSet, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smoothed per-item click and click-and-purchase rates over the training impressions."""
+    shown = np.bincount(train.item, minlength=n_items).astype(float)
+    clicks = np.bincount(train.item, weights=train.clicked, minlength=n_items)
+    buys = np.bincount(train.item, weights=train.purchased, minlength=n_items)
+    ctr, ctcvr = clicks.sum() / max(shown.sum(), 1), buys.sum() / max(shown.sum(), 1)
+    return (clicks + SMOOTHING * ctr) / (shown + SMOOTHING), (buys + SMOOTHING * ctcvr) / (shown + SMOOTHING)
+
+
+def popularity_ranks(data: TrainingSet, ctcvr: np.ndarray, candidates: dict[int, np.ndarray]) -> np.ndarray:
+    ranks = []
+    for merchant in np.unique(data.merchant):
+        pool = candidates[int(merchant)]
+        rows = np.flatnonzero((data.merchant == merchant) & (data.purchased > 0))
+        scores = np.broadcast_to(ctcvr[pool], (len(rows), len(pool)))
+        ranks.append(metrics.rank_of(ctcvr[data.item[rows]], scores))
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    """Learning rate of epoch 1..epochs: base x (1 + cos(pi (epoch - 1) / epochs)) / 2."""
+    return base * 0.5 * (1.0 + np.cos(np.pi * (epoch - 1) / epochs))
+
+
+@dataclass
+class CentralResult:
+    metrics: dict[str, dict[str, dict[str, float | None]]]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def evaluate_all(model: ConversionModel, side: ItemSide, prepared: Prepared, device: torch.device,
+                 splits: tuple[str, ...] = SPLITS) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per split: finalised metrics of the model, the popularity baseline and (where known) the oracle."""
+    embeddings = embed_catalog(model, side, device)
+    pop_ctr, pop_ctcvr = popularity(prepared.splits["train"], len(prepared.catalog))
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for name in splits:
+        data = prepared.splits[name]
+        if len(data) == 0:
+            continue
+        p_ctr, p_ctcvr = predict(model, embeddings, data, device)
+        ranks = rank_purchases(model, embeddings, data, prepared.candidates, device)
+        out[name] = {"model": metrics.finalise(evaluation_sums(data, p_ctr, p_ctcvr, ranks))}
+        out[name]["popularity"] = metrics.finalise(evaluation_sums(
+            data, pop_ctr[data.item], pop_ctcvr[data.item], popularity_ranks(data, pop_ctcvr, prepared.candidates)))
+        if not np.isnan(data.true_p_click).any():
+            out[name]["oracle"] = metrics.finalise(evaluation_sums(data, data.true_p_click, data.true_p_purchase,
+                                                                   None))
+    return out
+
+
+def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_config: TrainConfig,
+                  example_config: ExampleConfig, merchants: list[str] | None = None, cache_root: Path | None = None,
+                  on_stage: Callable[[str], None] | None = None,
+                  on_epoch_start: Callable[[int, int], Callable[[int, float], None] | None] | None = None,
+                  on_epoch_end: Callable[[dict[str, float]], None] | None = None) -> CentralResult:
+    """Train on the union of the merchants, save the model folder `out`, and return the evaluation.
+
+    Callbacks report progress: `on_stage(text)`, `on_epoch_start(epoch, examples)` returning a per-step
+    `progress(examples_done, loss)`, and `on_epoch_end(record)`."""
+    started = time.perf_counter()
+    say = on_stage or (lambda _text: None)
+    torch.manual_seed(train_config.seed)
+    rng = np.random.default_rng(train_config.seed)
+    device = resolve_device(train_config.device, train_config.threads)
+    say("loading the encoder")
+    backbone = load_backbone(model_config.encoder)
+    cache = PrefixCache(backbone, model_config.adapter_layers, model_config.max_text_tokens, cache_root)
+    say("reading and validating merchant data")
+    data = [load_merchant(folder) for folder in select_merchants(data_root, merchants)]
+    prepared = prepare(data, example_config)
+    say(f"encoding the frozen prefix of {len(prepared.catalog):,} items (cached in {cache.folder})")
+    side = ItemSide(cache.states(prepared.catalog.texts), torch.from_numpy(prepared.catalog.numeric))
+    model = ConversionModel(backbone, model_config).to(device)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=train_config.lr,
+                                 weight_decay=train_config.weight_decay)
+    result = CentralResult(metrics={})
+    best, best_state, waited = -np.inf, trainable_state(model), 0
+    for epoch in range(1, train_config.epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(train_config.lr, epoch, train_config.epochs)
+        progress = on_epoch_start(epoch, len(prepared.splits["train"])) if on_epoch_start else None
+        loss = train_epoch(model, side, prepared.splits["train"], optimizer, train_config.batch_size, rng, device,
+                           progress)
+        validation = evaluate_all(model, side, prepared, device, ("validation",)).get("validation", {})
+        score = (validation.get("model") or {}).get(EARLY_STOP_METRIC)
+        record = {"epoch": epoch, "train_loss": loss, f"validation_{EARLY_STOP_METRIC}": score}
+        result.history.append(record)
+        if on_epoch_end:
+            on_epoch_end(record)
+        if score is None or score > best:
+            best, best_state, waited, result.best_epoch = (score if score is not None else best), \
+                trainable_state(model), 0, epoch
+        else:
+            waited += 1
+            if waited > train_config.patience:
+                say(f"early stop: validation {EARLY_STOP_METRIC} has not improved for {waited} epoch(s)")
+                break
+    load_trainable_state(model, best_state)
+    say("evaluating train, validation and test splits")
+    result.metrics = evaluate_all(model, side, prepared, device)
+    result.seconds = time.perf_counter() - started
+    settings = {"train": train_config.to_dict(), "examples": vars(example_config), "merchants": prepared.names,
+                "best_epoch": result.best_epoch}
+    save_model_folder(out, model, backbone, settings, {"splits": result.metrics, "history": result.history,
+                                                       "seconds": result.seconds})
+    return result

@@ -1,0 +1,247 @@
+"""The conversion model: encoder with adapters and its prefix cache, user tower, ESMM head, weights, config."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, make_tiny_bert
+from fedcvr.shared.data.examples import ExampleConfig
+from fedcvr.shared.model import prefix_cache as prefix_module
+from fedcvr.shared.model.config import ModelConfig, TrainConfig
+from fedcvr.shared.model.encoder import BottleneckAdapter, load_backbone, masked_mean
+from fedcvr.shared.model.errors import ModelConfigError
+from fedcvr.shared.model.esmm import ConversionModel, ScoreInputs, esmm_loss
+from fedcvr.shared.model.folder import load_model_folder, save_model_folder
+from fedcvr.shared.model.prefix_cache import PrefixCache
+from fedcvr.shared.model.weights import load_trainable_state, trainable_state
+
+TEXTS = ["Nordvik Premium navy wool sweater, size M. A premium sweater by Nordvik. Nordvik. Clothing",
+         "Voltra Pro black aluminium headphones, standard", "Harvest Lane organic honey, 500 g. Grocery",
+         "Pawsome Classic red rope chew toy, small"]
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_bert):
+    return load_backbone(str(tiny_bert))
+
+
+def full_model_embedding(backbone, texts):
+    tokens = backbone.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        return masked_mean(backbone.model(**tokens).last_hidden_state, tokens["attention_mask"])
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_cached_prefix_plus_fresh_adapters_equals_the_full_backbone(backbone, tmp_path, layers):
+    cache = PrefixCache(backbone, layers, 64, tmp_path)
+    states, mask = cache.states(TEXTS).gather(torch.arange(len(TEXTS)))
+    model = ConversionModel(backbone, ModelConfig(adapter_layers=layers, dim=8))
+    hidden = states
+    with torch.no_grad():
+        from fedcvr.shared.model.encoder import extended_mask
+
+        for layer in model.item_encoder.layers:
+            hidden = layer(hidden, extended_mask(mask, hidden.dtype))
+        ours = masked_mean(hidden, mask)
+    # float16 storage of the cache is the only difference
+    torch.testing.assert_close(ours, full_model_embedding(backbone, TEXTS), atol=2e-2, rtol=2e-2)
+
+
+def test_fresh_adapter_is_the_identity():
+    adapter = BottleneckAdapter(16, 4)
+    h = torch.randn(3, 5, 16)
+    assert torch.equal(adapter(h), h)
+
+
+def test_prefix_cache_reuses_disk_and_keeps_order(backbone, tmp_path, monkeypatch):
+    cache = PrefixCache(backbone, 1, 64, tmp_path)
+    first = cache.states(TEXTS[:3])
+    assert len(list(cache.folder.glob("shard-*"))) == 1
+    computed = []
+    original = PrefixCache.compute
+    monkeypatch.setattr(PrefixCache, "compute", lambda self, texts: computed.append(list(texts)) or
+                        original(self, texts))
+    again = PrefixCache(backbone, 1, 64, tmp_path).states([TEXTS[3], TEXTS[0], TEXTS[2]])
+    assert computed == [[TEXTS[3]]], "only the new text is encoded"
+    assert len(list(cache.folder.glob("shard-*"))) == 2
+    width = int(first.lengths[0])
+    assert torch.equal(again.states[1, :width], first.states[0, :width])
+    assert again.states.dtype == torch.float16
+    assert PrefixCache(backbone, 2, 64, tmp_path).folder != cache.folder
+
+
+def test_prefix_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDCVR_CACHE", str(tmp_path / "c"))
+    assert prefix_module.default_cache_root() == tmp_path / "c"
+
+
+def test_only_trainable_weights_are_saved_and_the_backbone_never_is(backbone, tmp_path):
+    model = ConversionModel(backbone, ModelConfig(adapter_layers=1, dim=8))
+    state = trainable_state(model)
+    assert state and all(p.requires_grad for p in model.trainable_parameters())
+    assert not any("base_layer" in name or "backbone" in name for name in state)
+    assert any(name.startswith("item_encoder.layers.0.adapter.") for name in state)
+    assert {n.split(".")[0] for n in state} == {"item_encoder", "user_tower", "head"}
+    frozen = sum(p.numel() for p in backbone.model.parameters())
+    assert sum(v.numel() for v in state.values()) < frozen
+    other = ConversionModel(backbone, ModelConfig(adapter_layers=1, dim=8))
+    load_trainable_state(other, state)
+    assert all(torch.equal(a, b) for a, b in zip(trainable_state(other).values(), state.values()))
+    with pytest.raises(ValueError, match="missing: item_encoder.layers.1.adapter"):
+        load_trainable_state(ConversionModel(backbone, ModelConfig(adapter_layers=2, dim=8)), state)
+
+
+def test_model_folder_round_trip_and_refusals(backbone, tiny_bert, tmp_path):
+    model = ConversionModel(backbone, ModelConfig(encoder=str(tiny_bert), adapter_layers=1, dim=8))
+    folder = save_model_folder(tmp_path / "m", model, backbone, {"train": {}})
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "encoder.json", "weights.safetensors"]
+    loaded, _, settings = load_model_folder(folder)
+    assert settings["model"]["dim"] == 8
+    assert all(torch.equal(a, b) for a, b in zip(trainable_state(loaded).values(), trainable_state(model).values()))
+    other = load_backbone(str(make_tiny_bert(tmp_path / "other", seed=1)))
+    with pytest.raises(ModelConfigError, match="trained with the encoder"):
+        load_model_folder(folder, other)
+    (folder / "weights.safetensors").unlink()
+    with pytest.raises(ModelConfigError, match="weights.safetensors missing"):
+        load_model_folder(folder)
+
+
+def test_esmm_scores_and_loss():
+    ctr, cvr = torch.tensor([0.3, -2.0, 1.0]), torch.tensor([-1.0, 0.5, 2.0])
+    clicked, purchased = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 1.0])
+    p_ctr, p_ctcvr = torch.sigmoid(ctr), torch.sigmoid(ctr) * torch.sigmoid(cvr)
+    expected = -(clicked * p_ctr.log() + (1 - clicked) * (1 - p_ctr).log()) \
+        - (purchased * p_ctcvr.log() + (1 - purchased) * (1 - p_ctcvr).log())
+    torch.testing.assert_close(esmm_loss(ctr, cvr, clicked, purchased, reduction="none"), expected)
+    assert torch.all(p_ctcvr <= p_ctr)
+
+
+def batch_inputs(batch: int, length: int, items: int) -> ScoreInputs:
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(batch, length, generator=generator) > 0.3
+    mask[0] = False  # a shopper without history
+    return ScoreInputs(
+        target=torch.randint(0, items, (batch,), generator=generator),
+        history=torch.randint(0, items, (batch, length), generator=generator),
+        history_mask=mask, events=torch.randint(0, 4, (batch, length), generator=generator),
+        age_hours=torch.rand(batch, length, generator=generator) * 500,
+        position=torch.randint(0, 12, (batch,), generator=generator))
+
+
+def test_score_shapes_and_attention_over_real_history_only(backbone):
+    model = ConversionModel(backbone, ModelConfig(adapter_layers=0, dim=8))
+    items = torch.randn(20, 8)
+    inputs = batch_inputs(6, 5, 20)
+    ctr, cvr, weights = model.score(items, inputs)
+    assert ctr.shape == cvr.shape == (6,) and weights.shape == (6, 5)
+    assert torch.all(weights[~inputs.history_mask] == 0) and torch.all(weights[0] == 0)
+    assert torch.isfinite(ctr).all() and torch.isfinite(cvr).all()
+
+
+def test_user_tower_and_head_support_per_sample_gradients(backbone):
+    """Opacus computes per-sample gradients of the tower and head: they equal one-sample-at-a-time autograd."""
+    from opacus import GradSampleModule
+
+    from fedcvr.shared.model.user_tower import recency_bucket
+
+    model = ConversionModel(backbone, ModelConfig(adapter_layers=0, dim=8))
+
+    class TowerAndHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tower, self.head = model.user_tower, model.head
+
+        def forward(self, history, events, recency, mask, target, position):
+            user, _ = self.tower(history, events, recency, mask, target)
+            ctr, cvr = self.head(user, target, position)
+            return ctr + cvr
+
+    net = TowerAndHead()
+    inputs = batch_inputs(4, 5, 20)
+    items = torch.randn(20, 8)
+    args = (items[inputs.history], inputs.events, recency_bucket(inputs.age_hours), inputs.history_mask,
+            items[inputs.target], inputs.position)
+    wrapped = GradSampleModule(net, loss_reduction="sum")
+    wrapped(*args).sum().backward()
+    missing = [name for name, p in net.named_parameters() if p.grad_sample is None]
+    assert not missing, missing
+    per_sample = {name: p.grad_sample.clone() for name, p in net.named_parameters()}
+    wrapped._close()  # remove the hooks before the one-sample reference passes
+    for name, param in net.named_parameters():
+        for i in range(4):
+            one = tuple(a[i:i + 1] for a in args)
+            grad = torch.autograd.grad(net(*one).sum(), param)[0]
+            torch.testing.assert_close(per_sample[name][i], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"encoder": "/no/such/folder"}, "is not a Hugging Face model folder"),
+    ({"adapter_layers": 3}, "adapter.layers = 3: the encoder .* has 2 transformer layers; use 0 to 2"),
+])
+def test_bad_encoder_settings_are_clear(tiny_bert, kwargs, message):
+    with pytest.raises(ModelConfigError, match=message):
+        config = ModelConfig(**{"encoder": str(tiny_bert), **kwargs})
+        ConversionModel(load_backbone(config.encoder), config)
+
+
+def test_non_bert_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelConfigError, match="'gpt2' model; fedcvr needs a BERT-family"):
+        load_backbone(str(tmp_path))
+
+
+@pytest.mark.parametrize("run_config, message", [
+    ({"model.dim": 0}, "model.dim = 0: must be at least 1"),
+    ({"adapter.layers": -1}, "adapter.layers = -1: must be at least 0"),
+    ({"model.dim": "64"}, "model.dim = '64': expected a whole number"),
+])
+def test_model_config_errors_name_key_and_value(run_config, message):
+    with pytest.raises(ModelConfigError, match=message):
+        ModelConfig.from_run_config(run_config)
+
+
+@pytest.mark.parametrize("run_config, message", [
+    ({"train.device": "tpu"}, "train.device = 'tpu': use one of auto, cpu, cuda"),
+    ({"train.lr": 0}, "train.lr = 0.0: must be > 0"),
+])
+def test_train_config_errors(run_config, message):
+    with pytest.raises(ModelConfigError, match=message):
+        TrainConfig.from_run_config(run_config)
+
+
+def flat(table: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_pyproject_run_config_matches_the_defaults_in_code():
+    config = flat(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    assert ModelConfig.from_run_config(config) == ModelConfig()
+    assert TrainConfig.from_run_config(config) == TrainConfig()
+    defaults = ExampleConfig.from_run_config(config)
+    assert {k: v for k, v in vars(defaults).items() if k != "seed"} == \
+        {k: v for k, v in vars(ExampleConfig()).items() if k != "seed"}
+    assert set(ModelConfig.KEYS) | set(TrainConfig.KEYS) <= set(config)
+
+
+def test_prepare_refuses_zero_items_and_zero_examples():
+    import pandas as pd
+
+    from fedcvr.shared.data.loader import MerchantData
+    from fedcvr.simulations.central import prepare
+
+    empty = MerchantData("m", None, pd.DataFrame(columns=["item_id", "title", "description", "category", "brand",
+                                                         "price"]),
+                         pd.DataFrame({"user_id": [], "item_id": [], "event": [],
+                                       "timestamp": pd.to_datetime([])}))
+    with pytest.raises(ModelConfigError, match="zero items"):
+        prepare([empty], ExampleConfig())
