@@ -13,9 +13,10 @@ Implicit feedback (no impressions at all: purchase logs, reviews)
   (clicked = purchased = 0) at the same time and with the same history, whose items are drawn uniformly from the
   catalog among those u did not buy at time t. Labels then mean "bought rather than a random other item".
 History
-  The shopper's click, cart and purchase events with timestamp < t (strictly), the last L of them, oldest first,
-  right-aligned and padded on the left with item -1 / event -1 / age 0. Impressions are exposure, not interest,
-  and are not part of the history. Ages are in hours.
+  The shopper's events with timestamp < t (strictly), the last L of them with their event types, oldest first,
+  right-aligned and padded on the left with item -1 / event -1 / age 0. Ages are in hours. Impressions are part
+  of the history, with their own event type: what a shopper was shown (and did not click) tells about them too,
+  and the model learns how much each event type weighs.
 Split
   Per merchant by time: with cut points t_val and t_test at the (1 - val - test) and (1 - test) quantiles of the
   example times, train has t < t_val, validation t_val <= t < t_test, test t >= t_test. Since histories hold only
@@ -35,7 +36,6 @@ from ..settings import read_section
 from .contract import EVENT_TYPES
 from .loader import MerchantData
 
-HISTORY_EVENTS = ("impression", "click", "cart", "purchase")
 _NS_PER_HOUR = 3_600 * 1_000_000_000
 
 
@@ -181,8 +181,7 @@ def build_examples(data: MerchantData, config: ExampleConfig | None = None) -> E
         "event": pd.Index(EVENT_TYPES).get_indexer(events["event"]).astype(np.int8),
         "t": events["timestamp"].to_numpy("datetime64[ns]").astype(np.int64),
     }
-    behaviour = np.isin(events["event"].to_numpy(), HISTORY_EVENTS)
-    b = {k: v[behaviour] for k, v in codes.items()}
+    b = codes  # every event, impressions included, can be part of a later example's history
     has_impressions = bool((events["event"] == "impression").any())
     if has_impressions:
         frame = _explicit_targets(events, codes, config)
