@@ -10,6 +10,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_prefix_cache(tmp_path_factory):
+    """Tests never write into the user's ~/.cache: the frozen-prefix cache lives in a temporary folder."""
+    os.environ["FEDCVR_CACHE"] = str(tmp_path_factory.mktemp("prefix-cache"))
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

@@ -17,7 +17,7 @@ from .data import TrainingSet, batch_rows, make_batch
 
 EVAL_BATCH = 2048
 ENCODE_CHUNK = 512
-RANK_PAIRS = 65_536  # (purchase, candidate) pairs scored at once in full-catalog ranking
+RANK_PAIRS = 16_384  # (purchase, candidate) pairs scored at once in full-catalog ranking (bounds memory)
 
 
 def resolve_device(device: str, threads: int = 0) -> torch.device:

@@ -1,0 +1,68 @@
+"""Centralised training end to end: the CLI, the model folder, and quality against baselines and the oracle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fedcvr.cli import app
+from fedcvr.shared.data.examples import ExampleConfig
+from fedcvr.shared.model.config import ModelConfig, TrainConfig
+from fedcvr.shared.model.folder import load_model_folder
+from fedcvr.simulations.central import cosine_lr, train_central
+from fedcvr.simulations.synth import SynthConfig, generate_marketplace
+
+
+def test_cli_trains_and_writes_a_model_folder(tiny_market, tiny_bert, tmp_path):
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["train-central", "--data", str(tiny_market), "--out", str(out),
+                                      "--merchants", "merchant-01,merchant-02", "--epochs", "2",
+                                      "--encoder", str(tiny_bert), "--adapter-layers", "1", "--batch-size", "256"])
+    assert result.exit_code == 0, result.output
+    for split in ("train split", "validation split", "test split"):
+        assert split in result.output
+    assert "popularity" in result.output and "oracle" in result.output and "ndcg@10" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "encoder.json", "metrics.json",
+                                                     "weights.safetensors"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["splits"]["test"]) == {"model", "popularity", "oracle"}
+    assert len(metrics["history"]) <= 2 and 0.0 < metrics["splits"]["test"]["model"]["ctcvr.auc"] < 1.0
+    settings = json.loads((out / "config.json").read_text())
+    assert settings["merchants"] == ["merchant-01", "merchant-02"] and settings["model"]["adapter_layers"] == 1
+    model, _, _ = load_model_folder(out)
+    assert len(model.item_encoder.layers) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--merchants", "merchant-09"], "merchant-09 not found"),
+    (["--encoder", "/no/such/bert"], "is not a Hugging Face model folder"),
+    (["--adapter-layers", "7"], "adapter.layers = 7: the encoder"),
+    (["--device", "tpu"], "train.device = 'tpu'"),
+])
+def test_cli_bad_settings_exit_2_with_a_clear_message(tiny_market, tiny_bert, tmp_path, args, message):
+    base = ["train-central", "--data", str(tiny_market), "--out", str(tmp_path / "m"), "--encoder", str(tiny_bert)]
+    result = CliRunner().invoke(app, base + args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0.01, 1, 4) == pytest.approx(0.01)
+    assert cosine_lr(0.01, 3, 4) == pytest.approx(0.005)
+    assert cosine_lr(0.01, 4, 4) < cosine_lr(0.01, 2, 4)
+
+
+@pytest.mark.slow
+def test_model_approaches_the_oracle_and_beats_popularity(tmp_path):
+    """A smaller version of the default marketplace, the packaged MiniLM with frozen embeddings (adapter.layers =
+    0, for speed): the model's test CTCVR AUC must reach 85% of the ground-truth oracle's and beat popularity."""
+    generate_marketplace(SynthConfig(merchants=3, items=600, shoppers=2000, events=80_000, seed=3), tmp_path / "m")
+    result = train_central(tmp_path / "m", tmp_path / "out", ModelConfig(adapter_layers=0),
+                           TrainConfig(epochs=5, batch_size=512, lr=0.006, threads=2), ExampleConfig())
+    test = result.metrics["test"]
+    model, popularity, oracle = (test[k]["ctcvr.auc"] for k in ("model", "popularity", "oracle"))
+    assert model >= 0.85 * oracle, (model, oracle)
+    assert model >= popularity + 0.01, (model, popularity)
+    assert test["model"]["ndcg@10"] > test["popularity"]["ndcg@10"]
