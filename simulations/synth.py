@@ -10,8 +10,11 @@ World
   Item latent quality = qualifier tier + brand quality + noise; price = category reference price x qualifier
   factor x brand premium x merchant price level x noise.
 Shoppers (per merchant)
-  interest over categories = 0.6 x Dirichlet(0.3) + 0.4 x the merchant's category mix;
-  colour and material preferences ~ N(0, 1); price sensitivity ~ LogNormal(0, 0.5); activity ~ LogNormal(0, 0.8).
+  Each shopper follows one of 16 marketplace-wide personas (taste archetypes), drawn from the merchant's persona
+  mix ~ Dirichlet(0.7). A persona has an interest over categories ~ Dirichlet(0.3), colour and material
+  preferences ~ N(0, 1) and a price sensitivity ~ LogNormal(0, 0.5). The shopper's own interest =
+  0.8 x the persona's + 0.2 x Dirichlet(0.5); own colour and material preferences = the persona's + N(0, 0.35);
+  own price sensitivity = the persona's x LogNormal(0, 0.175); activity ~ LogNormal(0, 0.8).
 Sessions
   Each session shows a slate of 6-12 items at positions 1..k: each slot's category comes from the shopper's
   interest (60%) or the merchant's mix (40%), its item from that category by popularity.
