@@ -218,7 +218,7 @@ def train_central_command(
     epochs: int = typer.Option(None, "--epochs", help="Most epochs (early stopping may end sooner). [default: 8]"),
     encoder: str = typer.Option(None, "--encoder", help="Local BERT folder. [default: the packaged all-MiniLM-L6-v2]"),
     adapter_layers: int = typer.Option(None, "--adapter-layers", help="Top layers with adapters (0 = frozen "
-                                                                      "embeddings). [default: 1]"),
+                                                                      "embeddings). [default: 0]"),
     adapter_size: int = typer.Option(None, "--adapter-size", help="Adapter bottleneck size. [default: 32]"),
     batch_size: int = typer.Option(None, "--batch-size", help="Examples per step. [default: 1024]"),
     lr: float = typer.Option(None, "--lr", help="Adam learning rate, decayed along a cosine. [default: 0.006]"),

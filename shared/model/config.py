@@ -39,7 +39,7 @@ class ModelConfig:
     attention_hidden: int = 64
     head_hidden: int = 64
     max_position: int = 50
-    adapter_layers: int = 1
+    adapter_layers: int = 0
     adapter_size: int = 32
 
     KEYS = {
