@@ -115,9 +115,9 @@ def extended_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(U, T, H), (U, T) -> (U, H): mean over the real tokens."""
+    """(..., T, H), (..., T) -> (..., H): mean over the real tokens."""
     weights = mask.to(states.dtype)[..., None]
-    return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return (states * weights).sum(-2) / weights.sum(-2).clamp(min=1.0)
 
 
 class BottleneckAdapter(nn.Module):
@@ -153,7 +153,8 @@ class AdaptedLayer(nn.Module):
 class ItemEncoder(nn.Module):
     """Adapted top layers + mean pooling + projection (+ price features) -> item embeddings.
 
-    forward(states (U, T, H) cached prefix states, mask (U, T), numeric (U, 2)) -> (U, D)
+    forward(states (U, T, H) cached prefix states, mask (U, T), numeric (U, 2)) -> (U, D). Without adapted
+    layers any leading dimensions work: (B, L, T, H) -> (B, L, D), as per-sample DP training needs.
     """
 
     def __init__(self, backbone: Backbone, adapter_layers: int, adapter_size: int, dim: int):
