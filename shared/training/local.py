@@ -1,0 +1,182 @@
+"""One merchant's local training round (with or without Opacus DP-SGD) and local evaluation.
+
+With DP (`dp.enabled = true`): Poisson sampling at rate batch-size / n, per-sample clipping to `dp.max-grad-norm`
+and Gaussian noise planned so that all planned rounds together meet `dp.target-epsilon` at δ (see
+`fedcvr.shared.privacy`). Opacus needs every input's first dimension to be the sample, so the private module
+(`PerSampleModel`) encodes each example's own target item and, with frozen embeddings (`adapter.layers = 0`), its
+own history items; with adapters inside BERT the history items are encoded once per step without gradients (the
+target path carries the adapters' gradients). Without DP the round runs the same steps as central training.
+
+FedProx's proximal term mu/2 ||w - w_global||^2 does not depend on any shopper's data, so it is applied as its own
+step after each optimiser step (w <- w - lr mu (w - w_global)); it costs no privacy.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model.esmm import ConversionModel, esmm_loss
+from ..model.user_tower import recency_bucket
+from ..privacy import DPConfig, PrivacyLedger
+from .data import TrainingSet
+from .loop import ItemSide, train_epoch
+
+
+class PerSampleModel(nn.Module):
+    """The conversion model with sample-first inputs, for Opacus.
+
+    forward(target_states (B, T, H), target_mask (B, T), target_numeric (B, 2),
+            history (B, L, T', H) states (frozen embeddings) or (B, L, D) precomputed embeddings,
+            history_tokens (B, L, T'), history_numeric (B, L, 2), history_mask (B, L), events (B, L),
+            recency (B, L), position (B,)) -> ctr logit (B,), cvr logit (B,)
+    """
+
+    def __init__(self, model: ConversionModel):
+        super().__init__()
+        self.item_encoder = model.item_encoder
+        self.user_tower = model.user_tower
+        self.head = model.head
+
+    def forward(self, target_states, target_mask, target_numeric, history, history_tokens, history_numeric,
+                history_mask, events, recency, position):
+        target = self.item_encoder(target_states, target_mask, target_numeric)
+        if history.dim() == 4:
+            history = self.item_encoder(history, history_tokens, history_numeric)
+        user, _ = self.user_tower(history, events, recency, history_mask, target)
+        return self.head(user, target, position)
+
+
+@dataclass
+class RoundResult:
+    """What one local round did: examples seen, mean loss, steps, and whether it trained at all."""
+
+    trained: bool
+    examples: int
+    loss: float
+    steps: int
+    reason: str = ""
+
+
+def _private_inputs(model: ConversionModel, side: ItemSide, data: TrainingSet, rows: np.ndarray,
+                    device: torch.device) -> tuple:
+    target = torch.from_numpy(data.item[rows])
+    t_states, t_mask = side.prefix.gather(target, device)
+    history = data.history_item[rows]
+    mask = torch.from_numpy(history >= 0)
+    safe = torch.from_numpy(np.maximum(history, 0))
+    if len(model.item_encoder.layers) == 0:
+        h_states, h_tokens = side.prefix.gather(safe.reshape(-1), device)
+        h_states = h_states.view(*safe.shape, *h_states.shape[1:])
+        h_tokens = h_tokens.view(*safe.shape, -1)
+    else:  # adapters inside BERT: encode the distinct history items once, without gradients
+        with torch.no_grad():
+            items, inverse = torch.unique(safe, return_inverse=True)
+            h_states = side.encode(model, items, device)[inverse.to(device)]
+        h_tokens = torch.ones(*safe.shape, 1, dtype=torch.bool, device=device)
+    return (t_states, t_mask, side.numeric[target].to(device), h_states, h_tokens,
+            side.numeric[safe].to(device), mask.to(device), torch.from_numpy(data.history_event[rows]).clamp(min=0)
+            .to(device), recency_bucket(torch.from_numpy(data.history_age_hours[rows])).to(device),
+            torch.from_numpy(data.slot[rows]).to(device))
+
+
+def _proximal_step(params: list[nn.Parameter], anchor: list[torch.Tensor] | None, lr: float, mu: float) -> None:
+    if anchor is None or mu <= 0:
+        return
+    with torch.no_grad():
+        for p, a in zip(params, anchor):
+            p.sub_(lr * mu * (p - a))
+
+
+def steps_per_round(n_examples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+    """Poisson sample rate and optimiser steps of one DP round."""
+    sample_rate = min(1.0, batch_size / max(n_examples, 1))
+    return sample_rate, local_epochs * max(1, math.ceil(1.0 / sample_rate))
+
+
+def train_round(model: ConversionModel, side: ItemSide, data: TrainingSet, *, lr: float, batch_size: int,
+                local_epochs: int, dp: DPConfig, ledger: PrivacyLedger | None, rounds: int, seed: int,
+                device: torch.device, proximal_mu: float = 0.0,
+                progress: Callable[[int, float], None] | None = None) -> RoundResult:
+    """Train `model` in place for one federated round on one merchant's training set."""
+    if len(data) == 0:
+        return RoundResult(False, 0, float("nan"), 0, "no training examples")
+    params = model.trainable_parameters()
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    if not dp.enabled:
+        optimizer = torch.optim.Adam(params, lr=lr)
+        optimizer.step = _with_after(optimizer.step, lambda: _proximal_step(params, anchor, lr, proximal_mu))
+        losses = [train_epoch(model, side, data, optimizer, batch_size, rng, device, progress)
+                  for _ in range(local_epochs)]
+        steps = local_epochs * math.ceil(len(data) / batch_size)
+        return RoundResult(True, len(data) * local_epochs, float(np.mean(losses)), steps)
+    return _train_private(model, side, data, params, anchor, lr=lr, batch_size=batch_size, local_epochs=local_epochs,
+                          dp=dp, ledger=ledger, rounds=rounds, seed=seed, device=device, proximal_mu=proximal_mu,
+                          progress=progress)
+
+
+def _with_after(step: Callable, after: Callable[[], None]) -> Callable:
+    def wrapped(*args, **kwargs):
+        out = step(*args, **kwargs)
+        after()
+        return out
+
+    return wrapped
+
+
+def _train_private(model, side, data, params, anchor, *, lr, batch_size, local_epochs, dp, ledger, rounds, seed,
+                   device, proximal_mu, progress) -> RoundResult:
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if ledger is None:
+        raise ValueError("DP training needs the node's privacy ledger")
+    sample_rate, steps = steps_per_round(len(data), batch_size, local_epochs)
+    noise = ledger.plan(dp, sample_rate=sample_rate, steps_per_round=steps, rounds=rounds, n_examples=len(data))
+    if not ledger.can_train(noise, sample_rate, steps, dp.target_epsilon):
+        projected = ledger.projected_epsilon(noise, sample_rate, steps)
+        return RoundResult(False, 0, float("nan"), 0,
+                           f"privacy budget: another round would spend epsilon {projected:.3f} > dp.target-epsilon "
+                           f"{dp.target_epsilon} (delta {ledger.delta:.2e}); already spent {ledger.epsilon():.3f}")
+    private = PerSampleModel(model).to(device)
+    model.train()
+    optimizer = torch.optim.Adam(params, lr=lr)
+    loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=max(1, round(sample_rate * len(data))),
+                        generator=torch.Generator().manual_seed(seed))
+    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    ledger.attach(engine)
+    private, optimizer, loader = engine.make_private(module=private, optimizer=optimizer, data_loader=loader,
+                                                     noise_multiplier=noise, max_grad_norm=dp.max_grad_norm,
+                                                     poisson_sampling=True)
+    total, seen, taken = 0.0, 0, 0
+    for _ in range(local_epochs):
+        for (rows,) in loader:
+            if len(rows) == 0:  # an empty Poisson batch still releases a (pure-noise) step: account for it
+                engine.accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
+                continue
+            ctr, cvr = private(*_private_inputs(model, side, data, rows.numpy(), device))
+            labels = torch.from_numpy(data.clicked[rows.numpy()]).to(device), \
+                torch.from_numpy(data.purchased[rows.numpy()]).to(device)
+            loss = esmm_loss(ctr, cvr, *labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _proximal_step(params, anchor, lr, proximal_mu)
+            total += float(loss.detach()) * len(rows)
+            seen += len(rows)
+            taken += 1
+            if progress:
+                progress(len(rows), float(loss.detach()))
+    ledger.sync_from(engine)
+    private._close()  # drop Opacus hooks: the model is used again for evaluation and the next round
+    del engine, private, optimizer, loader
+    gc.collect()  # rebuilding Opacus state each round leaks memory without it
+    return RoundResult(True, seen, total / max(seen, 1), taken)

@@ -1,0 +1,77 @@
+"""A merchant's local round: DP-SGD with a ledger across rounds, the budget refusal, FedProx, no-DP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedcvr.shared.data.examples import ExampleConfig
+from fedcvr.shared.data.loader import load_merchant, merchant_folders
+from fedcvr.shared.model.config import ModelConfig
+from fedcvr.shared.model.encoder import load_backbone
+from fedcvr.shared.model.esmm import ConversionModel
+from fedcvr.shared.model.prefix_cache import PrefixCache
+from fedcvr.shared.model.weights import trainable_state
+from fedcvr.shared.privacy import DPConfig, PrivacyLedger
+from fedcvr.shared.training.local import PerSampleModel, _private_inputs, train_round
+from fedcvr.shared.training.loop import ItemSide
+from fedcvr.shared.training.prepare import prepare
+
+
+@pytest.fixture(scope="module")
+def merchant(tiny_market):
+    return prepare([load_merchant(merchant_folders(tiny_market)[2])], ExampleConfig(history_length=8))
+
+
+def setup(tiny_bert, merchant, layers):
+    backbone = load_backbone(str(tiny_bert))
+    config = ModelConfig(encoder=str(tiny_bert), adapter_layers=layers, dim=8, attention_hidden=8, head_hidden=8)
+    side = ItemSide(PrefixCache(backbone, layers, 32).states(merchant.catalog.texts),
+                    torch.from_numpy(merchant.catalog.numeric))
+    torch.manual_seed(0)
+    return ConversionModel(backbone, config), side
+
+
+@pytest.mark.parametrize("layers", [0, 1])
+def test_dp_rounds_accumulate_epsilon_until_the_budget_refuses(tiny_bert, merchant, layers):
+    model, side = setup(tiny_bert, merchant, layers)
+    train = merchant.splits["train"]
+    dp = DPConfig(target_epsilon=4.0)
+    ledger = PrivacyLedger()
+    spent = []
+    for round_number in range(2):
+        before = trainable_state(model)
+        result = train_round(model, side, train, lr=0.01, batch_size=64, local_epochs=1, dp=dp, ledger=ledger,
+                             rounds=2, seed=round_number, device=torch.device("cpu"))
+        assert result.trained and result.steps > 0 and result.examples > 0
+        assert any(not torch.equal(a, b) for a, b in zip(before.values(), trainable_state(model).values()))
+        spent.append(ledger.epsilon())
+    assert 0 < spent[0] < spent[1] <= dp.target_epsilon * 1.0001
+    assert ledger.rounds_trained == 2 and ledger.delta < 1 / len(train)
+    declined = train_round(model, side, train, lr=0.01, batch_size=64, local_epochs=1, dp=dp, ledger=ledger,
+                           rounds=2, seed=9, device=torch.device("cpu"))
+    assert not declined.trained and "privacy budget" in declined.reason and ledger.epsilon() == spent[1]
+
+
+def test_private_inputs_are_sample_first(tiny_bert, merchant):
+    model, side = setup(tiny_bert, merchant, 0)
+    rows = torch.arange(5).numpy()
+    inputs = _private_inputs(model, side, merchant.splits["train"], rows, torch.device("cpu"))
+    assert all(t.shape[0] == 5 for t in inputs)
+    ctr, cvr = PerSampleModel(model)(*inputs)
+    assert ctr.shape == cvr.shape == (5,)
+
+
+def test_without_dp_and_with_fedprox_pull(tiny_bert, merchant):
+    model, side = setup(tiny_bert, merchant, 0)
+    start = trainable_state(model)
+    result = train_round(model, side, merchant.splits["train"], lr=0.01, batch_size=64, local_epochs=1,
+                         dp=DPConfig(enabled=False), ledger=None, rounds=1, seed=0, device=torch.device("cpu"))
+    free = sum(float((a - b).norm()) for a, b in zip(trainable_state(model).values(), start.values()))
+    assert result.trained and free > 0
+    model2, _ = setup(tiny_bert, merchant, 0)
+    train_round(model2, side, merchant.splits["train"], lr=0.01, batch_size=64, local_epochs=1,
+                dp=DPConfig(enabled=False), ledger=None, rounds=1, seed=0, device=torch.device("cpu"),
+                proximal_mu=5.0)
+    pulled = sum(float((a - b).norm()) for a, b in zip(trainable_state(model2).values(), start.values()))
+    assert pulled < free, "the proximal term keeps the local model nearer the global one"
