@@ -1,37 +1,89 @@
-"""The fedcvr ClientApp: what runs on each merchant's node.
+"""The fedcvr ClientApp: what runs on each merchant's node. Thin handlers: translate messages, call `node.py`.
 
-For now it answers the data census (`query.census` messages): it finds the merchant's data folder
-(`client/data_source.py`), validates and counts it (`shared/census.py`) and replies with a MetricRecord of
-sums under the key "census". Problems with the data or its location are expected: they go back to the
-server as an error reply whose reason is the full explanation (e.g. every DataValidationError problem), and
-are logged on the node as well; anything else raises, and flwr reports it to the server with its type.
+- train (`arrays` + `config`): load the global trainable weights, train one local round (DP-SGD by default) and
+  reply with the new weights and metrics (num-examples, train-loss, epsilon spent so far with its delta). When
+  the privacy budget would be exceeded the node declines: it replies with an error whose reason says so, and
+  the server goes on with the others.
+- evaluate: reply with the metric sums of the global weights on the local validation split (or the split named
+  by config `split`); the server adds them up and finalises the ratios.
+- query `save_model`: save the pushed-back final model into the node's model folder; reply with its version.
+- query `census`: the data census (counts only).
+Expected problems (data folder, data validation, settings) go back as error replies with the full explanation.
 """
 
 from __future__ import annotations
 
 from logging import ERROR
 
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from fedcvr.shared.census import CENSUS_ACTION, CENSUS_RECORD, local_census
 from fedcvr.shared.data.contract import DataValidationError
+from fedcvr.shared.model.errors import ModelConfigError
+from fedcvr.shared.privacy import PrivacyConfigError
 
 from .data_source import DataSourceError, resolve_data_dir
+from .node import node_for, resolve_model_dir
+
+SAVE_MODEL_ACTION = "save_model"
+_EXPECTED = (DataSourceError, DataValidationError, ModelConfigError, PrivacyConfigError, ValueError)
 
 app = ClientApp()
+
+
+def _error(message: Message, context: Context, err: Exception | str) -> Message:
+    reason = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    log(ERROR, "fedcvr node %s: %s", context.node_id, reason)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    try:
+        node = node_for(resolve_data_dir(context.node_config, context.run_config), context.run_config)
+        config = message.content["config"]
+        arrays, report, reason = node.train(message.content["arrays"].to_torch_state_dict(), context.state,
+                                            int(config.get("server-round", 1)), float(config.get("proximal-mu", 0.0)))
+    except _EXPECTED as err:
+        return _error(message, context, err)
+    if arrays is None:
+        return _error(message, context, f"declined to train: {reason}")
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(report)}), reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    try:
+        node = node_for(resolve_data_dir(context.node_config, context.run_config), context.run_config)
+        split = str(message.content["config"].get("split", "validation"))
+        record = node.evaluate(message.content["arrays"].to_torch_state_dict(), split)
+    except _EXPECTED as err:
+        return _error(message, context, err)
+    return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=message)
+
+
+@app.query(SAVE_MODEL_ACTION)
+def save_model(message: Message, context: Context) -> Message:
+    try:
+        folder = resolve_data_dir(context.node_config, context.run_config)
+        node = node_for(folder, context.run_config)
+        version = str(message.content["config"]["model-version"])
+        target = resolve_model_dir(context.node_config, context.run_config, folder.name)
+        saved = node.save_model(message.content["arrays"].to_torch_state_dict(), target, version)
+    except _EXPECTED as err:
+        return _error(message, context, err)
+    return Message(RecordDict({"saved": ConfigRecord({"model-version": version, "model-dir": str(saved)})}),
+                   reply_to=message)
 
 
 @app.query(CENSUS_ACTION)
 def census(message: Message, context: Context) -> Message:
     """Reply to a census message: the counts of this node's merchant data, or an error with the reason."""
     try:
-        folder = resolve_data_dir(context.node_config, context.run_config)
-        counts = local_census(folder)
+        counts = local_census(resolve_data_dir(context.node_config, context.run_config))
     except (DataSourceError, DataValidationError) as err:
-        reason = f"{type(err).__name__}: {err}"
-        log(ERROR, "fedcvr census failed on node %s: %s", context.node_id, reason)
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        return _error(message, context, err)
     return Message(RecordDict({CENSUS_RECORD: MetricRecord(counts)}), reply_to=message)

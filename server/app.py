@@ -8,6 +8,7 @@ also written to `<out-dir>/census.json`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -15,10 +16,13 @@ from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedcvr.client.app import SAVE_MODEL_ACTION
+from fedcvr.client.node import merge_evaluations
 from fedcvr.shared.census import (
     CENSUS_MESSAGE_TYPE,
     CENSUS_RECORD,
@@ -26,8 +30,14 @@ from fedcvr.shared.census import (
     format_census,
     merge_census,
 )
+from fedcvr.shared.model.config import ModelConfig
+from fedcvr.shared.model.encoder import load_backbone
+from fedcvr.shared.model.esmm import ConversionModel
+from fedcvr.shared.model.folder import save_model_folder
+from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 
 from .config import ServerConfig
+from .strategy import RoundBook, make_strategy
 
 CENSUS_FILE = "census.json"
 POLL_SECONDS = 1.0
@@ -130,6 +140,75 @@ def run_census(grid: Grid, config: ServerConfig) -> CensusResult:
     return result
 
 
+def push_back(grid: Grid, arrays: ArrayRecord, version: str, timeout: float) -> dict[int, str]:
+    """Send the final global model to every node; each saves it into its model folder. node -> saved version
+    (or the error)."""
+    nodes = sorted(grid.get_node_ids())
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"model-version": version})})
+    messages = [Message(content, dst_node_id=node, message_type=f"query.{SAVE_MODEL_ACTION}") for node in nodes]
+    saved: dict[int, str] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            saved[node] = f"error: {reply.error.reason}"
+            log(ERROR, "Node %s did not save the model: %s", node, reply.error.reason)
+        else:
+            record = reply.content.config_records["saved"]
+            saved[node] = str(record["model-version"])
+            log(INFO, "Node %s saved model %s to %s", node, record["model-version"], record["model-dir"])
+    return saved
+
+
+def model_version(arrays: ArrayRecord) -> str:
+    """A content hash of the global weights: the same weights always get the same version."""
+    digest = hashlib.sha256()
+    for name, array in sorted(arrays.to_torch_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(array.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def run_training(grid: Grid, run_config: dict, config: ServerConfig) -> dict:
+    """Federated training: rounds of the chosen strategy, a final test evaluation, push-back of the model."""
+    nodes = wait_for_nodes(grid, config.min_nodes, config.round_timeout)
+    log(INFO, "Training with %d node(s), strategy %s, %d round(s)", len(nodes), config.strategy,
+        config.num_server_rounds)
+    model_config = ModelConfig.from_run_config(run_config)
+    torch.manual_seed(config.seed)
+    backbone = load_backbone(model_config.encoder)
+    model = ConversionModel(backbone, model_config)
+    initial = ArrayRecord(trainable_state(model))
+    log(INFO, "One update carries %d trainable weights (%.2f MB); the frozen encoder never travels",
+        sum(v.numel() for v in trainable_state(model).values()), initial.count_bytes() / 1e6)
+    if config.out_dir is not None:
+        (config.out_dir / "rounds.jsonl").unlink(missing_ok=True)
+    book = RoundBook(config.out_dir)
+    strategy = make_strategy(config.strategy, book, fraction_train=config.fraction_train,
+                             fraction_evaluate=config.fraction_evaluate, min_nodes=config.min_nodes,
+                             proximal_mu=config.proximal_mu, server_lr=config.server_lr)
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds,
+                            timeout=config.round_timeout, evaluate_config=ConfigRecord({"split": "validation"}))
+    final = result.arrays if result.arrays is not None else initial
+    test_messages = strategy.configure_evaluate(config.num_server_rounds, final,
+                                                ConfigRecord({"split": "test"}), grid)
+    test_replies = [r for r in grid.send_and_receive(test_messages, timeout=config.round_timeout)
+                    if not r.has_error()]
+    test = merge_evaluations([dict(r.content["metrics"]) for r in test_replies]) if test_replies else {}
+    log(INFO, "Final global model on the nodes' test splits: %s",
+        ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k in ("ctcvr.auc", "click.auc", "ndcg@10")))
+    version = model_version(final)
+    saved = push_back(grid, final, version, config.round_timeout)
+    summary = {"strategy": config.strategy, "rounds": book.rows, "test": test, "model_version": version,
+               "saved_by_nodes": {str(k): v for k, v in saved.items()}}
+    if config.out_dir is not None:
+        load_trainable_state(model, final.to_torch_state_dict())
+        save_model_folder(config.out_dir / "model", model, backbone, {"version": version, "strategy": config.strategy},
+                          {"test": test, "history": book.rows})
+        (config.out_dir / "history.json").write_text(json.dumps(book.rows, indent=2) + "\n")
+        (config.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_census(grid, ServerConfig.from_run_config(context.run_config))
+    run_training(grid, dict(context.run_config), ServerConfig.from_run_config(context.run_config))

@@ -7,6 +7,11 @@ Keys (defaults in `[tool.flwr.app.config]` of pyproject.toml; override with `flw
   fraction-evaluate   share of nodes asked to evaluate, 0 < f <= 1
   seed                seed of the server's random choices, an integer
   out-dir             absolute folder for result files ("" writes none)
+  strategy            fedavg | fedprox | fedadam
+  fraction-train      share of nodes asked to train each round, 0 < f <= 1
+  local-epochs        local epochs per round on each node, >= 1
+  proximal-mu         FedProx's proximal weight mu, > 0 (used with strategy = "fedprox")
+  server-lr           FedAdam's server learning rate eta, > 0 (used with strategy = "fedadam")
 """
 
 from __future__ import annotations
@@ -60,6 +65,19 @@ def _out_dir(run_config: Mapping[str, object]) -> Path | None:
     return path
 
 
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+# Keys added with federated training; older run configs without them get these values.
+TRAINING_DEFAULTS = {"strategy": "fedavg", "fraction-train": 1.0, "local-epochs": 1, "proximal-mu": 0.01,
+                     "server-lr": 0.01}
+
+
+def _strategy(run_config: Mapping[str, object]) -> str:
+    value = _get(run_config, "strategy")
+    if value not in STRATEGIES:
+        raise ConfigError(f"run config `strategy` = {value!r} is invalid: use one of {', '.join(STRATEGIES)}.")
+    return str(value)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The validated server-side run config."""
@@ -70,10 +88,16 @@ class ServerConfig:
     fraction_evaluate: float
     seed: int
     out_dir: Path | None
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    local_epochs: int = 1
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
         """Read and validate the run config; raises ConfigError on the first bad value."""
+        run_config = {**TRAINING_DEFAULTS, **run_config}
         return cls(
             num_server_rounds=_int(run_config, "num-server-rounds", 1, "it must be a whole number >= 1"),
             min_nodes=_int(run_config, "min-nodes", 1,
@@ -84,4 +108,10 @@ class ServerConfig:
                                      "fraction-evaluate must be a number with 0 < f <= 1, e.g. 1.0 for all"),
             seed=_int(run_config, "seed", None, "seed must be a whole number, e.g. 42"),
             out_dir=_out_dir(run_config),
+            strategy=_strategy(run_config),
+            fraction_train=_float(run_config, "fraction-train", 0.0, 1.0,
+                                  "fraction-train must be a number with 0 < f <= 1, e.g. 1.0 for all"),
+            local_epochs=_int(run_config, "local-epochs", 1, "local-epochs must be a whole number >= 1"),
+            proximal_mu=_float(run_config, "proximal-mu", 0.0, None, "proximal-mu must be a number > 0, e.g. 0.01"),
+            server_lr=_float(run_config, "server-lr", 0.0, None, "server-lr must be a number > 0, e.g. 0.01"),
         )

@@ -23,7 +23,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedcvr.client.app import app as client_app
 from fedcvr.client.data_source import DataSourceError, resolve_data_dir
 from fedcvr.server.app import CensusError, collect_census, run_census, wait_for_nodes
-from fedcvr.server.app import app as server_app
 from fedcvr.server.config import ConfigError, ServerConfig
 from fedcvr.shared.census import CENSUS_MESSAGE_TYPE, CENSUS_RECORD
 from fedcvr.shared.data.contract import DataValidationError
@@ -189,8 +188,8 @@ def test_client_replies_with_the_data_source_error(marketplace):
 
 def test_client_has_no_handler_for_other_messages(marketplace):
     message = census_message(1)
-    message.metadata.message_type = "train"
-    with pytest.raises(ValueError, match="No train function registered"):
+    message.metadata.message_type = "query.unknown"
+    with pytest.raises(ValueError, match="unknown"):
         client_app(message, node_context(1, sim_node(0), {"data-root": str(marketplace)}))
 
 
@@ -327,10 +326,10 @@ def test_wait_for_nodes_returns_once_enough_are_connected():
     assert wait_for_nodes(grid, 2, 60, sleep=sleep, clock=lambda: 0.0) == [3, 5]
 
 
-def test_server_app_main_writes_census_json(marketplace, server_identity, tmp_path):
+def test_run_census_writes_census_json(marketplace, server_identity, tmp_path):
     grid = sim_grid(marketplace)
     run_config = {**pyproject_run_config(), "min-nodes": 3, "out-dir": str(tmp_path / "out")}
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    run_census(grid, ServerConfig.from_run_config(run_config))
     census = json.loads((tmp_path / "out" / "census.json").read_text())
     assert census["totals"] == expected_totals(["shop-a", "shop-b", "shop-c"])
     assert census["nodes"] == {"asked": 3, "replied": 3, "failed": []}

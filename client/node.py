@@ -1,0 +1,150 @@
+"""What a merchant node does, as plain functions the ClientApp's handlers call.
+
+A node reads its merchant folder once per process (examples, catalog and the cached frozen prefix are kept for
+later messages of the same run), loads the global trainable weights it is sent, trains one round (DP-SGD by
+default, see `fedcvr.shared.training.local`), evaluates, and saves the pushed-back final model. Only trainable
+weights and metric sums leave the node; never a shopper id, an item text or an event row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedcvr.shared import metrics
+from fedcvr.shared.data.examples import ExampleConfig
+from fedcvr.shared.data.loader import load_merchant
+from fedcvr.shared.model.config import ModelConfig, TrainConfig
+from fedcvr.shared.model.encoder import load_backbone
+from fedcvr.shared.model.esmm import ConversionModel
+from fedcvr.shared.model.folder import save_model_folder
+from fedcvr.shared.model.prefix_cache import PrefixCache
+from fedcvr.shared.model.weights import load_trainable_state, trainable_state
+from fedcvr.shared.privacy import DPConfig, PrivacyLedger, dp_report
+from fedcvr.shared.training.local import train_round
+from fedcvr.shared.training.loop import (
+    ItemSide,
+    embed_catalog,
+    evaluation_sums,
+    predict,
+    rank_purchases,
+    resolve_device,
+)
+from fedcvr.shared.training.prepare import Prepared, prepare
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The run config as a node reads it."""
+
+    model: ModelConfig
+    train: TrainConfig
+    dp: DPConfig
+    examples: ExampleConfig
+    rounds: int
+    local_epochs: int
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> NodeSettings:
+        rounds = int(run_config.get("num-server-rounds", 1))
+        local_epochs = int(run_config.get("local-epochs", 1))
+        if rounds < 1 or local_epochs < 1:
+            raise ValueError(f"num-server-rounds = {rounds} and local-epochs = {local_epochs} must both be >= 1")
+        return cls(ModelConfig.from_run_config(run_config), TrainConfig.from_run_config(run_config),
+                   DPConfig.from_run_config(run_config), ExampleConfig.from_run_config(run_config), rounds,
+                   local_epochs)
+
+
+class MerchantNode:
+    """One merchant's data, model and item side, ready for training and evaluation messages."""
+
+    def __init__(self, folder: Path, settings: NodeSettings):
+        self.folder = folder
+        self.settings = settings
+        self.device = resolve_device(settings.train.device, settings.train.threads)
+        self.backbone = load_backbone(settings.model.encoder)
+        self.prepared: Prepared = prepare([load_merchant(folder)], settings.examples)
+        cache = PrefixCache(self.backbone, settings.model.adapter_layers, settings.model.max_text_tokens)
+        self.side = ItemSide(cache.states(self.prepared.catalog.texts), torch.from_numpy(self.prepared.catalog.numeric))
+        self.model = ConversionModel(self.backbone, settings.model).to(self.device)
+
+    def load(self, arrays: Mapping[str, torch.Tensor]) -> None:
+        load_trainable_state(self.model, dict(arrays))
+
+    def train(self, arrays: Mapping[str, torch.Tensor], state, server_round: int,
+              proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor] | None, dict[str, float | int], str]:
+        """One round. Returns (new weights or None when declined, metrics, reason for declining)."""
+        self.load(arrays)
+        s = self.settings
+        ledger = PrivacyLedger.load(state) if s.dp.enabled else None
+        result = train_round(self.model, self.side, self.prepared.splits["train"], lr=s.train.lr,
+                             batch_size=s.train.batch_size, local_epochs=s.local_epochs, dp=s.dp, ledger=ledger,
+                             rounds=s.rounds, seed=s.train.seed * 100_003 + server_round, device=self.device,
+                             proximal_mu=proximal_mu)
+        report: dict[str, float | int] = {"num-examples": result.examples, "train-loss": result.loss,
+                                          "steps": result.steps}
+        if ledger is not None:
+            ledger.save(state)
+            report.update({k: v for k, v in dp_report(ledger, s.dp).items()})
+        if not result.trained:
+            return None, report, result.reason
+        return trainable_state(self.model), report, ""
+
+    def evaluate(self, arrays: Mapping[str, torch.Tensor], split: str = "validation") -> dict:
+        """Metric sums of the given weights on one local split (a Flower MetricRecord's content)."""
+        self.load(arrays)
+        data = self.prepared.splits[split]
+        embeddings = embed_catalog(self.model, self.side, self.device)
+        p_ctr, p_ctcvr = predict(self.model, embeddings, data, self.device)
+        ranks = rank_purchases(self.model, embeddings, data, self.prepared.candidates, self.device)
+        record = evaluation_sums(data, p_ctr, p_ctcvr, ranks).to_record()
+        record["num-examples"] = len(data)
+        return record
+
+    def save_model(self, arrays: Mapping[str, torch.Tensor], model_dir: Path, version: str,
+                   history: list | None = None) -> Path:
+        """Save the pushed-back global model into the node's model folder, ready for local recommendation."""
+        self.load(arrays)
+        settings = {"train": self.settings.train.to_dict(), "examples": vars(self.settings.examples),
+                    "version": version, "merchant": self.folder.name}
+        folder = save_model_folder(model_dir, self.model, self.backbone, settings,
+                                   {"history": history or []} if history is not None else None)
+        (folder / "VERSION").write_text(version + "\n")
+        return folder
+
+
+_NODES: dict[tuple, MerchantNode] = {}
+
+
+def node_for(folder: Path, run_config: Mapping[str, Any]) -> MerchantNode:
+    """The node of this process for `folder` and these settings, built once (later messages reuse it)."""
+    key = (str(folder), json.dumps(dict(run_config), sort_keys=True, default=str))
+    if key not in _NODES:
+        _NODES.clear()
+        _NODES[key] = MerchantNode(folder, NodeSettings.from_run_config(run_config))
+    return _NODES[key]
+
+
+def merge_evaluations(records: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Server side: add up the nodes' metric sums, then finalise (None values dropped)."""
+    parts = [metrics.MetricSums.from_record({k: v for k, v in r.items() if k != "num-examples"}) for r in records]
+    final = metrics.finalise(metrics.merge_all(parts))
+    return {k: float(v) for k, v in final.items() if v is not None and np.isfinite(v)}
+
+
+def resolve_model_dir(node_config: Mapping[str, Any], run_config: Mapping[str, Any], merchant: str) -> Path:
+    """Where the pushed-back model goes: `model-dir` of the node config (deployment), else
+    `<out-dir>/models/<merchant>` of the run config (simulation)."""
+    if node_config.get("model-dir"):
+        return Path(str(node_config["model-dir"])).expanduser()
+    out_dir = str(run_config.get("out-dir", "") or "")
+    if not out_dir:
+        raise ValueError("the node has nowhere to save the model: set `model-dir` in the node config "
+                         "(--node-config \"model-dir='/srv/shop/model'\") or `out-dir` in the run config")
+    return Path(out_dir) / "models" / merchant

@@ -1,0 +1,130 @@
+"""The coordinator's strategy: Flower's FedAvg, FedProx or FedAdam, with fedcvr's bookkeeping on top.
+
+Aggregation is Flower's own (weighted by each node's `num-examples`). On top of it, per round:
+- evaluation replies carry metric sums, which are added up and finalised (`merge_evaluations`), never averaged;
+- training replies report ε spent so far with δ: the round records the largest ε across nodes;
+- bytes sent (global weights x nodes asked) and received (the nodes' weights) are counted;
+- one line per round goes to `<out-dir>/rounds.jsonl` and a table to the log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from fedcvr.client.node import merge_evaluations
+
+STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+TABLE_METRICS = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ctcvr.logloss", "ndcg@10")
+
+
+def _train_metrics(contents: list, weighted_by_key: str) -> MetricRecord:
+    """Examples summed, loss weighted by examples, the largest ε (and its δ) across nodes."""
+    total = sum(int(c["metrics"][weighted_by_key]) for c in contents)
+    out: dict[str, Any] = {"num-examples": total, "nodes-trained": len(contents)}
+    if total:
+        out["train-loss"] = sum(float(c["metrics"]["train-loss"]) * int(c["metrics"][weighted_by_key])
+                                for c in contents) / total
+    eps = [(float(c["metrics"]["epsilon"]), float(c["metrics"]["delta"])) for c in contents
+           if "epsilon" in c["metrics"]]
+    if eps:
+        out["max-epsilon"], out["delta"] = max(eps)
+    return MetricRecord(out)
+
+
+def _evaluate_metrics(contents: list, weighted_by_key: str) -> MetricRecord:
+    return MetricRecord(merge_evaluations([dict(c["metrics"]) for c in contents]))
+
+
+class RoundBook:
+    """Per-round bookkeeping shared by the strategy hooks; writes rounds.jsonl."""
+
+    def __init__(self, out_dir: Path | None, offset: int = 0):
+        self.out_dir = out_dir
+        self.offset = offset
+        self.rows: list[dict[str, Any]] = []
+        self.current: dict[str, Any] = {}
+        self.started = time.perf_counter()
+
+    def start(self, server_round: int) -> None:
+        self.current = {"round": server_round + self.offset, "bytes_sent": 0, "bytes_received": 0,
+                        "nodes_declined": 0, "declined": []}
+        self.started = time.perf_counter()
+
+    def finish(self, metrics: MetricRecord | None) -> dict[str, Any]:
+        row = {**self.current, **(dict(metrics) if metrics else {})}
+        row["seconds"] = round(time.perf_counter() - self.started, 2)
+        self.rows.append(row)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with (self.out_dir / "rounds.jsonl").open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+        log(INFO, "%s", format_row(row))
+        return row
+
+
+def format_row(row: dict[str, Any]) -> str:
+    parts = [f"round {row['round']}"]
+    for key in TABLE_METRICS:
+        if key in row:
+            parts.append(f"{key} {row[key]:.4f}")
+    if "max-epsilon" in row:
+        parts.append(f"max ε {row['max-epsilon']:.3f} (δ {row['delta']:.1e})")
+    parts.append(f"sent {row['bytes_sent'] / 1e6:.2f} MB, received {row['bytes_received'] / 1e6:.2f} MB")
+    if row.get("nodes_declined"):
+        parts.append(f"{row['nodes_declined']} node(s) declined")
+    return " | ".join(parts)
+
+
+def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction_evaluate: float, min_nodes: int,
+                  proximal_mu: float, server_lr: float):
+    """The named Flower strategy with fedcvr's hooks."""
+    base = STRATEGIES[name]
+
+    class Tracked(base):  # type: ignore[misc, valid-type]
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                            grid: Grid) -> Iterable[Message]:
+            book.start(server_round)
+            config["server-round"] = server_round + book.offset
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+            book.current["bytes_sent"] += arrays.count_bytes() * len(messages)
+            return messages
+
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+            replies = list(replies)
+            for reply in replies:
+                if reply.has_error():
+                    book.current["nodes_declined"] += int("declined" in (reply.error.reason or ""))
+                    book.current["declined"].append(reply.error.reason)
+                else:
+                    book.current["bytes_received"] += reply.content["arrays"].count_bytes()
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            if metrics is not None:
+                book.current.update(dict(metrics))
+            return arrays, metrics
+
+        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+            metrics = super().aggregate_evaluate(server_round, replies)
+            book.finish(metrics)
+            return metrics
+
+    kwargs: dict[str, Any] = {
+        "fraction_train": fraction_train, "fraction_evaluate": fraction_evaluate, "min_train_nodes": min_nodes,
+        "min_evaluate_nodes": min_nodes, "min_available_nodes": min_nodes,
+        "train_metrics_aggr_fn": _train_metrics, "evaluate_metrics_aggr_fn": _evaluate_metrics,
+    }
+    if name == "fedprox":
+        kwargs["proximal_mu"] = proximal_mu
+    if name == "fedadam":
+        kwargs["eta"] = server_lr
+    Tracked.__name__ = f"Fedcvr{base.__name__}"
+    return Tracked(**kwargs)

@@ -1,0 +1,91 @@
+"""Federated training in process: the real ServerApp logic and the real ClientApp over a fake Grid."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedcvr.server.app import run_training
+from fedcvr.server.config import ServerConfig
+from fedcvr.shared.data.loader import merchant_folders
+from fedcvr.shared.model.folder import load_model_folder
+from test_flower_app import FakeGrid, node_context, pyproject_run_config, sim_node
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def federation(market, tiny_bert, out, **overrides):
+    run_config = {**pyproject_run_config(), "data-root": str(market), "out-dir": str(out), "min-nodes": 3,
+                  "model.encoder": str(tiny_bert), "model.dim": 8, "model.attention-hidden": 8,
+                  "model.head-hidden": 8, "model.max-text-tokens": 32, "examples.history-length": 8,
+                  "train.batch-size": 128, "num-server-rounds": 2, **overrides}
+    grid = FakeGrid({100 + i: node_context(100 + i, sim_node(i, 3), run_config) for i in range(3)})
+    return grid, run_config
+
+
+def test_fedavg_with_dp_trains_reports_epsilon_and_pushes_the_model_back(tiny_market, tiny_bert, tmp_path,
+                                                                          server_identity):
+    grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run")
+    summary = run_training(grid, run_config, ServerConfig.from_run_config(run_config))
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert 0 < rounds[0]["max-epsilon"] < rounds[1]["max-epsilon"] <= 8.0 * 1.0001
+    assert all(0 < r["ctcvr.auc"] < 1 and r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in rounds)
+    assert json.loads((tmp_path / "run" / "history.json").read_text()) == rounds
+    assert 0 < summary["test"]["ctcvr.auc"] < 1
+    version = summary["model_version"]
+    assert set(summary["saved_by_nodes"].values()) == {version}
+    for folder in merchant_folders(tiny_market):
+        saved = tmp_path / "run" / "models" / folder.name
+        assert (saved / "VERSION").read_text().strip() == version
+        model, _, settings = load_model_folder(saved)
+        assert settings["version"] == version and settings["merchant"] == folder.name
+
+
+def test_no_shopper_data_leaves_a_node(tiny_market, tiny_bert, tmp_path, server_identity):
+    """Every reply of every node carries only weights and numbers: no user id, item id, title or event row."""
+    grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run", **{"num-server-rounds": 1})
+    replies = []
+    original = grid.send_and_receive
+
+    def spy(messages, *, timeout=None):
+        out = original(messages, timeout=timeout)
+        replies.extend(out)
+        return out
+
+    grid.send_and_receive = spy
+    run_training(grid, run_config, ServerConfig.from_run_config(run_config))
+    secrets = set()
+    for folder in merchant_folders(tiny_market):
+        items = pd.read_parquet(folder / "items.parquet")
+        events = pd.read_parquet(folder / "events.parquet")
+        secrets |= set(events["user_id"]) | set(items["item_id"]) | set(items["title"]) | set(events["session_id"])
+    assert replies
+    for reply in replies:
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        content = reply.content
+        for record in content.config_records.values():
+            for value in record.values():
+                assert not (isinstance(value, str) and value in secrets)
+        for record in content.metric_records.values():
+            assert all(isinstance(v, int | float | list) for v in record.values())
+        for name, record in content.array_records.items():
+            assert all(not any(s in key for s in secrets) for key in record.keys())
+            assert all(key.split(".")[0] in {"item_encoder", "user_tower", "head"} for key in record.keys())
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_other_strategies_run(tiny_market, tiny_bert, tmp_path, server_identity, strategy):
+    grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run",
+                                  **{"strategy": strategy, "num-server-rounds": 1, "dp.enabled": False})
+    summary = run_training(grid, run_config, ServerConfig.from_run_config(run_config))
+    assert summary["strategy"] == strategy and len(summary["rounds"]) == 1
+    assert "max-epsilon" not in summary["rounds"][0]
