@@ -7,12 +7,12 @@ import json
 import pandas as pd
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
+from test_flower_app import FakeGrid, node_context, pyproject_run_config, sim_node
 
 from fedcvr.server.app import run_training
 from fedcvr.server.config import ServerConfig
 from fedcvr.shared.data.loader import merchant_folders
 from fedcvr.shared.model.folder import load_model_folder
-from test_flower_app import FakeGrid, node_context, pyproject_run_config, sim_node
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_no_shopper_data_leaves_a_node(tiny_market, tiny_bert, tmp_path, server_
                 assert not (isinstance(value, str) and value in secrets)
         for record in content.metric_records.values():
             assert all(isinstance(v, int | float | list) for v in record.values())
-        for name, record in content.array_records.items():
+        for record in content.array_records.values():
             assert all(not any(s in key for s in secrets) for key in record.keys())
             assert all(key.split(".")[0] in {"item_encoder", "user_tower", "head"} for key in record.keys())
 
