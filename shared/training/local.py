@@ -46,9 +46,13 @@ class PerSampleModel(nn.Module):
 
     def forward(self, target_states, target_mask, target_numeric, history, history_tokens, history_numeric,
                 history_mask, events, recency, position):
-        target = self.item_encoder(target_states, target_mask, target_numeric)
-        if history.dim() == 4:
-            history = self.item_encoder(history, history_tokens, history_numeric)
+        if history.dim() == 4:  # one encoder call for target and history: Opacus sees each module used once
+            encoded = self.item_encoder(torch.cat([target_states[:, None], history], 1),
+                                        torch.cat([target_mask[:, None], history_tokens], 1),
+                                        torch.cat([target_numeric[:, None], history_numeric], 1))  # (B, 1 + L, D)
+            target, history = encoded[:, 0], encoded[:, 1:]
+        else:
+            target = self.item_encoder(target_states, target_mask, target_numeric)
         user, _ = self.user_tower(history, events, recency, history_mask, target)
         return self.head(user, target, position)
 
