@@ -272,6 +272,220 @@ def train_central_command(
     console.print(f"[green]saved[/] the model (best epoch {result.best_epoch}) to {out} in {result.seconds:.0f} s")
 
 
+def _synthesise_for_run(folder: Path, merchants: int, seed: int) -> None:
+    """Write the default marketplace of `merchants` merchants into `folder`, or reuse the one already there when
+    it was made with the same number of merchants and seed."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedcvr.simulations.synth import SynthConfig, generate_marketplace
+
+    try:
+        config = SynthConfig(merchants=merchants, seed=seed)
+    except ValueError as err:
+        _fail(str(err))
+    described = folder / "marketplace.json"
+    if described.is_file():
+        try:
+            made = json.loads(described.read_text()).get("config", {})
+        except (ValueError, AttributeError):
+            made = {}
+        if made.get("merchants") == merchants and made.get("seed") == seed:
+            console.print(f"reusing the synthetic marketplace in {folder} ({merchants} merchants, seed {seed})",
+                          highlight=False)
+            return
+        _fail(f"{folder} holds a synthetic marketplace of {made.get('merchants', '?')} merchant(s) with seed "
+              f"{made.get('seed', '?')}, not {merchants} with seed {seed}: delete {folder} or choose another --out")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        _fail(f"{folder} already exists and is not a marketplace written by `fedcvr simulate --merchants`: "
+              "delete it, choose another --out, or pass the marketplace with --data")
+    with Progress(TextColumn("synthesising events"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task("events", total=config.events)
+        generate_marketplace(config, folder, lambda done, total: bar.update(task, completed=done))
+    console.print(f"[green]wrote[/] a synthetic marketplace of {merchants} merchants (seed {seed}) to {folder}",
+                  highlight=False)
+
+
+def _validate_for_run(root: Path) -> list[Path]:
+    """The merchant folders under `root`, each checked against the data contract; exit code 2 with every
+    problem when any fails."""
+    from rich.progress import track
+
+    from fedcvr.shared.data.contract import DataValidationError
+    from fedcvr.shared.data.loader import load_merchant, merchant_folders
+
+    try:
+        folders = merchant_folders(root)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    failures = []
+    for folder in track(folders, description="validating the merchant data", console=err_console, transient=True,
+                        disable=len(folders) < 2):
+        try:
+            load_merchant(folder)
+        except DataValidationError as err:
+            failures.append(err)
+    for err in failures:
+        err_console.print(str(err), highlight=False, markup=False, soft_wrap=True)
+    if failures:
+        _fail(f"{len(failures)} of {len(folders)} merchant folder(s) failed validation; see the problems above "
+              "(`fedcvr data validate` checks data on its own). Nothing was started.")
+    return folders
+
+
+@app.command("simulate")
+def simulate_command(
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Marketplace folder (one sub-folder per merchant); each merchant is one simulated node.")
+    ] = None,
+    merchants: Annotated[int | None, typer.Option(
+        "--merchants", help="Without --data: synthesise a default marketplace of this many merchants into OUT/data "
+                            "(reused by later runs with the same --merchants and --seed).")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Number of federated rounds.")] = ...,
+    out: Annotated[Path, typer.Option(
+        "--out", help="Run folder: run-config.toml, flower.log, rounds.jsonl, history.json and history.csv.")] = ...,
+    dp_epsilon: Annotated[float | None, typer.Option(
+        "--dp-epsilon", help="ε budget of the whole run, all rounds together (dp.target-epsilon). "
+                             "(default: the app's)")] = None,
+    strategy: Annotated[str | None, typer.Option(
+        "--strategy", help="Aggregation strategy: fedavg, fedprox or fedadam. (default: fedavg)")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="Seed of the run (and of the synthetic marketplace with --merchants). (default: 0)")] = None,
+    local_epochs: Annotated[int | None, typer.Option(
+        "--local-epochs", help="Epochs each node trains per round. (default: the app's)")] = None,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy (dp.enabled = false).")
+                     ] = False,
+    run_config: Annotated[str, typer.Option(
+        "--run-config", help="More run config overrides, \"key=value ...\" with TOML values (numbers, true/false, "
+                             "text in quotes), e.g. \"round-timeout=120 train.lr=0.003\".")] = "",
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", help="Stop the run after this many seconds (exit code 1). (default: no limit)")] = None,
+) -> None:
+    """Run a federated simulation on this machine: one Flower node per merchant folder, with `flwr run`.
+
+    Shows the rounds as they finish, writes Flower's output to OUT/flower.log and the per-round metrics to
+    OUT/history.csv, and prints them as a table. Exit code 0 when the run completed, 1 when it failed or timed
+    out, 2 for bad options or data (found before anything starts)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedcvr.simulations import launcher as sim
+
+    if data is not None and merchants is not None:
+        _fail("pass either --data (a marketplace folder) or --merchants (synthesise one), not both")
+    if data is None and merchants is None:
+        _fail("say which merchants to simulate: --data DIR (a marketplace folder with one sub-folder per "
+              "merchant) or --merchants M (synthesise a default marketplace of M merchants into OUT/data)")
+    if merchants is not None and merchants < 1:
+        _fail(f"--merchants must be at least 1, got {merchants}")
+    if rounds < 1:
+        _fail(f"--rounds must be at least 1, got {rounds}")
+    if strategy is not None and strategy.lower() not in sim.STRATEGIES:
+        _fail(f"--strategy {strategy!r} is not one of {', '.join(sim.STRATEGIES)}")
+    if dp_epsilon is not None and no_dp:
+        _fail("--dp-epsilon sets a privacy budget, --no-dp turns privacy off: pass one of them")
+    if dp_epsilon is not None and not dp_epsilon > 0:
+        _fail(f"--dp-epsilon must be a number > 0, e.g. 8, got {dp_epsilon}")
+    if local_epochs is not None and local_epochs < 1:
+        _fail(f"--local-epochs must be at least 1, got {local_epochs}")
+    if timeout is not None and not timeout > 0:
+        _fail(f"--timeout must be a number of seconds > 0, got {timeout}")
+    try:
+        extra = sim.parse_run_config(run_config)
+        app_dir = sim.find_app_dir()
+        declared = sim.app_run_config(app_dir)
+    except sim.LaunchError as err:
+        _fail(str(err))
+    run_dir = out.expanduser().resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        _fail(f"--out {out} is a file, not a folder: pass a folder path")
+    if sim.packed_into_app(app_dir, run_dir):
+        _fail(f"--out {out} lies inside the Flower App folder {app_dir} and its .gitignore does not exclude it, so "
+              "`flwr run` would pack the run's files into the app: choose a folder under runs/ or outside the app")
+    bin_dir = sim.flwr_bin_dir()
+    if not (bin_dir / "flwr").is_file():
+        _fail(f"no `flwr` next to this Python in {bin_dir}: install fedcvr with its dependencies in that "
+              "environment (`pip install -e .`)")
+
+    if data is None:
+        data_root = run_dir / "data"
+        _synthesise_for_run(data_root, merchants, 0 if seed is None else seed)
+    else:
+        data_root = data.expanduser().resolve()
+    folders = _validate_for_run(data_root)
+
+    settings = [
+        sim.Setting("data-root", str(data_root)), sim.Setting("out-dir", str(run_dir)),
+        sim.Setting("num-server-rounds", rounds), sim.Setting("min-nodes", len(folders)),
+        sim.Setting("strategy", (strategy or "fedavg").lower(), "--strategy" if strategy else None),
+        sim.Setting("dp.enabled", not no_dp, "--no-dp" if no_dp else None),
+        sim.Setting("seed", 0 if seed is None else seed, None if seed is None else "--seed"),
+    ]
+    if dp_epsilon is not None:
+        settings.append(sim.Setting("dp.target-epsilon", float(dp_epsilon), "--dp-epsilon"))
+    if local_epochs is not None:
+        settings.append(sim.Setting("local-epochs", local_epochs, "--local-epochs"))
+    try:
+        overrides, notes = sim.build_run_config(declared, app_dir, settings, extra)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_file = sim.write_run_config(run_dir / sim.RUN_CONFIG_FILE, overrides)
+    except sim.LaunchError as err:
+        _fail(str(err))
+    for note in notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    earlier = [name for name in (sim.ROUNDS_FILE, sim.HISTORY_FILE, sim.HISTORY_CSV) if (run_dir / name).exists()]
+    for name in earlier:
+        (run_dir / name).unlink()
+    if earlier:
+        err_console.print(f"[yellow]note:[/] replaced the results of an earlier run in {run_dir} "
+                          f"({', '.join(earlier)})", highlight=False)
+
+    names = ", ".join(f.name for f in folders[:6]) + (", ..." if len(folders) > 6 else "")
+    console.print(f"Simulating {len(folders)} merchant node(s) ({names}) for {rounds} round(s); Flower's output goes "
+                  f"to {run_dir / sim.FLOWER_LOG}", highlight=False)
+    seen: list[dict] = []
+    try:
+        with Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[last]}"), console=err_console) as bar:
+            task = bar.add_task("rounds", total=rounds, last=sim.progress_text(None))
+
+            def on_round(record: dict) -> None:
+                seen.append(record)
+                done = record.get("round")
+                done = done if isinstance(done, int) and not isinstance(done, bool) else len(seen)
+                bar.update(task, completed=min(done, rounds), last=sim.progress_text(record))
+
+            outcome = sim.launch(run_dir, app_dir, len(folders), config_file, on_round=on_round, timeout=timeout,
+                                 bin_dir=bin_dir)
+    except sim.LaunchError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        err_console.print(f"[bold red]interrupted:[/] the run's Flower processes were stopped; its output is in "
+                          f"{run_dir / sim.FLOWER_LOG}", highlight=False)
+        raise typer.Exit(130) from None
+
+    records, source = sim.load_history(run_dir)
+    if records:
+        csv_path = sim.write_history_csv(records, run_dir / sim.HISTORY_CSV)
+        console.print(sim.rounds_table(records))
+        console.print(f"wrote {csv_path} ({len(records)} round(s), from {source})", highlight=False)
+    else:
+        console.print(f"[yellow]note:[/] the ServerApp wrote no round records ({sim.ROUNDS_FILE} or "
+                      f"{sim.HISTORY_FILE}) into {run_dir}, so there is no history.csv", highlight=False)
+    if not outcome.ok:
+        log_tail = sim.tail(run_dir / sim.FLOWER_LOG, 40)
+        if log_tail:
+            err_console.print(f"--- last lines of {run_dir / sim.FLOWER_LOG}", highlight=False)
+            err_console.print(log_tail, highlight=False, markup=False, soft_wrap=True)
+            err_console.print("---")
+        status = "timed out" if outcome.timed_out else (outcome.status or "not started")
+        run = f"run {outcome.run_id}" if outcome.run_id else "the run"
+        _fail(f"{run} did not complete ({status}): {outcome.details or 'no details'}", code=1)
+    console.print(f"[green]completed[/] run {outcome.run_id} in {outcome.seconds:.0f} s; results in {run_dir}",
+                  highlight=False)
+
+
 def main() -> None:
     app()
 
