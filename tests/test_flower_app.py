@@ -1,5 +1,5 @@
 """The Flower App: data folder resolution, the ClientApp census handler, the ServerApp's census logic (in
-process, with a fake Grid that runs the real ClientApp) and one end-to-end `flwr run` simulation (slow)."""
+process, with a fake Grid that runs the real ClientApp) and one end-to-end `flwr run` training simulation (slow)."""
 
 from __future__ import annotations
 
@@ -443,7 +443,8 @@ def test_flwr_run_simulation_end_to_end(marketplace, tmp_path):
     command = [
         str(bin_dir / "flwr"), "run", str(REPO), "--stream",
         "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
-        "--run-config", f"data-root='{marketplace}' out-dir='{out_dir}' min-nodes=3 round-timeout=60",
+        "--run-config", f"data-root='{marketplace}' out-dir='{out_dir}' min-nodes=3 round-timeout=60 "
+                        "num-server-rounds=1",
     ]
     started = time.monotonic()
     try:
@@ -467,8 +468,14 @@ def test_flwr_run_simulation_end_to_end(marketplace, tmp_path):
     assert done.returncode == 0 and run_id, log
     run = json.loads(status.stdout)["runs"][0]
     assert run["status"] == "finished:completed", f"{run['status']}: {run['status-details']}\n{log}"
-    census = json.loads((out_dir / "census.json").read_text())
-    assert census["totals"] == expected_totals(["shop-a", "shop-b", "shop-c"]), log
-    assert census["nodes"] == {"asked": 3, "replied": 3, "failed": []}
-    assert "Census totals and rates" in done.stdout, log
-    assert wall < 90, f"flwr run took {wall:.0f} s"
+    # one round of federated training with DP on three real processes, then the model pushed back to every node;
+    # shop-c has a single impression, so no training example: its node says so and the others go on
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert len(summary["rounds"]) == 1 and summary["rounds"][0]["nodes-trained"] == 2, log
+    assert 0 < summary["rounds"][0]["max-epsilon"] <= 8.0 * 1.0001
+    assert any("the training split is empty" in reason for reason in summary["rounds"][0]["declined"])
+    saved = list(summary["saved_by_nodes"].values())
+    assert sorted(v for v in saved if not v.startswith("error")) == [summary["model_version"]] * 2
+    for shop in ("shop-a", "shop-b"):
+        assert (out_dir / "models" / shop / "VERSION").read_text().strip() == summary["model_version"]
+    assert wall < 120, f"flwr run took {wall:.0f} s"
