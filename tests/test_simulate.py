@@ -312,7 +312,7 @@ def test_stop_also_ends_unmarked_processes_in_the_session_of_a_flower_process(tm
     """The SuperLink and SuperExec lead sessions of their own; what runs in them goes too."""
     home = tmp_path / "flwr"
     code = ("import subprocess, sys, time\n"
-            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], env={})\n"
+            f"child = subprocess.Popen([{sys.executable!r}, '-c', 'import time; time.sleep(120)'], env={{}})\n"
             "print(child.pid, flush=True)\ntime.sleep(120)\n")
     leader = subprocess.Popen(["flower-superexec", "-c", code], executable=sys.executable,
                               env={**os.environ, "FLWR_HOME": str(home)}, start_new_session=True,
