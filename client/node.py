@@ -28,14 +28,7 @@ from fedcvr.shared.model.prefix_cache import PrefixCache
 from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 from fedcvr.shared.privacy import DPConfig, PrivacyLedger, dp_report
 from fedcvr.shared.training.local import train_round
-from fedcvr.shared.training.loop import (
-    ItemSide,
-    embed_catalog,
-    evaluation_sums,
-    predict,
-    rank_purchases,
-    resolve_device,
-)
+from fedcvr.shared.training.loop import ItemSide, model_sums, resolve_device
 from fedcvr.shared.training.prepare import Prepared, prepare
 
 
@@ -100,10 +93,7 @@ class MerchantNode:
         """Metric sums of the given weights on one local split (a Flower MetricRecord's content)."""
         self.load(arrays)
         data = self.prepared.splits[split]
-        embeddings = embed_catalog(self.model, self.side, self.device)
-        p_ctr, p_ctcvr = predict(self.model, embeddings, data, self.device)
-        ranks = rank_purchases(self.model, embeddings, data, self.prepared.candidates, self.device)
-        record = evaluation_sums(data, p_ctr, p_ctcvr, ranks).to_record()
+        record = model_sums(self.model, self.side, data, self.prepared.candidates, self.device).to_record()
         record["num-examples"] = len(data)
         return record
 

@@ -34,8 +34,7 @@ from fedcvr.shared.training.loop import (
     ItemSide,
     embed_catalog,
     evaluation_sums,
-    predict,
-    rank_purchases,
+    model_sums,
     resolve_device,
     train_epoch,
 )
@@ -87,9 +86,8 @@ def evaluate_all(model: ConversionModel, side: ItemSide, prepared: Prepared, dev
         data = prepared.splits[name]
         if len(data) == 0:
             continue
-        p_ctr, p_ctcvr = predict(model, embeddings, data, device)
-        ranks = rank_purchases(model, embeddings, data, prepared.candidates, device)
-        out[name] = {"model": metrics.finalise(evaluation_sums(data, p_ctr, p_ctcvr, ranks))}
+        out[name] = {"model": metrics.finalise(model_sums(model, side, data, prepared.candidates, device,
+                                                         embeddings))}
         out[name]["popularity"] = metrics.finalise(evaluation_sums(
             data, pop_ctr[data.item], pop_ctcvr[data.item], popularity_ranks(data, pop_ctcvr, prepared.candidates)))
         if not np.isnan(data.true_p_click).any():

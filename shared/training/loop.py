@@ -140,3 +140,12 @@ def evaluation_sums(data: TrainingSet, p_ctr: np.ndarray, p_ctcvr: np.ndarray,
     if ranks is not None:
         sums = metrics.combine(sums, metrics.ranking_sums(ranks))
     return sums
+
+
+def model_sums(model: ConversionModel, side: ItemSide, data: TrainingSet, candidates: dict[int, np.ndarray],
+               device: torch.device, embeddings: torch.Tensor | None = None) -> metrics.MetricSums:
+    """Metric sums of the model on `data`: predictions and full-catalog ranks (catalog embeddings computed here
+    unless given)."""
+    embeddings = embed_catalog(model, side, device) if embeddings is None else embeddings
+    p_ctr, p_ctcvr = predict(model, embeddings, data, device)
+    return evaluation_sums(data, p_ctr, p_ctcvr, rank_purchases(model, embeddings, data, candidates, device))
