@@ -484,6 +484,27 @@ def simulate_command(
         _fail(f"{run} did not complete ({status}): {outcome.details or 'no details'}", code=1)
     console.print(f"[green]completed[/] run {outcome.run_id} in {outcome.seconds:.0f} s; results in {run_dir}",
                   highlight=False)
+    _show_recommendations(run_dir, folders)
+
+
+def _show_recommendations(run_dir: Path, folders: list[Path], k: int = 5) -> None:
+    """A few recommendations for the most active shopper of the first merchant, from its pushed-back model."""
+    from fedcvr.shared.data.loader import load_merchant
+    from fedcvr.shared.training.recommend import recommend
+
+    saved = [f for f in folders if (run_dir / "models" / f.name / "weights.safetensors").is_file()]
+    if not saved:
+        return
+    data = load_merchant(saved[0])
+    shopper = str(data.events["user_id"].value_counts().index[0])
+    top = recommend(run_dir / "models" / saved[0].name, data, shopper, k=k)
+    version = (run_dir / "models" / saved[0].name / "VERSION").read_text().strip()
+    table = Table(title=f"Top {k} for shopper {shopper} of {saved[0].name} (pushed-back model {version})")
+    for column in ("item", "title", "pCTCVR", "pCTR", "pCVR"):
+        table.add_column(column, justify="left" if column in ("item", "title") else "right")
+    for row in top.itertuples():
+        table.add_row(row.item_id, row.title, f"{row.p_ctcvr:.4f}", f"{row.p_ctr:.4f}", f"{row.p_cvr:.4f}")
+    console.print(table)
 
 
 def main() -> None:

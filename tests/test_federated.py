@@ -11,8 +11,9 @@ from test_flower_app import FakeGrid, node_context, pyproject_run_config, sim_no
 
 from fedcvr.server.app import run_training
 from fedcvr.server.config import ServerConfig
-from fedcvr.shared.data.loader import merchant_folders
+from fedcvr.shared.data.loader import load_merchant, merchant_folders
 from fedcvr.shared.model.folder import load_model_folder
+from fedcvr.shared.training.recommend import recommend
 
 
 @pytest.fixture
@@ -48,6 +49,13 @@ def test_fedavg_with_dp_trains_reports_epsilon_and_pushes_the_model_back(tiny_ma
         assert (saved / "VERSION").read_text().strip() == version
         model, _, settings = load_model_folder(saved)
         assert settings["version"] == version and settings["merchant"] == folder.name
+    # the pushed-back model ranks the merchant's catalog for one of its shoppers
+    data = load_merchant(merchant_folders(tiny_market)[0])
+    shopper = str(data.events["user_id"].iloc[0])
+    top = recommend(tmp_path / "run" / "models" / data.name, data, shopper, k=5)
+    bought = set(data.events.loc[(data.events.user_id == shopper) & (data.events.event == "purchase"), "item_id"])
+    assert len(top) == 5 and top["p_ctcvr"].is_monotonic_decreasing and not set(top["item_id"]) & bought
+    assert (abs(top["p_ctcvr"] - top["p_ctr"] * top["p_cvr"]) < 1e-6).all()
 
 
 def test_no_shopper_data_leaves_a_node(tiny_market, tiny_bert, tmp_path, server_identity):
