@@ -1,9 +1,10 @@
 """The fedcvr ServerApp: what runs at the coordinator.
 
-For now it runs the federated data census: wait for `min-nodes` nodes (at most `round-timeout` seconds), send
-a `query.census` message to every connected node, add up the counts of the nodes that replied (logging the
-errors of those that failed), derive the funnel rates and log them; with a non-empty `out-dir` the result is
-also written to `<out-dir>/census.json`.
+`main` runs federated training (`run_training`): wait for `min-nodes` nodes, run the configured strategy
+(`strategy.py`) for `num-server-rounds`, evaluate the final model on the nodes' test splits, push it back to every
+node (`query.save_model`) and, with a non-empty `out-dir`, write rounds.jsonl, history.json, summary.json and the
+model folder `model/`. The federated data census (`run_census`, `query.census`: counts only, funnel rates derived
+at the server) stays available as plain functions.
 """
 
 from __future__ import annotations
