@@ -101,7 +101,7 @@ class MerchantNode:
                    history: list | None = None) -> Path:
         """Save the pushed-back global model into the node's model folder, ready for local recommendation."""
         self.load(arrays)
-        settings = {"train": self.settings.train.to_dict(), "examples": vars(self.settings.examples),
+        settings = {"train": self.settings.train.to_dict(), "examples": self.settings.examples.to_dict(),
                     "version": version, "merchant": self.folder.name}
         folder = save_model_folder(model_dir, self.model, self.backbone, settings,
                                    {"history": history or []} if history is not None else None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any
 
 
@@ -28,3 +28,20 @@ def read_section(section: type, keys: Mapping[str, str], run_config: Mapping[str
             raise error(f"{key} = {value!r}: expected true or false")
         values[name] = float(value) if expected == "float" else value
     return values
+
+
+class Section:
+    """Mixin for a frozen dataclass of settings: `KEYS` maps run-config keys to fields, `ERROR` is the error raised
+    for a badly typed value; `from_run_config` reads the keys it finds (explicit non-None overrides win)."""
+
+    KEYS: Mapping[str, str] = {}
+    ERROR: type[Exception] = ValueError
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any):
+        values = read_section(cls, cls.KEYS, run_config, cls.ERROR)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -147,7 +147,7 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
     say("evaluating train, validation and test splits")
     result.metrics = evaluate_all(model, side, prepared, device)
     result.seconds = time.perf_counter() - started
-    settings = {"train": train_config.to_dict(), "examples": vars(example_config), "merchants": prepared.names,
+    settings = {"train": train_config.to_dict(), "examples": example_config.to_dict(), "merchants": prepared.names,
                 "best_epoch": result.best_epoch}
     save_model_folder(out, model, backbone, settings, {"splits": result.metrics, "history": result.history,
                                                        "seconds": result.seconds})

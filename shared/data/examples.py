@@ -25,14 +25,12 @@ Split
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..settings import read_section
+from ..settings import Section
 from .contract import EVENT_TYPES
 from .loader import MerchantData
 
@@ -40,7 +38,7 @@ _NS_PER_HOUR = 3_600 * 1_000_000_000
 
 
 @dataclass(frozen=True)
-class ExampleConfig:
+class ExampleConfig(Section):
     """How examples are built; read from `examples.*` in the run config."""
 
     history_length: int = 30
@@ -54,10 +52,6 @@ class ExampleConfig:
             "examples.attribution-window-hours": "attribution_window_hours",
             "examples.validation-fraction": "validation_fraction", "examples.test-fraction": "test_fraction",
             "seed": "seed"}
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> ExampleConfig:
-        return cls(**read_section(cls, cls.KEYS, run_config))
 
     def __post_init__(self) -> None:
         if self.history_length < 1:

@@ -16,11 +16,9 @@ Keys (kebab-case, as in pyproject.toml):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
-from ..settings import read_section
+from ..settings import Section
 from .errors import ModelConfigError
 
 _DEVICES = ("auto", "cpu", "cuda")
@@ -32,7 +30,7 @@ def _positive(key: str, value: float, minimum: float = 1) -> None:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     encoder: str = ""
     max_text_tokens: int = 64
     dim: int = 64
@@ -42,6 +40,7 @@ class ModelConfig:
     adapter_layers: int = 0
     adapter_size: int = 32
 
+    ERROR = ModelConfigError
     KEYS = {
         "model.encoder": "encoder", "model.max-text-tokens": "max_text_tokens", "model.dim": "dim",
         "model.attention-hidden": "attention_hidden", "model.head-hidden": "head_hidden",
@@ -55,18 +54,9 @@ class ModelConfig:
             _positive(key, getattr(self, self.KEYS[key]))
         _positive("adapter.layers", self.adapter_layers, 0)
 
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-        values = read_section(cls, cls.KEYS, run_config, ModelConfigError)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     epochs: int = 8
     batch_size: int = 1024
     lr: float = 0.006
@@ -76,6 +66,7 @@ class TrainConfig:
     threads: int = 0
     seed: int = 0
 
+    ERROR = ModelConfigError
     KEYS = {
         "train.epochs": "epochs", "train.batch-size": "batch_size", "train.lr": "lr",
         "train.weight-decay": "weight_decay", "train.patience": "patience", "train.device": "device",
@@ -93,12 +84,3 @@ class TrainConfig:
         _positive("train.threads", self.threads, 0)
         if self.device not in _DEVICES:
             raise ModelConfigError(f"train.device = {self.device!r}: use one of {', '.join(_DEVICES)}")
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> TrainConfig:
-        values = read_section(cls, cls.KEYS, run_config, ModelConfigError)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
