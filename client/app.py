@@ -23,13 +23,13 @@ from flwr.common.logger import log
 from fedcvr.shared.census import CENSUS_ACTION, CENSUS_RECORD, local_census
 from fedcvr.shared.data.contract import DataValidationError
 from fedcvr.shared.model.errors import ModelConfigError
-from fedcvr.shared.privacy import PrivacyConfigError
+from fedcvr.shared.privacy import PrivacyConfigError, PrivacyLedgerError
 
 from .data_source import DataSourceError, resolve_data_dir
-from .node import node_for, resolve_model_dir
+from .node import ledger_path, node_for, resolve_model_dir
 
 SAVE_MODEL_ACTION = "save_model"
-_EXPECTED = (DataSourceError, DataValidationError, ModelConfigError, PrivacyConfigError, ValueError)
+_EXPECTED = (DataSourceError, DataValidationError, ModelConfigError, PrivacyConfigError, PrivacyLedgerError, ValueError)
 
 app = ClientApp()
 
@@ -43,10 +43,13 @@ def _error(message: Message, context: Context, err: Exception | str) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     try:
-        node = node_for(resolve_data_dir(context.node_config, context.run_config), context.run_config)
+        folder = resolve_data_dir(context.node_config, context.run_config)
+        node = node_for(folder, context.run_config)
         config = message.content["config"]
         arrays, report, reason = node.train(message.content["arrays"].to_torch_state_dict(), context.state,
-                                            int(config.get("server-round", 1)), float(config.get("proximal-mu", 0.0)))
+                                            int(config.get("server-round", 1)), float(config.get("proximal-mu", 0.0)),
+                                            ledger_file=ledger_path(context.node_config, context.run_config, folder),
+                                            federation=str(config.get("federation-id", "")))
     except _EXPECTED as err:
         return _error(message, context, err)
     if arrays is None:

@@ -26,7 +26,7 @@ from fedcvr.shared.model.esmm import ConversionModel
 from fedcvr.shared.model.folder import save_model_folder
 from fedcvr.shared.model.prefix_cache import PrefixCache
 from fedcvr.shared.model.weights import load_trainable_state, trainable_state
-from fedcvr.shared.privacy import DPConfig, PrivacyLedger, dp_report
+from fedcvr.shared.privacy import DPConfig, PrivacyLedger, PrivacyLedgerError, dp_report
 from fedcvr.shared.training.local import train_round
 from fedcvr.shared.training.loop import ItemSide, model_sums, resolve_device
 from fedcvr.shared.training.prepare import Prepared, prepare
@@ -70,12 +70,16 @@ class MerchantNode:
     def load(self, arrays: Mapping[str, torch.Tensor]) -> None:
         load_trainable_state(self.model, dict(arrays))
 
-    def train(self, arrays: Mapping[str, torch.Tensor], state, server_round: int,
-              proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor] | None, dict[str, float | int], str]:
-        """One round. Returns (new weights or None when declined, metrics, reason for declining)."""
+    def train(self, arrays: Mapping[str, torch.Tensor], state, server_round: int, proximal_mu: float = 0.0,
+              ledger_file: Path | None = None,
+              federation: str = "") -> tuple[dict[str, torch.Tensor] | None, dict[str, float | int], str]:
+        """One round. Returns (new weights or None when declined, metrics, reason for declining).
+
+        With DP, the node's privacy ledger lives in `state` (the node's context.state) and, when `ledger_file`
+        is given, also on disk, so that what was spent survives a restarted node or a resumed run."""
         self.load(arrays)
         s = self.settings
-        ledger = PrivacyLedger.load(state) if s.dp.enabled else None
+        ledger = load_ledger(state, ledger_file, federation) if s.dp.enabled else None
         result = train_round(self.model, self.side, self.prepared.splits["train"], lr=s.train.lr,
                              batch_size=s.train.batch_size, local_epochs=s.local_epochs, dp=s.dp, ledger=ledger,
                              rounds=s.rounds, seed=s.train.seed * 100_003 + server_round, device=self.device,
@@ -83,7 +87,7 @@ class MerchantNode:
         report: dict[str, float | int] = {"num-examples": result.examples, "train-loss": result.loss,
                                           "steps": result.steps}
         if ledger is not None:
-            ledger.save(state)
+            keep_ledger(ledger, state, ledger_file, federation)
             report.update({k: v for k, v in dp_report(ledger, s.dp).items()})
         if not result.trained:
             return None, report, result.reason
@@ -107,6 +111,40 @@ class MerchantNode:
                                    {"history": history or []} if history is not None else None)
         (folder / "VERSION").write_text(version + "\n")
         return folder
+
+
+LEDGER_FILE = "privacy-ledger.json"
+
+
+def load_ledger(state, ledger_file: Path | None, federation: str) -> PrivacyLedger:
+    """The node's ledger for this federation: the one in `state`, or the one on disk when that has booked more
+    rounds (the node process restarted, or the server resumed a stopped run). A file of another federation is
+    not this run's spending and is ignored."""
+    ledger = PrivacyLedger.load(state)
+    if ledger_file is None or not ledger_file.is_file():
+        return ledger
+    try:
+        saved = json.loads(ledger_file.read_text(encoding="utf-8"))
+        on_disk = PrivacyLedger.from_record(saved["ledger"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PrivacyLedgerError(f"{ledger_file}: the node's privacy ledger cannot be read ({exc}); restore it "
+                                 "from a backup, or delete it only if this federation has not trained before") \
+            from exc
+    if saved.get("federation") == federation and on_disk.rounds_trained > ledger.rounds_trained:
+        return on_disk
+    return ledger
+
+
+def keep_ledger(ledger: PrivacyLedger, state, ledger_file: Path | None, federation: str) -> None:
+    """Save the ledger into `state` and, atomically, into `ledger_file`."""
+    ledger.save(state)
+    if ledger_file is None:
+        return
+    ledger_file.parent.mkdir(parents=True, exist_ok=True)
+    staging = ledger_file.with_suffix(".tmp")
+    staging.write_text(json.dumps({"federation": federation, "ledger": dict(ledger.to_record())}, indent=2) + "\n",
+                       encoding="utf-8")
+    staging.replace(ledger_file)
 
 
 _NODES: dict[tuple, MerchantNode] = {}
@@ -138,3 +176,14 @@ def resolve_model_dir(node_config: Mapping[str, Any], run_config: Mapping[str, A
         raise ValueError("the node has nowhere to save the model: set `model-dir` in the node config "
                          "(--node-config \"model-dir='/srv/shop/model'\") or `out-dir` in the run config")
     return Path(out_dir) / "models" / merchant
+
+
+def ledger_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any], folder: Path) -> Path | None:
+    """Where the node keeps its privacy ledger on disk: `state-dir` of the node config (deployment), else the
+    node's model folder (`model-dir`, or `<out-dir>/models/<merchant>` in simulation); None when there is none."""
+    if node_config.get("state-dir"):
+        return Path(str(node_config["state-dir"])).expanduser() / LEDGER_FILE
+    try:
+        return resolve_model_dir(node_config, run_config, folder.name) / LEDGER_FILE
+    except ValueError:
+        return None

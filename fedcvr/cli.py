@@ -47,6 +47,10 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
@@ -272,6 +276,69 @@ def train_central_command(
     console.print(f"[green]saved[/] the model (best epoch {result.best_epoch}) to {out} in {result.seconds:.0f} s")
 
 
+@app.command("local-only")
+def local_only_command(
+    run: Annotated[Path, typer.Option(
+        "--run", help="A finished `fedcvr simulate` run folder: its settings are reused and its global model "
+                      "(RUN/model) is the federated side of the comparison.")] = ...,
+    merchants: Annotated[str, typer.Option(
+        "--merchants", help="Comma-separated merchant folder names. (default: all of the run's)")] = "",
+) -> None:
+    """Train each merchant alone with the run's exact settings (rounds, local epochs, DP budget, seeds) and
+    compare its test metrics with the federated global model's on the same test split. Writes
+    RUN/local-only.json and prints a table, smallest merchants last."""
+    import json
+    import tomllib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedcvr.shared.model.errors import ModelConfigError
+    from fedcvr.simulations import launcher as sim
+    from fedcvr.simulations.local_only import COMPARED, compare
+
+    run_dir = run.expanduser().resolve()
+    config_file = run_dir / sim.RUN_CONFIG_FILE
+    if not config_file.is_file() or not (run_dir / "model" / "weights.safetensors").is_file():
+        _fail(f"--run {run}: not a finished simulation run (need {config_file} and {run_dir / 'model'}); run "
+              "`fedcvr simulate ... --out RUN` first")
+    run_config = {**sim.app_run_config(sim.find_app_dir()), **sim.flatten(tomllib.loads(config_file.read_text()))}
+    folders = _validate_for_run(Path(str(run_config["data-root"])))
+    names = [n.strip() for n in merchants.split(",") if n.strip()]
+    unknown = sorted(set(names) - {f.name for f in folders})
+    if unknown:
+        _fail(f"--merchants {', '.join(unknown)}: not in {run_config['data-root']} "
+              f"(it has {', '.join(f.name for f in folders)})")
+    folders = [f for f in folders if not names or f.name in names]
+    rounds = int(run_config["num-server-rounds"])
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console) as bar:
+        task = bar.add_task("", total=rounds)
+
+        def on_merchant(name: str) -> None:
+            bar.update(task, description=f"{name} alone, rounds", completed=0)
+
+        try:
+            results = compare(folders, run_config, run_dir / "model", on_merchant,
+                              lambda r: bar.update(task, completed=r))
+        except (ModelConfigError, ValueError) as err:
+            _fail(str(err))
+    results.sort(key=lambda r: -r.train_examples)
+    (run_dir / "local-only.json").write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+    table = Table(title=f"Test split: each merchant alone vs the federated model of {run_dir.name}")
+    for column in ("merchant", "train examples", "test purchases"):
+        table.add_column(column, justify="left" if column == "merchant" else "right")
+    for metric in COMPARED:
+        table.add_column(f"{metric} alone", justify="right")
+        table.add_column(f"{metric} fed", justify="right")
+    for r in results:
+        cells = []
+        for metric in COMPARED:
+            cells += [_score(r.alone.get(metric)), _score(r.federated.get(metric))]
+        table.add_row(r.merchant, f"{r.train_examples:,}", str(r.test_purchases), *cells)
+    console.print(table)
+    console.print(f"written to {run_dir / 'local-only.json'}", highlight=False)
+
+
 def _synthesise_for_run(folder: Path, merchants: int, seed: int) -> None:
     """Write the default marketplace of `merchants` merchants into `folder`, or reuse the one already there when
     it was made with the same number of merchants and seed."""
@@ -362,6 +429,9 @@ def simulate_command(
                              "text in quotes), e.g. \"round-timeout=120 train.lr=0.003\".")] = "",
     timeout: Annotated[float | None, typer.Option(
         "--timeout", help="Stop the run after this many seconds (exit code 1). (default: no limit)")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue a stopped run from its last checkpoint: the stopped run's --out folder (pass "
+                         "the same settings; --out may be the same folder).")] = None,
 ) -> None:
     """Run a federated simulation on this machine: one Flower node per merchant folder, with `flwr run`.
 
@@ -422,6 +492,13 @@ def simulate_command(
         sim.Setting("dp.enabled", not no_dp, "--no-dp" if no_dp else None),
         sim.Setting("seed", 0 if seed is None else seed, None if seed is None else "--seed"),
     ]
+    if resume is not None:
+        from fedcvr.server.checkpoint import CheckpointError, checkpoint_folder
+
+        try:
+            settings.append(sim.Setting("resume", str(checkpoint_folder(resume.expanduser().resolve())), "--resume"))
+        except CheckpointError as err:
+            _fail(str(err).replace("resume = ", "--resume "))
     if dp_epsilon is not None:
         settings.append(sim.Setting("dp.target-epsilon", float(dp_epsilon), "--dp-epsilon"))
     if local_epochs is not None:
@@ -434,7 +511,8 @@ def simulate_command(
         _fail(str(err))
     for note in notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
-    earlier = [name for name in (sim.ROUNDS_FILE, sim.HISTORY_FILE, sim.HISTORY_CSV) if (run_dir / name).exists()]
+    earlier = [name for name in (sim.ROUNDS_FILE, sim.HISTORY_FILE, sim.HISTORY_CSV)
+               if (run_dir / name).exists() and resume is None]
     for name in earlier:
         (run_dir / name).unlink()
     if earlier:

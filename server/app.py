@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
@@ -37,6 +38,7 @@ from fedcvr.shared.model.esmm import ConversionModel
 from fedcvr.shared.model.folder import save_model_folder
 from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 
+from .checkpoint import Checkpoint, check_fits, load_checkpoint, save_checkpoint
 from .config import ServerConfig
 from .strategy import RoundBook, make_strategy
 
@@ -169,28 +171,58 @@ def model_version(arrays: ArrayRecord) -> str:
     return digest.hexdigest()[:12]
 
 
+def _resume_from(config: ServerConfig, initial: ArrayRecord) -> Checkpoint | None:
+    if config.resume is None:
+        return None
+    checkpoint = load_checkpoint(config.resume)
+    check_fits(checkpoint, strategy=config.strategy, num_server_rounds=config.num_server_rounds,
+               initial=initial.to_torch_state_dict(), source=config.resume)
+    log(INFO, "Resuming from %s: round %d of %d done", config.resume, checkpoint.round, config.num_server_rounds)
+    return checkpoint
+
+
 def run_training(grid: Grid, run_config: dict, config: ServerConfig) -> dict:
-    """Federated training: rounds of the chosen strategy, a final test evaluation, push-back of the model."""
-    nodes = wait_for_nodes(grid, config.min_nodes, config.round_timeout)
-    log(INFO, "Training with %d node(s), strategy %s, %d round(s)", len(nodes), config.strategy,
-        config.num_server_rounds)
+    """Federated training: rounds of the chosen strategy (a checkpoint after each), a final test evaluation,
+    push-back of the model. With `resume`, continue from the stopped run's last checkpoint."""
     model_config = ModelConfig.from_run_config(run_config)
     torch.manual_seed(config.seed)
     backbone = load_backbone(model_config.encoder)
     model = ConversionModel(backbone, model_config)
     initial = ArrayRecord(trainable_state(model))
+    resumed = _resume_from(config, initial)  # before waiting for nodes: a bad checkpoint fails at once
+    nodes = wait_for_nodes(grid, config.min_nodes, config.round_timeout)
+    log(INFO, "Training with %d node(s), strategy %s, %d round(s)", len(nodes), config.strategy,
+        config.num_server_rounds)
     log(INFO, "One update carries %d trainable weights (%.2f MB); the frozen encoder never travels",
         sum(v.numel() for v in trainable_state(model).values()), initial.count_bytes() / 1e6)
-    if config.out_dir is not None:
-        (config.out_dir / "rounds.jsonl").unlink(missing_ok=True)
-    book = RoundBook(config.out_dir)
+    done = resumed.round if resumed else 0
+    federation = resumed.federation if resumed else uuid.uuid4().hex[:16]
+    book = RoundBook(config.out_dir, offset=done)
     strategy = make_strategy(config.strategy, book, fraction_train=config.fraction_train,
                              fraction_evaluate=config.fraction_evaluate, min_nodes=config.min_nodes,
-                             proximal_mu=config.proximal_mu, server_lr=config.server_lr)
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds,
-                            timeout=config.round_timeout, evaluate_config=ConfigRecord({"split": "validation"}))
+                             proximal_mu=config.proximal_mu, server_lr=config.server_lr, seed=config.seed)
+    if resumed:
+        initial = ArrayRecord(resumed.arrays)
+        book.rows = list(resumed.history)
+        strategy.load_optimizer_state(resumed.optimizer)
+    if config.out_dir is not None:
+        config.out_dir.mkdir(parents=True, exist_ok=True)
+        (config.out_dir / "rounds.jsonl").write_text("".join(json.dumps(row) + "\n" for row in book.rows))
+
+        def write_checkpoint(row: dict, tracked) -> None:
+            arrays = book.arrays if book.arrays is not None else initial
+            save_checkpoint(config.out_dir, Checkpoint(
+                round=int(row["round"]), strategy=config.strategy, federation=federation,
+                planned_rounds=config.num_server_rounds, arrays=arrays.to_torch_state_dict(),
+                optimizer=tracked.optimizer_state() if tracked is not None else {}, history=book.rows))
+
+        book.on_round = write_checkpoint
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds - done,
+                            timeout=config.round_timeout,
+                            train_config=ConfigRecord({"federation-id": federation}),
+                            evaluate_config=ConfigRecord({"split": "validation"}))
     final = result.arrays if result.arrays is not None else initial
-    test_messages = strategy.configure_evaluate(config.num_server_rounds, final,
+    test_messages = strategy.configure_evaluate(config.num_server_rounds - done, final,
                                                 ConfigRecord({"split": "test"}), grid)
     test_replies = [r for r in grid.send_and_receive(test_messages, timeout=config.round_timeout)
                     if not r.has_error()]
@@ -200,6 +232,7 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig) -> dict:
     version = model_version(final)
     saved = push_back(grid, final, version, config.round_timeout)
     summary = {"strategy": config.strategy, "rounds": book.rows, "test": test, "model_version": version,
+               "federation": federation, "resumed_from_round": done,
                "saved_by_nodes": {str(k): v for k, v in saved.items()}}
     if config.out_dir is not None:
         load_trainable_state(model, final.to_torch_state_dict())

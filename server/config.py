@@ -12,6 +12,7 @@ Keys (defaults in `[tool.flwr.app.config]` of pyproject.toml; override with `flw
   local-epochs        local epochs per round on each node, >= 1
   proximal-mu         FedProx's proximal weight mu, > 0 (used with strategy = "fedprox")
   server-lr           FedAdam's server learning rate eta, > 0 (used with strategy = "fedadam")
+  resume              a stopped run's out-dir (or its checkpoint/ folder) to continue from; "" starts afresh
 """
 
 from __future__ import annotations
@@ -68,7 +69,21 @@ def _out_dir(run_config: Mapping[str, object]) -> Path | None:
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 # Keys added with federated training; older run configs without them get these values.
 TRAINING_DEFAULTS = {"strategy": "fedavg", "fraction-train": 1.0, "local-epochs": 1, "proximal-mu": 0.01,
-                     "server-lr": 0.01}
+                     "server-lr": 0.01, "resume": ""}
+
+
+def _resume(run_config: Mapping[str, object]) -> Path | None:
+    value = run_config.get("resume", "")
+    if not isinstance(value, str):
+        raise ConfigError(f"run config `resume` = {value!r} is invalid: it must be the out-dir of a stopped run "
+                          "(text), or \"\" to start afresh.")
+    if not value.strip():
+        return None
+    path = Path(value.strip()).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(f"run config `resume` = {value!r} is a relative path, but flwr runs the ServerApp in a "
+                          "folder of its own: pass an absolute path.")
+    return path
 
 
 def _strategy(run_config: Mapping[str, object]) -> str:
@@ -93,6 +108,7 @@ class ServerConfig:
     local_epochs: int = 1
     proximal_mu: float = 0.01
     server_lr: float = 0.01
+    resume: Path | None = None
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
@@ -114,4 +130,5 @@ class ServerConfig:
             local_epochs=_int(run_config, "local-epochs", 1, "local-epochs must be a whole number >= 1"),
             proximal_mu=_float(run_config, "proximal-mu", 0.0, None, "proximal-mu must be a number > 0, e.g. 0.01"),
             server_lr=_float(run_config, "server-lr", 0.0, None, "server-lr must be a number > 0, e.g. 0.01"),
+            resume=_resume(run_config),
         )

@@ -10,12 +10,14 @@ Aggregation is Flower's own (weighted by each node's `num-examples`). On top of 
 from __future__ import annotations
 
 import json
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -54,13 +56,15 @@ class RoundBook:
         self.rows: list[dict[str, Any]] = []
         self.current: dict[str, Any] = {}
         self.started = time.perf_counter()
+        self.arrays: ArrayRecord | None = None  # the global weights after the latest round
+        self.on_round: Callable[[dict[str, Any], Any], None] | None = None  # e.g. write a checkpoint
 
     def start(self, server_round: int) -> None:
-        self.current = {"round": server_round + self.offset, "bytes_sent": 0, "bytes_received": 0,
+        self.current = {"round": server_round, "bytes_sent": 0, "bytes_received": 0,
                         "nodes_declined": 0, "declined": []}
         self.started = time.perf_counter()
 
-    def finish(self, metrics: MetricRecord | None) -> dict[str, Any]:
+    def finish(self, metrics: MetricRecord | None, strategy: Any = None) -> dict[str, Any]:
         row = {**self.current, **(dict(metrics) if metrics else {})}
         row["seconds"] = round(time.perf_counter() - self.started, 2)
         self.rows.append(row)
@@ -69,6 +73,8 @@ class RoundBook:
             with (self.out_dir / "rounds.jsonl").open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
         log(INFO, "%s", format_row(row))
+        if self.on_round is not None:
+            self.on_round(row, strategy)
         return row
 
 
@@ -86,15 +92,21 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction_evaluate: float, min_nodes: int,
-                  proximal_mu: float, server_lr: float):
-    """The named Flower strategy with fedcvr's hooks."""
+                  proximal_mu: float, server_lr: float, seed: int = 0):
+    """The named Flower strategy with fedcvr's hooks.
+
+    Rounds are numbered across a resumed run: `book.offset` rounds were done before, so Flower's round r is
+    round r + offset everywhere (the nodes' `server-round`, FedAdam's bias correction, the log). Node sampling
+    draws from a generator seeded by `seed` and the round, so a resumed run asks the same nodes as an
+    uninterrupted one."""
     base = STRATEGIES[name]
 
     class Tracked(base):  # type: ignore[misc, valid-type]
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                             grid: Grid) -> Iterable[Message]:
+            server_round += book.offset
             book.start(server_round)
-            config["server-round"] = server_round + book.offset
+            random.seed(seed * 1_000_003 + server_round)
             messages = list(super().configure_train(server_round, arrays, config, grid))
             book.current["bytes_sent"] += arrays.count_bytes() * len(messages)
             return messages
@@ -107,15 +119,37 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
                     book.current["declined"].append(reply.error.reason)
                 else:
                     book.current["bytes_received"] += reply.content["arrays"].count_bytes()
-            arrays, metrics = super().aggregate_train(server_round, replies)
+            arrays, metrics = super().aggregate_train(server_round + book.offset, replies)
             if metrics is not None:
                 book.current.update(dict(metrics))
+            if arrays is not None:
+                book.arrays = arrays
             return arrays, metrics
 
+        def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                               grid: Grid) -> Iterable[Message]:
+            server_round += book.offset
+            random.seed(seed * 1_000_003 + server_round + 500_009)
+            return super().configure_evaluate(server_round, arrays, config, grid)
+
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-            metrics = super().aggregate_evaluate(server_round, replies)
-            book.finish(metrics)
+            metrics = super().aggregate_evaluate(server_round + book.offset, replies)
+            book.finish(metrics, self)
             return metrics
+
+        def optimizer_state(self) -> dict[str, np.ndarray]:
+            """The server optimiser's moments (FedAdam's m_t and v_t) as flat named arrays; {} for FedAvg/FedProx."""
+            out: dict[str, np.ndarray] = {}
+            for moment in ("m_t", "v_t"):
+                for key, value in (getattr(self, moment, None) or {}).items():
+                    out[f"{moment}/{key}"] = np.asarray(value)
+            return out
+
+        def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+            for moment in ("m_t", "v_t"):
+                values = {k.split("/", 1)[1]: np.asarray(v) for k, v in state.items() if k.startswith(moment + "/")}
+                if values:
+                    setattr(self, moment, values)
 
     kwargs: dict[str, Any] = {
         "fraction_train": fraction_train, "fraction_evaluate": fraction_evaluate, "min_train_nodes": min_nodes,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -95,3 +96,11 @@ def make_tiny_bert(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """What the ServerApp process has when flwr runs it: instruction messages need a run and node id."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

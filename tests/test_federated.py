@@ -6,7 +6,6 @@ import json
 
 import pandas as pd
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 from test_flower_app import FakeGrid, node_context, pyproject_run_config, sim_node
 
 from fedcvr.server.app import run_training
@@ -14,13 +13,6 @@ from fedcvr.server.config import ServerConfig
 from fedcvr.shared.data.loader import load_merchant, merchant_folders
 from fedcvr.shared.model.folder import load_model_folder
 from fedcvr.shared.training.recommend import recommend
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def federation(market, tiny_bert, out, **overrides):

@@ -18,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcvr.client.app import app as client_app
 from fedcvr.client.data_source import DataSourceError, resolve_data_dir
@@ -242,14 +241,6 @@ def test_server_config_missing_key():
 
 
 # ---------------------------------------------------------------- ServerApp census, in process
-
-
-@pytest.fixture
-def server_identity(monkeypatch):
-    """What the ServerApp process has when flwr runs it: instruction messages need a run and node id."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 class FakeGrid:

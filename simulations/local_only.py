@@ -1,0 +1,94 @@
+"""Each merchant alone: the baseline a federation must beat, above all for its small merchants.
+
+`train_alone` gives one merchant exactly what it would do in the federation — the same initial weights (the
+coordinator's, from `seed`), the same rounds of local training (`train_round`, with DP-SGD and the same privacy
+budget when `dp.enabled`), the same seeds — but never averages with anyone. `compare` puts each merchant's test
+metrics of its lone model next to those of a federated run's global model (`<run>/model`), evaluated on the same
+test split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import RecordDict
+
+from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
+from fedcvr.shared.model.encoder import load_backbone
+from fedcvr.shared.model.esmm import ConversionModel
+from fedcvr.shared.model.folder import load_model_folder
+from fedcvr.shared.model.weights import trainable_state
+
+COMPARED = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ndcg@10")
+
+
+@dataclass
+class MerchantComparison:
+    """One merchant: its size and the test metrics of its lone model and of the federated model."""
+
+    merchant: str
+    train_examples: int
+    test_purchases: int
+    alone: dict[str, float]
+    federated: dict[str, float]
+    epsilon: float | None
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"merchant": self.merchant, "train_examples": self.train_examples,
+                "test_purchases": self.test_purchases, "alone": self.alone, "federated": self.federated,
+                "alone_epsilon": self.epsilon, "seconds": round(self.seconds, 1)}
+
+
+def initial_weights(run_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The coordinator's initial global weights for this run config (same seed, same model)."""
+    settings = NodeSettings.from_run_config(run_config)
+    torch.manual_seed(int(run_config.get("seed", 0)))
+    return trainable_state(ConversionModel(load_backbone(settings.model.encoder), settings.model))
+
+
+def train_alone(node: MerchantNode, start: Mapping[str, torch.Tensor],
+                on_round: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], float | None]:
+    """All rounds of local training on the node's own data; returns the weights and ε spent (None without DP)."""
+    weights, state, epsilon = dict(start), RecordDict(), None
+    for server_round in range(1, node.settings.rounds + 1):
+        new, report, _reason = node.train(weights, state, server_round)
+        if new is None:  # declined (privacy budget): keep the last weights
+            break
+        weights = new
+        epsilon = float(report["epsilon"]) if "epsilon" in report else None
+        if on_round:
+            on_round(server_round)
+    return weights, epsilon
+
+
+def test_metrics(node: MerchantNode, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Finalised test metrics of `weights` on the node's test split."""
+    return merge_evaluations([node.evaluate(weights, "test")])
+
+
+def compare(folders: list[Path], run_config: Mapping[str, Any], federated_model: Path,
+            on_merchant: Callable[[str], None] | None = None,
+            on_round: Callable[[int], None] | None = None) -> list[MerchantComparison]:
+    """Train each merchant alone and evaluate both its lone model and the federated model on its test split."""
+    start = initial_weights(run_config)
+    model, _, _ = load_model_folder(federated_model)
+    federated = trainable_state(model)
+    settings = NodeSettings.from_run_config(run_config)
+    out = []
+    for folder in folders:
+        if on_merchant:
+            on_merchant(folder.name)
+        began = time.perf_counter()
+        node = MerchantNode(folder, settings)
+        alone, epsilon = train_alone(node, start, on_round)
+        test = node.prepared.splits["test"]
+        out.append(MerchantComparison(folder.name, len(node.prepared.splits["train"]), int(test.purchased.sum()),
+                                      test_metrics(node, alone), test_metrics(node, federated), epsilon,
+                                      time.perf_counter() - began))
+    return out

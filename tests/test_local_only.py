@@ -1,0 +1,46 @@
+"""Each merchant alone, with the federation's own settings, next to the federated model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_federated import federation
+
+from fedcvr.server.app import run_training
+from fedcvr.server.config import ServerConfig
+from fedcvr.shared.data.loader import merchant_folders
+from fedcvr.simulations.local_only import compare, initial_weights
+
+
+def test_initial_weights_are_the_coordinators(tiny_market, tiny_bert, tmp_path, server_identity):
+    grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run", **{"num-server-rounds": 1})
+    sent = []
+    original = grid.send_and_receive
+
+    def spy(messages, *, timeout=None):
+        messages = list(messages)
+        sent.extend(m for m in messages if m.metadata.message_type == "train")
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = spy
+    run_training(grid, run_config, ServerConfig.from_run_config(run_config))
+    first = sent[0].content["arrays"].to_torch_state_dict()
+    for name, value in initial_weights(run_config).items():
+        torch.testing.assert_close(first[name], value)
+
+
+def test_compare_trains_each_merchant_alone_with_the_runs_budget(tiny_market, tiny_bert, tmp_path, server_identity):
+    grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run")
+    run_training(grid, run_config, ServerConfig.from_run_config(run_config))
+    folders = merchant_folders(tiny_market)
+    rounds_seen = []
+    results = compare(folders, run_config, tmp_path / "run" / "model", on_round=rounds_seen.append)
+    assert [r.merchant for r in results] == [f.name for f in folders]
+    assert rounds_seen == [1, 2] * len(folders)
+    for r in results:
+        assert r.train_examples > 0 and r.test_purchases >= 0
+        assert 0 < r.epsilon <= run_config["dp.target-epsilon"] * 1.0001
+        scored = ("click.auc", "ctcvr.auc") if r.test_purchases else ("click.auc",)  # AUC needs positives
+        assert all(0 <= r.alone[k] <= 1 and 0 <= r.federated[k] <= 1 for k in scored)
+    # a lone model differs from the federated one (its own data only)
+    assert any(r.alone["click.auc"] != pytest.approx(r.federated["click.auc"], abs=1e-9) for r in results)
