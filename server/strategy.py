@@ -60,8 +60,8 @@ class RoundBook:
         self.on_round: Callable[[dict[str, Any], Any], None] | None = None  # e.g. write a checkpoint
 
     def start(self, server_round: int) -> None:
-        self.current = {"round": server_round, "bytes_sent": 0, "bytes_received": 0,
-                        "nodes_declined": 0, "declined": []}
+        self.current = {"round": server_round, "bytes-sent": 0, "bytes-received": 0,
+                        "nodes-declined": 0, "declined": []}
         self.started = time.perf_counter()
 
     def finish(self, metrics: MetricRecord | None, strategy: Any = None) -> dict[str, Any]:
@@ -85,9 +85,9 @@ def format_row(row: dict[str, Any]) -> str:
             parts.append(f"{key} {row[key]:.4f}")
     if "max-epsilon" in row:
         parts.append(f"max ε {row['max-epsilon']:.3f} (δ {row['delta']:.1e})")
-    parts.append(f"sent {row['bytes_sent'] / 1e6:.2f} MB, received {row['bytes_received'] / 1e6:.2f} MB")
-    if row.get("nodes_declined"):
-        parts.append(f"{row['nodes_declined']} node(s) declined")
+    parts.append(f"sent {row['bytes-sent'] / 1e6:.2f} MB, received {row['bytes-received'] / 1e6:.2f} MB")
+    if row.get("nodes-declined"):
+        parts.append(f"{row['nodes-declined']} node(s) declined")
     return " | ".join(parts)
 
 
@@ -108,17 +108,17 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
             book.start(server_round)
             random.seed(seed * 1_000_003 + server_round)
             messages = list(super().configure_train(server_round, arrays, config, grid))
-            book.current["bytes_sent"] += arrays.count_bytes() * len(messages)
+            book.current["bytes-sent"] += arrays.count_bytes() * len(messages)
             return messages
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):
             replies = list(replies)
             for reply in replies:
                 if reply.has_error():
-                    book.current["nodes_declined"] += int("declined" in (reply.error.reason or ""))
+                    book.current["nodes-declined"] += int("declined" in (reply.error.reason or ""))
                     book.current["declined"].append(reply.error.reason)
                 else:
-                    book.current["bytes_received"] += reply.content["arrays"].count_bytes()
+                    book.current["bytes-received"] += reply.content["arrays"].count_bytes()
             arrays, metrics = super().aggregate_train(server_round + book.offset, replies)
             if metrics is not None:
                 book.current.update(dict(metrics))

@@ -7,10 +7,10 @@ that ends it by PID, reading the round records the ServerApp writes, and writing
 Contract with the ServerApp (it writes into the run config's `out-dir`, which is the run folder):
   * after each finished round it appends one JSON object and a newline to `rounds.jsonl`, e.g.
     {"round": 1, "seconds": 12.3, "ctcvr.auc": 0.61, "click.auc": 0.66, "ctcvr.gauc": 0.58,
-     "ctcvr.logloss": 0.05, "ndcg@10": 0.21, "max_epsilon": 1.9, "delta": 1e-05, "bytes_sent": 123456,
-     "bytes_received": 123456, "clients_trained": 3, "clients_declined": 0}
-    ("round" is a whole number from 1; any other key is optional and may be null; the launcher reads
-    "max_epsilon", "bytes_sent", ... also when spelt with - instead of _, as the ServerApp does for max-epsilon);
+     "ctcvr.logloss": 0.05, "ndcg@10": 0.21, "max-epsilon": 1.9, "delta": 1e-05, "bytes-sent": 123456,
+     "bytes-received": 123456, "nodes-trained": 3, "nodes-declined": 0}
+    ("round" is a whole number from 1; any other key is optional and may be null; keys are kebab-case, and the
+    launcher also reads them spelt with _ for -, as in "max_epsilon");
   * at the end it writes `history.json`: a JSON list of those objects.
 The launcher reads `rounds.jsonl` while the run goes (a last line without its newline is still being written
 and is read on a later poll), and writes `history.csv` from `history.json`, or from `rounds.jsonl` when the

@@ -31,7 +31,7 @@ def test_fedavg_with_dp_trains_reports_epsilon_and_pushes_the_model_back(tiny_ma
     rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert 0 < rounds[0]["max-epsilon"] < rounds[1]["max-epsilon"] <= 8.0 * 1.0001
-    assert all(0 < r["ctcvr.auc"] < 1 and r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in rounds)
+    assert all(0 < r["ctcvr.auc"] < 1 and r["bytes-sent"] > 0 and r["bytes-received"] > 0 for r in rounds)
     assert json.loads((tmp_path / "run" / "history.json").read_text()) == rounds
     assert 0 < summary["test"]["ctcvr.auc"] < 1
     version = summary["model_version"]

@@ -99,9 +99,10 @@ def _proximal_step(params: list[nn.Parameter], anchor: list[torch.Tensor] | None
 
 
 def steps_per_round(n_examples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
-    """Poisson sample rate and optimiser steps of one DP round."""
-    sample_rate = min(1.0, batch_size / max(n_examples, 1))
-    return sample_rate, local_epochs * max(1, math.ceil(1.0 / sample_rate))
+    """Poisson sample rate and optimiser steps of one DP round, exactly as Opacus's DPDataLoader will run them:
+    b = ceil(n / batch size) batches an epoch, each example in a batch with probability 1 / b."""
+    batches = max(1, math.ceil(n_examples / max(batch_size, 1)))
+    return 1.0 / batches, local_epochs * batches
 
 
 def train_round(model: ConversionModel, side: ItemSide, data: TrainingSet, *, lr: float, batch_size: int,
@@ -153,8 +154,8 @@ def _train_private(model, side, data, params, anchor, *, lr, batch_size, local_e
     private = PerSampleModel(model).to(device)
     model.train()
     optimizer = torch.optim.Adam(params, lr=lr)
-    loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=max(1, round(sample_rate * len(data))),
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=batch_size,
+                        generator=torch.Generator().manual_seed(seed))  # Opacus samples at 1 / len(loader)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     ledger.attach(engine)
     private, optimizer, loader = engine.make_private(module=private, optimizer=optimizer, data_loader=loader,

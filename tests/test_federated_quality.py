@@ -1,0 +1,37 @@
+"""A small version of the federated quality claims, with the packaged MiniLM (frozen embeddings) on a small
+synthetic marketplace: FedAvg without DP reaches 0.95 of centralised training's test CTCVR AUC, and the federated
+model beats the smallest merchant training alone. The full-size figures are in the README."""
+
+from __future__ import annotations
+
+import pytest
+from test_flower_app import FakeGrid, node_context, pyproject_run_config, sim_node
+
+from fedcvr.server.app import run_training
+from fedcvr.server.config import ServerConfig
+from fedcvr.shared.data.examples import ExampleConfig
+from fedcvr.shared.data.loader import merchant_folders
+from fedcvr.shared.model.config import ModelConfig, TrainConfig
+from fedcvr.simulations.central import train_central
+from fedcvr.simulations.local_only import compare
+from fedcvr.simulations.synth import SynthConfig, generate_marketplace
+
+
+@pytest.mark.slow
+def test_fedavg_approaches_central_and_beats_the_smallest_merchant_alone(tmp_path, server_identity):
+    market = tmp_path / "market"
+    generate_marketplace(SynthConfig(merchants=3, items=600, shoppers=2000, events=80_000, seed=3), market)
+    central = train_central(market, tmp_path / "central", ModelConfig(), TrainConfig(epochs=5, threads=2),
+                            ExampleConfig()).metrics["test"]["model"]["ctcvr.auc"]
+
+    folders = merchant_folders(market)
+    run_config = {**pyproject_run_config(), "data-root": str(market), "out-dir": str(tmp_path / "run"),
+                  "min-nodes": len(folders), "num-server-rounds": 5, "dp.enabled": False, "train.threads": 2}
+    grid = FakeGrid({100 + i: node_context(100 + i, sim_node(i, len(folders)), run_config)
+                     for i in range(len(folders))})
+    federated = run_training(grid, run_config, ServerConfig.from_run_config(run_config))["test"]["ctcvr.auc"]
+    assert federated >= 0.95 * central, (federated, central)
+
+    smallest = min(folders, key=lambda f: (f / "events.parquet").stat().st_size)
+    [alone] = compare([smallest], run_config, tmp_path / "run" / "model")
+    assert alone.federated["ctcvr.auc"] > alone.alone["ctcvr.auc"], alone.to_json()
