@@ -110,6 +110,13 @@ def test_model_folder_round_trip_and_refusals(backbone, tiny_bert, tmp_path):
         load_model_folder(folder)
 
 
+def test_towers_start_from_the_configured_rates(backbone):
+    model = ConversionModel(backbone, ModelConfig(dim=8, attention_hidden=8, head_hidden=8, ctr_prior=0.05,
+                                                  cvr_prior=0.25))
+    assert torch.sigmoid(model.head.ctr[-1].bias).item() == pytest.approx(0.05)
+    assert torch.sigmoid(model.head.cvr[-1].bias).item() == pytest.approx(0.25)
+
+
 def test_esmm_scores_and_loss():
     ctr, cvr = torch.tensor([0.3, -2.0, 1.0]), torch.tensor([-1.0, 0.5, 2.0])
     clicked, purchased = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 1.0])
@@ -198,6 +205,8 @@ def test_non_bert_checkpoint_is_refused(tmp_path):
     ({"model.dim": 0}, "model.dim = 0: must be at least 1"),
     ({"adapter.layers": -1}, "adapter.layers = -1: must be at least 0"),
     ({"model.dim": "64"}, "model.dim = '64': expected a whole number"),
+    ({"model.ctr-prior": 0}, "model.ctr-prior = 0.0: must be a rate strictly between 0 and 1"),
+    ({"model.cvr-prior": 1.5}, "model.cvr-prior = 1.5: must be a rate strictly between 0 and 1"),
 ])
 def test_model_config_errors_name_key_and_value(run_config, message):
     with pytest.raises(ModelConfigError, match=message):

@@ -7,11 +7,13 @@ Keys (kebab-case, as in pyproject.toml):
   model.attention-hidden   hidden units of the user tower's target attention
   model.head-hidden        hidden units of each ESMM tower
   model.max-position       positions above this share one position-bias slot
+  model.ctr-prior          click rate the click tower starts from (its output bias = logit of it)
+  model.cvr-prior          purchase-after-click rate the purchase tower starts from
   adapter.layers           number of top transformer layers that get a trainable adapter (0 = frozen embeddings)
   adapter.size             bottleneck size of each adapter
   train.epochs, train.batch-size, train.lr (Adam, decayed along a cosine over the epochs), train.weight-decay,
   train.patience (epochs without a better validation CTCVR AUC before stopping), train.device (auto | cpu | cuda),
-  train.threads (0 = all CPUs), train.seed
+  train.threads (0 = the CPUs given: OMP_NUM_THREADS, else all), train.seed
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class ModelConfig(Section):
     attention_hidden: int = 64
     head_hidden: int = 64
     max_position: int = 50
+    ctr_prior: float = 0.05
+    cvr_prior: float = 0.25
     adapter_layers: int = 0
     adapter_size: int = 32
 
@@ -44,7 +48,8 @@ class ModelConfig(Section):
     KEYS = {
         "model.encoder": "encoder", "model.max-text-tokens": "max_text_tokens", "model.dim": "dim",
         "model.attention-hidden": "attention_hidden", "model.head-hidden": "head_hidden",
-        "model.max-position": "max_position", "adapter.layers": "adapter_layers", "adapter.size": "adapter_size",
+        "model.max-position": "max_position", "model.ctr-prior": "ctr_prior", "model.cvr-prior": "cvr_prior",
+        "adapter.layers": "adapter_layers", "adapter.size": "adapter_size",
     }
 
     def __post_init__(self) -> None:
@@ -53,6 +58,11 @@ class ModelConfig(Section):
                     "adapter.size"):
             _positive(key, getattr(self, self.KEYS[key]))
         _positive("adapter.layers", self.adapter_layers, 0)
+        for key in ("model.ctr-prior", "model.cvr-prior"):
+            value = getattr(self, self.KEYS[key])
+            if not 0 < value < 1:
+                raise ModelConfigError(f"{key} = {value!r}: must be a rate strictly between 0 and 1, e.g. 0.05 "
+                                       "(a typical click rate) or 0.25 (a typical purchase rate after a click)")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ ranked by pCTCVR.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ class ESMMHead(nn.Module):
     A learned per-position bias (zero for unknown positions) is added to the click logit: it absorbs position
     bias in training, and serving scores with position 0 rank by relevance alone."""
 
-    def __init__(self, dim: int, hidden: int, max_position: int):
+    def __init__(self, dim: int, hidden: int, max_position: int, ctr_prior: float = 0.5, cvr_prior: float = 0.5):
         super().__init__()
         self.max_position = max_position
 
@@ -35,6 +36,11 @@ class ESMMHead(nn.Module):
 
         self.ctr = tower()
         self.cvr = tower()
+        # Start from typical rates, not 0.5: otherwise the first steps only learn that most impressions are not
+        # clicked, and under DP-SGD those steps cost privacy budget and carry most of the clipped gradient.
+        with torch.no_grad():
+            self.ctr[-1].bias.fill_(math.log(ctr_prior / (1 - ctr_prior)))
+            self.cvr[-1].bias.fill_(math.log(cvr_prior / (1 - cvr_prior)))
         self.position_bias = nn.Embedding(max_position + 1, 1)
         nn.init.zeros_(self.position_bias.weight)
 
@@ -79,7 +85,8 @@ class ConversionModel(nn.Module):
         self.config = config
         self.item_encoder = ItemEncoder(backbone, config.adapter_layers, config.adapter_size, config.dim)
         self.user_tower = UserTower(config.dim, config.attention_hidden)
-        self.head = ESMMHead(config.dim, config.head_hidden, config.max_position)
+        self.head = ESMMHead(config.dim, config.head_hidden, config.max_position, config.ctr_prior,
+                             config.cvr_prior)
 
     def encode_items(self, states: torch.Tensor, mask: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         """(U, T, H) prefix states, (U, T) mask, (U, 2) price features -> (U, D) item embeddings."""

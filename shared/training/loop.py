@@ -20,9 +20,21 @@ ENCODE_CHUNK = 512
 RANK_PAIRS = 16_384  # (purchase, candidate) pairs scored at once in full-catalog ranking (bounds memory)
 
 
+def cpu_threads(threads: int = 0) -> int:
+    """`train.threads`, or for 0 the CPUs this process is given: OMP_NUM_THREADS where it is set (Flower's
+    simulation gives each node `client-resources-num-cpus` this way), else every CPU it may run on."""
+    if threads:
+        return threads
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return len(os.sched_getaffinity(0))
+
+
 def resolve_device(device: str, threads: int = 0) -> torch.device:
-    """`train.device` -> a torch device (auto = CUDA where there is one, else CPU); sets the CPU thread count."""
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    """`train.device` -> a torch device (auto = CUDA where there is one, else CPU); sets the CPU thread count
+    (`cpu_threads`): more threads than CPUs given slows every node down when several share a machine."""
+    torch.set_num_threads(cpu_threads(threads))
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelConfigError("train.device = 'cuda': no CUDA device is visible here; use 'auto' or 'cpu'")
     if device == "auto":
