@@ -328,12 +328,9 @@ def local_only_command(
     for column in ("merchant", "train examples", "test purchases"):
         table.add_column(column, justify="left" if column == "merchant" else "right")
     for metric in COMPARED:
-        table.add_column(f"{metric} alone", justify="right")
-        table.add_column(f"{metric} fed", justify="right")
+        table.add_column(f"{metric}\nalone → fed", justify="right")
     for r in results:
-        cells = []
-        for metric in COMPARED:
-            cells += [_score(r.alone.get(metric)), _score(r.federated.get(metric))]
+        cells = [f"{_score(r.alone.get(m))} → {_score(r.federated.get(m))}" for m in COMPARED]
         table.add_row(r.merchant, f"{r.train_examples:,}", str(r.test_purchases), *cells)
     console.print(table)
     console.print(f"written to {run_dir / 'local-only.json'}", highlight=False)

@@ -44,3 +44,28 @@ def test_compare_trains_each_merchant_alone_with_the_runs_budget(tiny_market, ti
         assert all(0 <= r.alone[k] <= 1 and 0 <= r.federated[k] <= 1 for k in scored)
     # a lone model differs from the federated one (its own data only)
     assert any(r.alone["click.auc"] != pytest.approx(r.federated["click.auc"], abs=1e-9) for r in results)
+
+
+def test_cli_compares_a_finished_run(tiny_market, tiny_bert, tmp_path, server_identity):
+    from typer.testing import CliRunner
+
+    from fedcvr.cli import app
+    from fedcvr.simulations.launcher import RUN_CONFIG_FILE, write_run_config
+
+    grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run", **{"num-server-rounds": 1})
+    run_training(grid, run_config, ServerConfig.from_run_config(run_config))
+    keys = ("data-root", "out-dir", "num-server-rounds", "min-nodes", "model.encoder", "model.dim",
+            "model.attention-hidden", "model.head-hidden", "model.max-text-tokens", "examples.history-length",
+            "train.batch-size")
+    write_run_config(tmp_path / "run" / RUN_CONFIG_FILE, {k: run_config[k] for k in keys})
+    result = CliRunner().invoke(app, ["local-only", "--run", str(tmp_path / "run"), "--merchants", "merchant-01"])
+    assert result.exit_code == 0, result.output
+    assert "merchant-01" in result.output and "alone → fed" in result.output
+    import json
+    saved = json.loads((tmp_path / "run" / "local-only.json").read_text())
+    assert [r["merchant"] for r in saved] == ["merchant-01"] and saved[0]["alone_epsilon"] > 0
+
+    result = CliRunner().invoke(app, ["local-only", "--run", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "not a finished simulation run" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["local-only", "--run", str(tmp_path / "run"), "--merchants", "shop-x"])
+    assert result.exit_code == 2 and "shop-x" in result.output
