@@ -22,8 +22,8 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/fedcvr data synth --out $(DEMO_DIR) --seed 0 --overwrite
 	$(BIN)/fedcvr data validate $(DEMO_DIR)
-	# DP-SGD is off in the demo until its utility on this data is fixed (see README, Federated training)
-	HF_HUB_OFFLINE=1 $(BIN)/fedcvr simulate --data $(DEMO_DIR) --rounds 5 --no-dp --out runs/demo
+	# DP-SGD at epsilon 8 (the app's default); add --no-dp to compare without privacy
+	HF_HUB_OFFLINE=1 $(BIN)/fedcvr simulate --data $(DEMO_DIR) --rounds 5 --out runs/demo
 
 test: install
 	HF_HUB_OFFLINE=1 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m pytest -q
