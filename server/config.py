@@ -52,16 +52,16 @@ def _float(run_config: Mapping[str, object], key: str, low: float, high: float |
     return value
 
 
-def _out_dir(run_config: Mapping[str, object]) -> Path | None:
-    value = run_config.get("out-dir", "")
+def _folder(run_config: Mapping[str, object], key: str, what: str, empty: str) -> Path | None:
+    """An absolute folder path from `key`, or None for "" (`empty` says what "" means)."""
+    value = run_config.get(key, "")
     if not isinstance(value, str):
-        raise ConfigError(f"run config `out-dir` = {value!r} is invalid: it must be a folder path (text), "
-                          "or \"\" to write no files.")
+        raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be {what} (text), or \"\" {empty}.")
     if not value.strip():
         return None
     path = Path(value.strip()).expanduser()
     if not path.is_absolute():
-        raise ConfigError(f"run config `out-dir` = {value!r} is a relative path, but flwr runs the ServerApp "
+        raise ConfigError(f"run config `{key}` = {value!r} is a relative path, but flwr runs the ServerApp "
                           "in a folder of its own: pass an absolute path (`fedcvr` makes it absolute).")
     return path
 
@@ -70,20 +70,6 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 # Keys added with federated training; older run configs without them get these values.
 TRAINING_DEFAULTS = {"strategy": "fedavg", "fraction-train": 1.0, "local-epochs": 1, "proximal-mu": 0.01,
                      "server-lr": 0.01, "resume": ""}
-
-
-def _resume(run_config: Mapping[str, object]) -> Path | None:
-    value = run_config.get("resume", "")
-    if not isinstance(value, str):
-        raise ConfigError(f"run config `resume` = {value!r} is invalid: it must be the out-dir of a stopped run "
-                          "(text), or \"\" to start afresh.")
-    if not value.strip():
-        return None
-    path = Path(value.strip()).expanduser()
-    if not path.is_absolute():
-        raise ConfigError(f"run config `resume` = {value!r} is a relative path, but flwr runs the ServerApp in a "
-                          "folder of its own: pass an absolute path.")
-    return path
 
 
 def _strategy(run_config: Mapping[str, object]) -> str:
@@ -123,12 +109,12 @@ class ServerConfig:
             fraction_evaluate=_float(run_config, "fraction-evaluate", 0.0, 1.0,
                                      "fraction-evaluate must be a number with 0 < f <= 1, e.g. 1.0 for all"),
             seed=_int(run_config, "seed", None, "seed must be a whole number, e.g. 42"),
-            out_dir=_out_dir(run_config),
+            out_dir=_folder(run_config, "out-dir", "a folder path", "to write no files"),
             strategy=_strategy(run_config),
             fraction_train=_float(run_config, "fraction-train", 0.0, 1.0,
                                   "fraction-train must be a number with 0 < f <= 1, e.g. 1.0 for all"),
             local_epochs=_int(run_config, "local-epochs", 1, "local-epochs must be a whole number >= 1"),
             proximal_mu=_float(run_config, "proximal-mu", 0.0, None, "proximal-mu must be a number > 0, e.g. 0.01"),
             server_lr=_float(run_config, "server-lr", 0.0, None, "server-lr must be a number > 0, e.g. 0.01"),
-            resume=_resume(run_config),
+            resume=_folder(run_config, "resume", "the out-dir of a stopped run", "to start afresh"),
         )
