@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -33,8 +32,7 @@ from fedcvr.shared.census import (
     merge_census,
 )
 from fedcvr.shared.model.config import ModelConfig
-from fedcvr.shared.model.encoder import load_backbone
-from fedcvr.shared.model.esmm import ConversionModel
+from fedcvr.shared.model.esmm import initial_model
 from fedcvr.shared.model.folder import save_model_folder
 from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 
@@ -184,17 +182,14 @@ def _resume_from(config: ServerConfig, initial: ArrayRecord) -> Checkpoint | Non
 def run_training(grid: Grid, run_config: dict, config: ServerConfig) -> dict:
     """Federated training: rounds of the chosen strategy (a checkpoint after each), a final test evaluation,
     push-back of the model. With `resume`, continue from the stopped run's last checkpoint."""
-    model_config = ModelConfig.from_run_config(run_config)
-    torch.manual_seed(config.seed)
-    backbone = load_backbone(model_config.encoder)
-    model = ConversionModel(backbone, model_config)
+    model, backbone = initial_model(ModelConfig.from_run_config(run_config), config.seed)
     initial = ArrayRecord(trainable_state(model))
     resumed = _resume_from(config, initial)  # before waiting for nodes: a bad checkpoint fails at once
     nodes = wait_for_nodes(grid, config.min_nodes, config.round_timeout)
     log(INFO, "Training with %d node(s), strategy %s, %d round(s)", len(nodes), config.strategy,
         config.num_server_rounds)
     log(INFO, "One update carries %d trainable weights (%.2f MB); the frozen encoder never travels",
-        sum(v.numel() for v in trainable_state(model).values()), initial.count_bytes() / 1e6)
+        sum(p.numel() for p in model.trainable_parameters()), initial.count_bytes() / 1e6)
     done = resumed.round if resumed else 0
     federation = resumed.federation if resumed else uuid.uuid4().hex[:16]
     book = RoundBook(config.out_dir, offset=done)
@@ -209,12 +204,12 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig) -> dict:
         config.out_dir.mkdir(parents=True, exist_ok=True)
         (config.out_dir / "rounds.jsonl").write_text("".join(json.dumps(row) + "\n" for row in book.rows))
 
-        def write_checkpoint(row: dict, tracked) -> None:
+        def write_checkpoint(row: dict) -> None:
             arrays = book.arrays if book.arrays is not None else initial
             save_checkpoint(config.out_dir, Checkpoint(
                 round=int(row["round"]), strategy=config.strategy, federation=federation,
                 planned_rounds=config.num_server_rounds, arrays=arrays.to_torch_state_dict(),
-                optimizer=tracked.optimizer_state() if tracked is not None else {}, history=book.rows))
+                optimizer=strategy.optimizer_state(), history=book.rows))
 
         book.on_round = write_checkpoint
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds - done,

@@ -57,14 +57,14 @@ class RoundBook:
         self.current: dict[str, Any] = {}
         self.started = time.perf_counter()
         self.arrays: ArrayRecord | None = None  # the global weights after the latest round
-        self.on_round: Callable[[dict[str, Any], Any], None] | None = None  # e.g. write a checkpoint
+        self.on_round: Callable[[dict[str, Any]], None] | None = None  # e.g. write a checkpoint
 
     def start(self, server_round: int) -> None:
         self.current = {"round": server_round, "bytes-sent": 0, "bytes-received": 0,
                         "nodes-declined": 0, "declined": []}
         self.started = time.perf_counter()
 
-    def finish(self, metrics: MetricRecord | None, strategy: Any = None) -> dict[str, Any]:
+    def finish(self, metrics: MetricRecord | None) -> dict[str, Any]:
         row = {**self.current, **(dict(metrics) if metrics else {})}
         row["seconds"] = round(time.perf_counter() - self.started, 2)
         self.rows.append(row)
@@ -74,7 +74,7 @@ class RoundBook:
                 handle.write(json.dumps(row) + "\n")
         log(INFO, "%s", format_row(row))
         if self.on_round is not None:
-            self.on_round(row, strategy)
+            self.on_round(row)
         return row
 
 
@@ -96,9 +96,9 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
     """The named Flower strategy with fedcvr's hooks.
 
     Rounds are numbered across a resumed run: `book.offset` rounds were done before, so Flower's round r is
-    round r + offset everywhere (the nodes' `server-round`, FedAdam's bias correction, the log). Node sampling
-    draws from a generator seeded by `seed` and the round, so a resumed run asks the same nodes as an
-    uninterrupted one."""
+    round r + offset everywhere (the nodes' `server-round`, FedAdam's bias correction, the log). Flower samples
+    nodes with Python's `random`, which is seeded from `seed` and the round before each sampling, so a resumed
+    run asks the same nodes as an uninterrupted one."""
     base = STRATEGIES[name]
 
     class Tracked(base):  # type: ignore[misc, valid-type]
@@ -134,7 +134,7 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
             metrics = super().aggregate_evaluate(server_round + book.offset, replies)
-            book.finish(metrics, self)
+            book.finish(metrics)
             return metrics
 
         def optimizer_state(self) -> dict[str, np.ndarray]:

@@ -19,8 +19,7 @@ import torch
 from flwr.app import RecordDict
 
 from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
-from fedcvr.shared.model.encoder import load_backbone
-from fedcvr.shared.model.esmm import ConversionModel
+from fedcvr.shared.model.esmm import initial_model
 from fedcvr.shared.model.folder import load_model_folder
 from fedcvr.shared.model.weights import trainable_state
 
@@ -47,9 +46,8 @@ class MerchantComparison:
 
 def initial_weights(run_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The coordinator's initial global weights for this run config (same seed, same model)."""
-    settings = NodeSettings.from_run_config(run_config)
-    torch.manual_seed(int(run_config.get("seed", 0)))
-    return trainable_state(ConversionModel(load_backbone(settings.model.encoder), settings.model))
+    model, _ = initial_model(NodeSettings.from_run_config(run_config).model, int(run_config.get("seed", 0)))
+    return trainable_state(model)
 
 
 def train_alone(node: MerchantNode, start: Mapping[str, torch.Tensor],

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .encoder import Backbone, ItemEncoder
+from .encoder import Backbone, ItemEncoder, load_backbone
 from .user_tower import UserTower, recency_bucket
 
 
@@ -104,3 +104,11 @@ class ConversionModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def initial_model(config: ModelConfig, seed: int) -> tuple[ConversionModel, Backbone]:
+    """The model a federation starts from, with its backbone: the same settings and `seed` always give the same
+    initial trainable weights (the coordinator's, and those of the each-merchant-alone baseline)."""
+    torch.manual_seed(seed)
+    backbone = load_backbone(config.encoder)
+    return ConversionModel(backbone, config), backbone
