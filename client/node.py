@@ -53,6 +53,11 @@ class NodeSettings:
                    DPConfig.from_run_config(run_config), ExampleConfig.from_run_config(run_config), rounds,
                    local_epochs)
 
+    @property
+    def lr(self) -> float:
+        """The learning rate of local rounds: train.lr, or with DP dp.lr unless it is 0."""
+        return self.dp.lr if self.dp.enabled and self.dp.lr > 0 else self.train.lr
+
 
 class MerchantNode:
     """One merchant's data, model and item side, ready for training and evaluation messages."""
@@ -80,7 +85,7 @@ class MerchantNode:
         self.load(arrays)
         s = self.settings
         ledger = load_ledger(state, ledger_file, federation) if s.dp.enabled else None
-        result = train_round(self.model, self.side, self.prepared.splits["train"], lr=s.train.lr,
+        result = train_round(self.model, self.side, self.prepared.splits["train"], lr=s.lr,
                              batch_size=s.train.batch_size, local_epochs=s.local_epochs, dp=s.dp, ledger=ledger,
                              rounds=s.rounds, seed=s.train.seed * 100_003 + server_round, device=self.device,
                              proximal_mu=proximal_mu)

@@ -12,6 +12,11 @@ Keys (kebab-case, as in pyproject.toml):
   dp.target-epsilon  ε budget for the whole run, all rounds together
   dp.target-delta    δ of the guarantee; 0 or missing = 1 / (10 * local examples), below 1/n
   dp.max-grad-norm   per-sample gradient clipping norm
+  dp.optimizer       the optimiser of DP rounds: "sgd" (momentum 0.9, default) or "adam". Adam divides each
+                     coordinate by the root of its second moment, which under DP noise is about the noise itself,
+                     so every coordinate without much signal still moves about lr a step in a random direction;
+                     with SGD noise moves weights in proportion to its size (measured in the README)
+  dp.lr              learning rate of DP rounds; 0 = train.lr
 
 A client round, in outline:
 
@@ -70,12 +75,15 @@ class DPConfig:
     target_epsilon: float = 8.0
     target_delta: float | None = None
     max_grad_norm: float = 1.0
+    optimizer: str = "sgd"
+    lr: float = 1.0
     accountant: str = "rdp"
 
     KEYS = {
         "dp.enabled": "enabled", "dp.target-epsilon": "target_epsilon", "dp.target-delta": "target_delta",
-        "dp.max-grad-norm": "max_grad_norm",
+        "dp.max-grad-norm": "max_grad_norm", "dp.optimizer": "optimizer", "dp.lr": "lr",
     }
+    OPTIMIZERS = ("sgd", "adam")
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,6 +97,10 @@ class DPConfig:
                             "1 / local examples; set 0 for the default 1 / (10 * local examples)")
         if not (_is_number(self.max_grad_norm) and 0 < self.max_grad_norm < math.inf):
             problems.append(f"dp.max-grad-norm = {self.max_grad_norm!r}: must be a number > 0, e.g. 1.0")
+        if self.optimizer not in self.OPTIMIZERS:
+            problems.append(f"dp.optimizer = {self.optimizer!r}: must be one of " + ", ".join(self.OPTIMIZERS))
+        if not (_is_number(self.lr) and 0 <= self.lr < math.inf):
+            problems.append(f"dp.lr = {self.lr!r}: must be a number >= 0, e.g. 0.5 for sgd; 0 uses train.lr")
         if self.accountant != "rdp":
             problems.append(f"accountant = {self.accountant!r}: only 'rdp' is supported (the ledger stores RDP "
                             "accountant history)")

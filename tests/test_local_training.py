@@ -32,16 +32,17 @@ def setup(tiny_bert, merchant, layers):
     return ConversionModel(backbone, config), side
 
 
-@pytest.mark.parametrize("layers", [0, 1])
-def test_dp_rounds_accumulate_epsilon_until_the_budget_refuses(tiny_bert, merchant, layers):
+@pytest.mark.parametrize(("layers", "optimizer"), [(0, "adam"), (1, "adam"), (0, "sgd")])
+def test_dp_rounds_accumulate_epsilon_until_the_budget_refuses(tiny_bert, merchant, layers, optimizer):
     model, side = setup(tiny_bert, merchant, layers)
     train = merchant.splits["train"]
-    dp = DPConfig(target_epsilon=4.0)
+    dp = DPConfig(target_epsilon=4.0, optimizer=optimizer)
+    lr = 0.5 if optimizer == "sgd" else 0.01
     ledger = PrivacyLedger()
     spent = []
     for round_number in range(2):
         before = trainable_state(model)
-        result = train_round(model, side, train, lr=0.01, batch_size=64, local_epochs=1, dp=dp, ledger=ledger,
+        result = train_round(model, side, train, lr=lr, batch_size=64, local_epochs=1, dp=dp, ledger=ledger,
                              rounds=2, seed=round_number, device=torch.device("cpu"))
         assert result.trained and result.steps > 0 and result.examples > 0
         assert any(not torch.equal(a, b) for a, b in zip(before.values(), trainable_state(model).values()))
@@ -75,3 +76,11 @@ def test_without_dp_and_with_fedprox_pull(tiny_bert, merchant):
                 proximal_mu=5.0)
     pulled = sum(float((a - b).norm()) for a, b in zip(trainable_state(model2).values(), start.values()))
     assert pulled < free, "the proximal term keeps the local model nearer the global one"
+
+
+def test_dp_rounds_use_dp_lr():
+    from fedcvr.client.node import NodeSettings
+
+    assert NodeSettings.from_run_config({"train.lr": 0.01, "dp.lr": 0.8}).lr == 0.8
+    assert NodeSettings.from_run_config({"train.lr": 0.01, "dp.lr": 0.0}).lr == 0.01
+    assert NodeSettings.from_run_config({"train.lr": 0.01, "dp.enabled": False, "dp.lr": 0.8}).lr == 0.01

@@ -298,6 +298,8 @@ def test_config_from_run_config_and_defaults():
     ({"dp.target-delta": "small"}, "dp.target-delta = 'small': expected a number"),
     ({"dp.max-grad-norm": 0.0}, "dp.max-grad-norm = 0.0: must be a number > 0"),
     ({"dp.enabled": "yes"}, "dp.enabled = 'yes': expected true or false"),
+    ({"dp.optimizer": "rmsprop"}, "dp.optimizer = 'rmsprop': must be one of sgd, adam"),
+    ({"dp.lr": -0.1}, "dp.lr = -0.1: must be a number >= 0"),
 ])
 def test_config_errors_name_the_key_and_value(run_config, message):
     with pytest.raises(PrivacyConfigError, match=message):

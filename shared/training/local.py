@@ -153,7 +153,8 @@ def _train_private(model, side, data, params, anchor, *, lr, batch_size, local_e
                            f"{dp.target_epsilon} (delta {ledger.delta:.2e}); already spent {ledger.epsilon():.3f}")
     private = PerSampleModel(model).to(device)
     model.train()
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9) if dp.optimizer == "sgd" else \
+        torch.optim.Adam(params, lr=lr)
     loader = DataLoader(TensorDataset(torch.arange(len(data))), batch_size=batch_size,
                         generator=torch.Generator().manual_seed(seed))  # Opacus samples at 1 / len(loader)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
