@@ -20,8 +20,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Create, import, validate and summarise merchant data.", no_args_is_help=True)
 import_app = typer.Typer(help="Import public data sets into the fedcvr data contract.", no_args_is_help=True)
+keys_app = typer.Typer(help="Keys and certificates for a deployment over the network.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 data_app.add_typer(import_app, name="import")
+app.add_typer(keys_app, name="keys")
 
 console = Console() if Console().is_terminal else Console(width=160)
 err_console = Console(stderr=True)
@@ -580,6 +582,29 @@ def _show_recommendations(run_dir: Path, folders: list[Path], k: int = 5) -> Non
     for row in top.itertuples():
         table.add_row(row.item_id, row.title, f"{row.p_ctcvr:.4f}", f"{row.p_ctr:.4f}", f"{row.p_cvr:.4f}")
     console.print(table)
+
+
+@keys_app.command("init")
+def keys_init_command(
+    folder: Annotated[Path, typer.Argument(help="Where to write the keys (created; must not hold keys already).")],
+    superlink_host: Annotated[list[str], typer.Option(
+        "--superlink-host", help="A host name or IP address merchants use to reach the SuperLink; repeat for "
+                                 "several. The SuperLink's TLS certificate is valid for exactly these.")] = ...,
+    merchants: Annotated[int, typer.Option("--merchants", help="Merchant nodes to make key pairs for.")] = ...,
+    days: Annotated[int, typer.Option("--days", help="Validity of the certificates in days.")] = 365,
+) -> None:
+    """Create a CA, the SuperLink's TLS certificate and one EC P-384 key pair per merchant node (for Flower's node
+    authentication). Private keys are written with mode 0600; give each merchant ca.pem and its own key."""
+    from fedcvr.server.keys import KeysError, init_keys
+
+    try:
+        keys = init_keys(folder.expanduser(), superlink_host, merchants, days)
+    except KeysError as error:
+        _fail(str(error))
+    console.print(f"CA: {keys.ca_cert} (private key {keys.ca_key}, keep it offline)")
+    console.print(f"SuperLink TLS: {keys.superlink_cert}, {keys.superlink_key} for {', '.join(superlink_host)}")
+    console.print(f"{len(keys.merchant_keys)} merchant key pair(s) in {keys.folder / 'merchants'}: give merchant i "
+                  "ca.pem and merchants/merchant-ii (private), register merchants/merchant-ii.pub at the SuperLink")
 
 
 def main() -> None:
