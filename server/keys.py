@@ -9,8 +9,8 @@
                                    authentication reads it (`flower-supernode --auth-supernode-private-key`,
                                    `flwr supernode register KEY.pub`)
 
-Private keys are written with mode 0600. Nothing is overwritten unless asked: a folder that already holds any of
-these files is refused.
+Private keys are written with mode 0600. Nothing is ever overwritten: a folder that already holds any of these
+files is refused.
 """
 
 from __future__ import annotations

@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run-config", default="", help='overrides, "key=value ..." with TOML values')
     parser.add_argument("--every-round", action="store_true", help="evaluate on the test splits after every round")
     args = parser.parse_args(argv)
-    run_config = {**launcher.app_run_config(launcher.find_app_dir()), "num-server-rounds": args.rounds,
-                  **launcher.parse_run_config(args.run_config)}
+    run_config = launcher.defaults_with(args.run_config, **{"num-server-rounds": args.rounds})
     settings = NodeSettings.from_run_config(run_config)
     nodes = [MerchantNode(folder, settings) for folder in merchant_folders(args.data)]
     states = [RecordDict() for _ in nodes]

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1024, help="training examples drawn at random")
     parser.add_argument("--run-config", default="", help='overrides, "key=value ..." with TOML values')
     args = parser.parse_args(argv)
-    run_config = {**launcher.app_run_config(launcher.find_app_dir()), **launcher.parse_run_config(args.run_config)}
+    run_config = launcher.defaults_with(args.run_config)
     folders = merchant_folders(args.data)
     folder = next((f for f in folders if f.name == args.merchant), None) if args.merchant else folders[0]
     if folder is None:
@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
         clipped = grads * torch.from_numpy(c / np.maximum(norms, c)).to(grads)[:, None]
         mean_norm = float(clipped.mean(0).norm())
         noise_norm = c / len(rows) * grads.shape[1] ** 0.5
-        out["clip"][c] = {"mean-clipped": mean_norm, "noise-at-1": noise_norm,
-                          "clicked-weight": float(np.mean(np.minimum(1.0, c / norms[clicked]))) if clicked.any()
-                          else None}
+        kept = float(np.mean(np.minimum(1.0, c / norms[clicked]))) if clicked.any() else None
+        out["clip"][c] = {"mean-clipped": mean_norm, "noise-at-1": noise_norm, "clicked-weight": kept}
         print(f"  C = {c:<5} mean clipped gradient norm {mean_norm:.4f}   noise norm at multiplier 1 "
-              f"{noise_norm:.4f}   clicked examples keep {out['clip'][c]['clicked-weight']:.2f} of their gradient")
+              f"{noise_norm:.4f}" + (f"   clicked examples keep {kept:.2f} of their gradient" if kept is not None
+                                     else "   (no clicked example drawn)"))
     return out
 
 

@@ -109,6 +109,12 @@ def app_run_config(app_dir: Path) -> dict[str, Any]:
     return flatten(config["tool"]["flwr"]["app"].get("config", {}))
 
 
+def defaults_with(overrides: str, **fixed: Any) -> dict[str, Any]:
+    """This app's default run config with `fixed` keys and then the --run-config text `overrides` on top: the run
+    config the in-process research scripts use."""
+    return {**app_run_config(find_app_dir()), **fixed, **parse_run_config(overrides)}
+
+
 def packed_into_app(app_dir: Path, path: Path) -> bool:
     """Whether files written under `path` would be packed into the app bundle (FAB) by `flwr run app_dir`: true
     when `path` lies inside the app folder and its .gitignore does not exclude it."""

@@ -20,8 +20,7 @@ def overrides(tiny_bert) -> str:
 def test_per_example_gradients_are_each_examples_own(tiny_market, tiny_bert):
     from fedcvr.simulations import launcher
 
-    run_config = {**launcher.app_run_config(launcher.find_app_dir()),
-                  **launcher.parse_run_config(overrides(tiny_bert))}
+    run_config = launcher.defaults_with(overrides(tiny_bert))
     node = MerchantNode(merchant_folders(tiny_market)[0], NodeSettings.from_run_config(run_config))
     data = node.prepared.splits["train"]
     rows = np.flatnonzero(data.clicked > 0)[:2].tolist() + np.flatnonzero(data.clicked == 0)[:2].tolist()
