@@ -8,12 +8,17 @@
   by config `split`); the server adds them up and finalises the ratios.
 - query `save_model`: save the pushed-back final model into the node's model folder; reply with its version.
 - query `census`: the data census (counts only).
+- query `train_size`: the size of the training split (the weight of the node's update under secure aggregation).
+Under secure aggregation (`secagg = true`) training arrives as the four stages of a SecAgg+ round; `secagg.py`
+runs them through Flower's `secaggplus_mod` around the same `train_once`.
 Expected problems (data folder, data validation, settings) go back as error replies with the full explanation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from logging import ERROR
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -24,9 +29,11 @@ from fedcvr.shared.census import CENSUS_ACTION, CENSUS_RECORD, local_census
 from fedcvr.shared.data.contract import DataValidationError
 from fedcvr.shared.model.errors import ModelConfigError
 from fedcvr.shared.privacy import PrivacyConfigError, PrivacyLedgerError
+from fedcvr.shared.secagg import TRAIN_SIZE_ACTION, TRAIN_SIZE_KEY, is_secure_instruction
 
 from .data_source import DataSourceError, resolve_data_dir
 from .node import ledger_path, node_for, resolve_model_dir
+from .secagg import SecureTrainingError, secure_train
 
 SAVE_MODEL_ACTION = "save_model"
 _EXPECTED = (DataSourceError, DataValidationError, ModelConfigError, PrivacyConfigError, PrivacyLedgerError, ValueError)
@@ -40,16 +47,36 @@ def _error(message: Message, context: Context, err: Exception | str) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
+def train_once(arrays: dict, config: Mapping[str, Any], context: Context) -> tuple[dict | None, dict, str]:
+    """One local round on this node's merchant: (new weights or None when declined, metrics, reason)."""
+    folder = resolve_data_dir(context.node_config, context.run_config)
+    node = node_for(folder, context.run_config)
+    return node.train(arrays, context.state, int(config.get("server-round", 1)), float(config.get("proximal-mu", 0.0)),
+                      ledger_file=ledger_path(context.node_config, context.run_config, folder),
+                      federation=str(config.get("federation-id", "")))
+
+
+def _train_for_secure_round(context: Context):
+    def train(arrays: dict, config: Mapping[str, Any]):
+        try:
+            new, report, reason = train_once(arrays, config, context)
+        except _EXPECTED as err:
+            log(ERROR, "fedcvr node %s: %s: %s", context.node_id, type(err).__name__, err)
+            raise SecureTrainingError(f"{type(err).__name__}: {err}") from err
+        if new is None:
+            log(ERROR, "fedcvr node %s: declined to train: %s", context.node_id, reason)
+            raise SecureTrainingError(f"declined to train: {reason}")
+        return new, report
+    return train
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    if is_secure_instruction(message):  # a stage of a SecAgg+ round: the same training, a masked update out
+        return secure_train(message, context, _train_for_secure_round(context))
     try:
-        folder = resolve_data_dir(context.node_config, context.run_config)
-        node = node_for(folder, context.run_config)
-        config = message.content["config"]
-        arrays, report, reason = node.train(message.content["arrays"].to_torch_state_dict(), context.state,
-                                            int(config.get("server-round", 1)), float(config.get("proximal-mu", 0.0)),
-                                            ledger_file=ledger_path(context.node_config, context.run_config, folder),
-                                            federation=str(config.get("federation-id", "")))
+        arrays, report, reason = train_once(message.content["arrays"].to_torch_state_dict(),
+                                            message.content["config"], context)
     except _EXPECTED as err:
         return _error(message, context, err)
     if arrays is None:
@@ -80,6 +107,16 @@ def save_model(message: Message, context: Context) -> Message:
         return _error(message, context, err)
     return Message(RecordDict({"saved": ConfigRecord({"model-version": version, "model-dir": str(saved)})}),
                    reply_to=message)
+
+
+@app.query(TRAIN_SIZE_ACTION)
+def train_size(message: Message, context: Context) -> Message:
+    """The size of this node's training split: the weight of its update under secure aggregation."""
+    try:
+        node = node_for(resolve_data_dir(context.node_config, context.run_config), context.run_config)
+    except _EXPECTED as err:
+        return _error(message, context, err)
+    return Message(RecordDict({"size": MetricRecord({TRAIN_SIZE_KEY: node.train_size()})}), reply_to=message)
 
 
 @app.query(CENSUS_ACTION)

@@ -90,13 +90,17 @@ class MerchantNode:
                              rounds=s.rounds, seed=s.train.seed * 100_003 + server_round, device=self.device,
                              proximal_mu=proximal_mu)
         report: dict[str, float | int] = {"num-examples": result.examples, "train-loss": result.loss,
-                                          "steps": result.steps}
+                                          "steps": result.steps, "train-size": self.train_size()}
         if ledger is not None:
             keep_ledger(ledger, state, ledger_file, federation)
             report.update({k: v for k, v in dp_report(ledger, s.dp).items()})
         if not result.trained:
             return None, report, result.reason
         return trainable_state(self.model), report, ""
+
+    def train_size(self) -> int:
+        """Examples in the local training split (the weight of this node's update under secure aggregation)."""
+        return len(self.prepared.splits["train"])
 
     def evaluate(self, arrays: Mapping[str, torch.Tensor], split: str = "validation") -> dict:
         """Metric sums of the given weights on one local split (a Flower MetricRecord's content)."""

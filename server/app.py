@@ -38,6 +38,7 @@ from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 
 from .checkpoint import Checkpoint, check_fits, load_checkpoint, save_checkpoint
 from .config import ServerConfig
+from .secagg import SecAggGrid
 from .strategy import RoundBook, make_strategy
 
 CENSUS_FILE = "census.json"
@@ -179,15 +180,17 @@ def _resume_from(config: ServerConfig, initial: ArrayRecord) -> Checkpoint | Non
     return checkpoint
 
 
-def run_training(grid: Grid, run_config: dict, config: ServerConfig) -> dict:
+def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Context | None = None) -> dict:
     """Federated training: rounds of the chosen strategy (a checkpoint after each), a final test evaluation,
-    push-back of the model. With `resume`, continue from the stopped run's last checkpoint."""
+    push-back of the model. With `resume`, continue from the stopped run's last checkpoint. With `secagg`, each
+    round's training runs under SecAgg+ (`secagg.py`); everything else is the same."""
+    context = context or Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     model, backbone = initial_model(ModelConfig.from_run_config(run_config), config.seed)
     initial = ArrayRecord(trainable_state(model))
     resumed = _resume_from(config, initial)  # before waiting for nodes: a bad checkpoint fails at once
     nodes = wait_for_nodes(grid, config.min_nodes, config.round_timeout)
-    log(INFO, "Training with %d node(s), strategy %s, %d round(s)", len(nodes), config.strategy,
-        config.num_server_rounds)
+    log(INFO, "Training with %d node(s), strategy %s, %d round(s)%s", len(nodes), config.strategy,
+        config.num_server_rounds, ", secure aggregation (SecAgg+)" if config.secagg.enabled else "")
     log(INFO, "One update carries %d trainable weights (%.2f MB); the frozen encoder never travels",
         sum(p.numel() for p in model.trainable_parameters()), initial.count_bytes() / 1e6)
     done = resumed.round if resumed else 0
@@ -212,7 +215,8 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig) -> dict:
                 optimizer=strategy.optimizer_state(), history=book.rows))
 
         book.on_round = write_checkpoint
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds - done,
+    train_grid = SecAggGrid(grid, config.secagg, context) if config.secagg.enabled else grid
+    result = strategy.start(grid=train_grid, initial_arrays=initial, num_rounds=config.num_server_rounds - done,
                             timeout=config.round_timeout,
                             train_config=ConfigRecord({"federation-id": federation}),
                             evaluate_config=ConfigRecord({"split": "validation"}))
@@ -240,4 +244,4 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig) -> dict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_training(grid, dict(context.run_config), ServerConfig.from_run_config(context.run_config))
+    run_training(grid, dict(context.run_config), ServerConfig.from_run_config(context.run_config), context)

@@ -13,6 +13,7 @@ Keys (defaults in `[tool.flwr.app.config]` of pyproject.toml; override with `flw
   proximal-mu         FedProx's proximal weight mu, > 0 (used with strategy = "fedprox")
   server-lr           FedAdam's server learning rate eta, > 0 (used with strategy = "fedadam")
   resume              a stopped run's out-dir (or its checkpoint/ folder) to continue from; "" starts afresh
+  secagg, secagg-*    secure aggregation (SecAgg+), see SecAggConfig
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedcvr.shared.secagg import MIN_NODES
 
 
 class ConfigError(ValueError):
@@ -66,6 +69,73 @@ def _folder(run_config: Mapping[str, object], key: str, what: str, empty: str) -
     return path
 
 
+def _non_negative(run_config: Mapping[str, object], key: str, default: float) -> float:
+    value = run_config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be a number >= 0 (0 = automatic).")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """The validated `secagg*` run config keys.
+
+    secagg                           true: the coordinator sees only the sum of the nodes' masked updates
+    secagg-num-shares                each node's secret is split into this many shares: a fraction (0, 1] of the
+                                     round's nodes, or a whole number >= 3
+    secagg-reconstruction-threshold  shares needed to rebuild a secret: a fraction (0, 1] of the shares or a whole
+                                     number; a node that drops out mid-round is recovered if this many remain
+    secagg-clipping-range            weights are clipped to [-c, c] before quantisation
+    secagg-quantization-range        levels of the quantisation (an integer, < 2**32)
+    secagg-max-weight                the largest training-split size a node's update may weigh (larger ones are
+                                     capped); 0 = the largest of the round's nodes (asked once per node), which
+                                     keeps the quantised weights precise
+    """
+
+    enabled: bool = False
+    num_shares: float | int = 1.0
+    reconstruction_threshold: float | int = 0.67
+    clipping_range: float = 8.0
+    quantization_range: int = 4_194_304
+    max_weight: float = 0.0
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> SecAggConfig:
+        defaults = cls()
+        enabled = run_config.get("secagg", False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"run config `secagg` = {enabled!r} is invalid: it must be true or false.")
+
+        def number(key: str, default: float | int) -> float | int:
+            value = run_config.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be a number > 0.")
+            return value
+
+        shares = number("secagg-num-shares", defaults.num_shares)
+        if isinstance(shares, float) and shares > 1:
+            raise ConfigError(f"run config `secagg-num-shares` = {shares!r} is invalid: use a fraction of the "
+                              "round's nodes in (0, 1], e.g. 1.0, or a whole number >= 3.")
+        if isinstance(shares, int) and shares != 1 and shares < 3:
+            raise ConfigError(f"run config `secagg-num-shares` = {shares!r} is invalid: a whole number must be "
+                              ">= 3 (or use a fraction, e.g. 1.0 for every node of the round).")
+        threshold = number("secagg-reconstruction-threshold", defaults.reconstruction_threshold)
+        if isinstance(threshold, float) and threshold > 1:
+            raise ConfigError(f"run config `secagg-reconstruction-threshold` = {threshold!r} is invalid: use a "
+                              "fraction of the shares in (0, 1], e.g. 0.67, or a whole number.")
+        if isinstance(threshold, int) and isinstance(shares, int) and shares != 1 and threshold >= shares:
+            raise ConfigError(f"run config `secagg-reconstruction-threshold` = {threshold} is invalid: it must be "
+                              f"below secagg-num-shares = {shares}.")
+        quantization = number("secagg-quantization-range", defaults.quantization_range)
+        if not isinstance(quantization, int) or quantization >= 2**32:
+            raise ConfigError(f"run config `secagg-quantization-range` = {quantization!r} is invalid: it must be "
+                              "a whole number below 2**32, e.g. 4194304 (2**22).")
+        return cls(enabled=enabled, num_shares=shares, reconstruction_threshold=threshold,
+                   clipping_range=float(number("secagg-clipping-range", defaults.clipping_range)),
+                   quantization_range=quantization,
+                   max_weight=float(_non_negative(run_config, "secagg-max-weight", defaults.max_weight)))
+
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 # Keys added with federated training; older run configs without them get these values.
 TRAINING_DEFAULTS = {"strategy": "fedavg", "fraction-train": 1.0, "local-epochs": 1, "proximal-mu": 0.01,
@@ -95,12 +165,13 @@ class ServerConfig:
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     resume: Path | None = None
+    secagg: SecAggConfig = SecAggConfig()
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
         """Read and validate the run config; raises ConfigError on the first bad value."""
         run_config = {**TRAINING_DEFAULTS, **run_config}
-        return cls(
+        config = cls(
             num_server_rounds=_int(run_config, "num-server-rounds", 1, "it must be a whole number >= 1"),
             min_nodes=_int(run_config, "min-nodes", 1,
                            "min-nodes must be a whole number >= 1 (the number of nodes to wait for)"),
@@ -117,4 +188,11 @@ class ServerConfig:
             proximal_mu=_float(run_config, "proximal-mu", 0.0, None, "proximal-mu must be a number > 0, e.g. 0.01"),
             server_lr=_float(run_config, "server-lr", 0.0, None, "server-lr must be a number > 0, e.g. 0.01"),
             resume=_folder(run_config, "resume", "the out-dir of a stopped run", "to start afresh"),
+            secagg=SecAggConfig.from_run_config(run_config),
         )
+        if config.secagg.enabled and config.min_nodes < MIN_NODES:
+            raise ConfigError(
+                f"run config `secagg` = true needs at least {MIN_NODES} merchant nodes in every round, but "
+                f"`min-nodes` = {config.min_nodes}: set min-nodes = {MIN_NODES} or more (and run that many nodes), "
+                "or set secagg = false. With 2 nodes, each could recover the other's update from the sum.")
+        return config

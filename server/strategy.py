@@ -32,7 +32,9 @@ TABLE_METRICS = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ctcvr.logloss", "ndcg@
 def _train_metrics(contents: list, weighted_by_key: str) -> MetricRecord:
     """Examples summed, loss weighted by examples, the largest ε (and its δ) across nodes."""
     total = sum(int(c["metrics"][weighted_by_key]) for c in contents)
-    out: dict[str, Any] = {"num-examples": total, "nodes-trained": len(contents)}
+    # a secure-aggregation reply stands for several nodes and says how many
+    out: dict[str, Any] = {"num-examples": total,
+                           "nodes-trained": sum(int(c["metrics"].get("nodes-trained", 1)) for c in contents)}
     if total:
         out["train-loss"] = sum(float(c["metrics"]["train-loss"]) * int(c["metrics"][weighted_by_key])
                                 for c in contents) / total
@@ -117,6 +119,9 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
                 if reply.has_error():
                     book.current["nodes-declined"] += int("declined" in (reply.error.reason or ""))
                     book.current["declined"].append(reply.error.reason)
+                elif "bytes-received" in reply.content["metrics"]:  # a secure round measured its own traffic
+                    book.current["bytes-received"] += int(reply.content["metrics"]["bytes-received"])
+                    book.current["bytes-sent"] = int(reply.content["metrics"]["bytes-sent"])
                 else:
                     book.current["bytes-received"] += reply.content["arrays"].count_bytes()
             arrays, metrics = super().aggregate_train(server_round + book.offset, replies)

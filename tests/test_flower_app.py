@@ -3,6 +3,7 @@ process, with a fake Grid that runs the real ClientApp) and one end-to-end `flwr
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -260,7 +261,8 @@ class FakeGrid:
             self.sent.append(message)
             message.metadata.__dict__["_message_id"] = f"m{index}"  # the SuperLink sets it
             if message.metadata.dst_node_id not in self.silent:
-                replies.append(client_app(message, self.contexts[message.metadata.dst_node_id]))
+                # a real transport delivers a copy: the node must not change the server's message
+                replies.append(client_app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id]))
         return replies
 
 
