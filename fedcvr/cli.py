@@ -24,6 +24,11 @@ keys_app = typer.Typer(help="Keys and certificates for a deployment over the net
 app.add_typer(data_app, name="data")
 data_app.add_typer(import_app, name="import")
 app.add_typer(keys_app, name="keys")
+coordinator_app = typer.Typer(help="Run the coordinator of a deployment: the SuperLink, merchant registration and "
+                                   "training runs.", no_args_is_help=True)
+merchant_app = typer.Typer(help="Run a merchant's node of a deployment.", no_args_is_help=True)
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(merchant_app, name="merchant")
 
 console = Console() if Console().is_terminal else Console(width=160)
 err_console = Console(stderr=True)
@@ -605,6 +610,238 @@ def keys_init_command(
     console.print(f"SuperLink TLS: {keys.superlink_cert}, {keys.superlink_key} for {', '.join(superlink_host)}")
     console.print(f"{len(keys.merchant_keys)} merchant key pair(s) in {keys.folder / 'merchants'}: give merchant i "
                   "ca.pem and merchants/merchant-ii (private), register merchants/merchant-ii.pub at the SuperLink")
+
+
+HomeOption = Annotated[Path, typer.Option(
+    "--home", help="The coordinator folder: the SuperLink's database (registered merchants, runs) and the connection "
+                   "`register` and `run` use.")]
+
+
+def _warn_insecure() -> None:
+    from fedcvr.server.deploy import INSECURE_WARNING
+
+    err_console.print(f"[bold yellow]WARNING:[/] {INSECURE_WARNING}", highlight=False)
+
+
+def _exec(command: list[str], env: dict[str, str]) -> None:
+    """Replace this process with `command` (its PID stays the same: stop it with `kill PID`)."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(command[0], command, env)
+    except OSError as err:
+        _fail(f"could not start {command[0]}: {err}. Install fedcvr with its dependencies in this environment "
+              "(`pip install -e .`).")
+
+
+@coordinator_app.command("start")
+def coordinator_start_command(
+    home: HomeOption = Path("coordinator"),
+    keys: Annotated[Path | None, typer.Option(
+        "--keys", help="The folder `fedcvr keys init` wrote (ca.pem, superlink.pem, superlink.key).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 = every interface.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option("--port", help="Port for merchants, `flwr` and the ServerApp.")] = 9092,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Plaintext without node authentication: only for a test on one machine.")] = False,
+) -> None:
+    """Start the SuperLink with TLS and merchant node authentication (runtime dependency installation off).
+
+    Runs in the foreground until stopped (Ctrl-C or `kill PID`); registered merchants and runs are kept in
+    HOME/state.db, so a restarted SuperLink knows its merchants."""
+    from fedcvr.server import deploy
+    from fedcvr.simulations.launcher import flwr_bin_dir
+
+    if insecure and keys is not None:
+        _fail("--insecure turns TLS and node authentication off, but --keys was given: pass one of them")
+    if not insecure and keys is None:
+        _fail("--keys DIR missing: the SuperLink needs its TLS certificate and the CA from `fedcvr keys init DIR "
+              "--superlink-host HOST --merchants N`. For a plaintext test on one machine only, pass --insecure.")
+    if not 0 < port < 65536:
+        _fail(f"--port {port} is not a port number, e.g. 9092")
+    home_dir = deploy.CoordinatorHome(home.expanduser().resolve())
+    try:
+        tls = None if insecure else deploy.TlsFiles.from_keys_dir(keys.expanduser())
+        address = deploy.local_address(tls.names(), port) if tls else f"127.0.0.1:{port}"
+        home_dir.folder.mkdir(parents=True, exist_ok=True)
+        deploy.write_connection(home_dir, address, tls.ca if tls else None)
+    except deploy.DeployError as err:
+        _fail(str(err))
+    if insecure:
+        _warn_insecure()
+    command = deploy.superlink_command(flwr_bin_dir(), home_dir, tls, host, port)
+    console.print(f"SuperLink on {host}:{port} ({'TLS + node authentication' if tls else 'PLAINTEXT'}); "
+                  f"database {home_dir.database}.", highlight=False)
+    if tls:
+        console.print(f"Merchants connect with --superlink {'|'.join(tls.names())}:{port} --ca {tls.ca}; register "
+                      f"each merchant's key: fedcvr coordinator register merchant-NN.pub --home {home_dir.folder}",
+                      highlight=False)
+    _exec(command, deploy.env_for(home_dir.flwr_home))
+
+
+@coordinator_app.command("register")
+def coordinator_register_command(
+    public_key: Annotated[Path, typer.Argument(help="The merchant's public key (merchants/merchant-NN.pub).")],
+    home: HomeOption = Path("coordinator"),
+) -> None:
+    """Register a merchant node's public key at the running SuperLink; only registered nodes may join."""
+    import subprocess
+
+    from fedcvr.server import deploy
+    from fedcvr.simulations.launcher import flwr_bin_dir
+
+    home_dir = deploy.CoordinatorHome(home.expanduser().resolve())
+    try:
+        key = deploy.check_public_key(public_key.expanduser())
+        connection = home_dir.connection()
+    except deploy.DeployError as err:
+        _fail(str(err))
+    if connection.get("insecure"):
+        _fail("this SuperLink runs with --insecure, without node authentication: there is nothing to register")
+    done = subprocess.run(deploy.register_command(flwr_bin_dir(), key), env=deploy.env_for(home_dir.flwr_home),
+                          capture_output=True, text=True, check=False)
+    output = (done.stdout + done.stderr).strip()
+    if done.returncode != 0 or "registered successfully" not in output:
+        err_console.print(output, highlight=False, markup=False)
+        _fail(f"could not register {key} at {connection.get('address')}: see flwr's message above (is the "
+              f"SuperLink running? `fedcvr coordinator start --home {home_dir.folder}`)", code=1)
+    console.print(output.splitlines()[-1], highlight=False, markup=False)
+
+
+@coordinator_app.command("run")
+def coordinator_run_command(
+    out: Annotated[Path, typer.Option(
+        "--out", help="Where the ServerApp writes rounds.jsonl, checkpoints, summary.json and the final model "
+                      "(on this machine).")] = ...,
+    home: HomeOption = Path("coordinator"),
+    rounds: Annotated[int | None, typer.Option("--rounds", help="Rounds of training. (default: the app's)")] = None,
+    min_nodes: Annotated[int, typer.Option(
+        "--min-nodes", help="Merchant nodes to wait for before the first round.")] = 3,
+    secagg: Annotated[bool, typer.Option(
+        "--secagg", help="Secure aggregation (SecAgg+): the coordinator sees only the sum of the updates.")] = False,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue a stopped run from its last checkpoint: the stopped run's --out folder.")] = None,
+    run_config: Annotated[str, typer.Option(
+        "--run-config", help="More run config overrides, \"key=value ...\" with TOML values.")] = "",
+) -> None:
+    """Launch a training run on the deployment (the app's run config + these overrides) and follow it to the end.
+
+    Exit code 0 when the run finished (OUT/summary.json written), 1 when it failed, 2 for bad options."""
+    import subprocess
+    import time
+
+    from fedcvr.server import deploy
+    from fedcvr.simulations import launcher as sim
+
+    if rounds is not None and rounds < 1:
+        _fail(f"--rounds must be at least 1, got {rounds}")
+    if min_nodes < 1:
+        _fail(f"--min-nodes must be at least 1, got {min_nodes}")
+    home_dir = deploy.CoordinatorHome(home.expanduser().resolve())
+    run_dir = out.expanduser().resolve()
+    try:
+        connection = home_dir.connection()
+        extra = sim.parse_run_config(run_config)
+        app_dir = sim.find_app_dir()
+        declared = sim.app_run_config(app_dir)
+        settings = [sim.Setting("out-dir", str(run_dir)), sim.Setting("min-nodes", min_nodes, "--min-nodes")]
+        if rounds is not None:
+            settings.append(sim.Setting("num-server-rounds", rounds, "--rounds"))
+        if secagg:
+            settings.append(sim.Setting("secagg", True, "--secagg"))
+        if resume is not None:
+            from fedcvr.server.checkpoint import CheckpointError, checkpoint_folder
+
+            try:
+                settings.append(sim.Setting("resume", str(checkpoint_folder(resume.expanduser().resolve())),
+                                            "--resume"))
+            except CheckpointError as err:
+                raise sim.LaunchError(str(err).replace("resume = ", "--resume ")) from None
+        overrides, _ = sim.build_run_config(declared, app_dir, settings, extra, fixed={"out-dir": "--out"},
+                                            command="fedcvr coordinator run")
+        from fedcvr.server.config import ServerConfig
+
+        ServerConfig.from_run_config({**declared, **overrides})  # every bad value now, not in the ServerApp
+    except (deploy.DeployError, sim.LaunchError, ValueError) as err:
+        _fail(str(err))
+    if sim.packed_into_app(app_dir, run_dir):
+        _fail(f"--out {out} lies inside the Flower App folder {app_dir}: choose a folder outside it (or under runs/)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = sim.write_run_config(run_dir / sim.RUN_CONFIG_FILE, overrides)
+    summary = run_dir / "summary.json"
+    started = time.time()
+    log_path = run_dir / sim.FLOWER_LOG
+    console.print(f"Run on the SuperLink at {connection.get('address')}; Flower's output goes to {log_path}",
+                  highlight=False)
+    command = deploy.run_command(sim.flwr_bin_dir(), app_dir, config_file)
+    with log_path.open("ab") as log, subprocess.Popen(command, env=deploy.env_for(home_dir.flwr_home),
+                                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as flwr:
+        try:
+            for line in flwr.stdout:
+                log.write(line)
+                log.flush()
+                text = sim.strip_ansi(line.decode("utf-8", "replace")).rstrip()
+                if text:
+                    console.print(text, highlight=False, markup=False)
+        except KeyboardInterrupt:
+            flwr.terminate()
+            _fail("interrupted: the run goes on at the SuperLink (`flwr ls` / `flwr stop RUN_ID` with "
+                  f"FLWR_HOME={home_dir.flwr_home} to stop it)", code=1)
+    if not summary.is_file() or summary.stat().st_mtime < started:
+        _fail(f"the run did not finish (no new {summary}); the end of {log_path}:\n{sim.tail(log_path, 25)}", code=1)
+    records, _ = sim.load_history(run_dir)
+    if records:
+        console.print(sim.rounds_table(records))
+    console.print(f"[green]done:[/] results in {run_dir}; the final model is in {run_dir / 'model'} and every node "
+                  "saved it into its --model-dir", highlight=False)
+
+
+@merchant_app.command("start")
+def merchant_start_command(
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="Your merchant data folder (items + events).")] = ...,
+    model_dir: Annotated[Path, typer.Option(
+        "--model-dir", help="Where the final global model is saved when a run ends (serve from it).")] = ...,
+    superlink: Annotated[str, typer.Option("--superlink", help="The coordinator's SuperLink, HOST:PORT.")] = ...,
+    ca: Annotated[Path | None, typer.Option("--ca", help="The coordinator's CA certificate (ca.pem).")] = None,
+    key: Annotated[Path | None, typer.Option(
+        "--key", help="This node's private key (merchants/merchant-NN), registered by the coordinator.")] = None,
+    port: Annotated[int, typer.Option(
+        "--port", help="Local port of the node's API for its training processes (one per node on a machine).")
+    ] = 9094,
+    state_dir: Annotated[Path | None, typer.Option(
+        "--state-dir", help="Where the node keeps its privacy ledger. (default: MODEL_DIR-state next to "
+                            "--model-dir)")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Plaintext without node authentication: only for a test on one machine.")] = False,
+) -> None:
+    """Validate your data, then start your node (a Flower SuperNode with TLS and node authentication).
+
+    Runs in the foreground until stopped (Ctrl-C or `kill PID`). Your data never leaves this machine: the node
+    trains locally with DP-SGD and sends only (masked) weight updates and metric sums."""
+    from fedcvr.client.deploy import merchant_plan
+    from fedcvr.server.deploy import DeployError, env_for
+    from fedcvr.shared.data.contract import DataValidationError
+    from fedcvr.simulations.launcher import flwr_bin_dir
+
+    try:
+        plan = merchant_plan(flwr_bin_dir(), data_dir=data_dir.expanduser(), model_dir=model_dir, superlink=superlink,
+                             ca=ca.expanduser() if ca else None, key=key.expanduser() if key else None,
+                             insecure=insecure, port=port, state_dir=state_dir)
+    except DataValidationError as err:
+        err_console.print(str(err), highlight=False, markup=False, soft_wrap=True)
+        _fail(f"{data_dir} failed validation (problems above): fix the data, then start the node again. "
+              "Nothing was started.")
+    except DeployError as err:
+        _fail(str(err))
+    if insecure:
+        _warn_insecure()
+    plan.state_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"Merchant {plan.data.name}: {len(plan.data.items):,} items, {len(plan.data.events):,} events "
+                  f"validated. Connecting to {superlink}; the final model will be saved to {plan.model_dir}.",
+                  highlight=False)
+    _exec(plan.command, env_for(plan.state_dir / "flwr"))
 
 
 def main() -> None:

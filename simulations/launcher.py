@@ -195,33 +195,36 @@ def _unknown_key(key: str, declared: Iterable[str], app_dir: Path, how: str) -> 
 
 
 def build_run_config(declared: Mapping[str, Any], app_dir: Path, settings: Iterable[Setting],
-                     extra: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+                     extra: Mapping[str, Any], fixed: Mapping[str, str] | None = None,
+                     command: str = "fedcvr simulate") -> tuple[dict[str, Any], list[str]]:
     """The overrides to pass to `flwr run` and notes for the user.
 
     `settings` come from the command's options (FIXED_KEYS among them); `extra` from --run-config. A key the app
     does not declare is an error when an option or --run-config asks for it and is left out with a note when it
-    is only implied (a default of `fedcvr simulate`). --run-config may replace implied values, not FIXED_KEYS
-    and not values that an option sets explicitly."""
+    is only implied (a default of `fedcvr simulate`). --run-config may replace implied values, not the fixed keys
+    (`fixed`: key -> the option that sets it; FIXED_KEYS for `command` = simulate) and not values that an option
+    sets explicitly."""
+    fixed = FIXED_KEYS if fixed is None else fixed
     overrides: dict[str, Any] = {}
     notes: list[str] = []
     explicit: dict[str, str] = {}
     for setting in settings:
         if setting.key not in declared:
-            if setting.key in FIXED_KEYS:
+            if setting.key in fixed:
                 raise LaunchError(f"the Flower App in {app_dir} does not declare `{setting.key}` in "
-                                  "[tool.flwr.app.config]; `fedcvr simulate` needs it to run the app")
+                                  f"[tool.flwr.app.config]; `{command}` needs it to run the app")
             if setting.option is not None:
                 raise _unknown_key(setting.key, declared, app_dir, setting.option)
             notes.append(f"the Flower App does not declare `{setting.key}`: left out (it would have been "
                          f"{format_toml_value(setting.value)})")
             continue
         overrides[setting.key] = setting.value
-        if setting.option is not None or setting.key in FIXED_KEYS:
-            explicit[setting.key] = setting.option or FIXED_KEYS[setting.key]
+        if setting.option is not None or setting.key in fixed:
+            explicit[setting.key] = setting.option or fixed[setting.key]
     for key, value in extra.items():
-        if key in FIXED_KEYS:
-            raise LaunchError(f"--run-config may not set `{key}`: `fedcvr simulate` sets it from "
-                              f"{FIXED_KEYS[key]}")
+        if key in fixed:
+            raise LaunchError(f"--run-config may not set `{key}`: `{command}` sets it from "
+                              f"{fixed[key]}")
         if key in explicit:
             raise LaunchError(f"--run-config sets `{key}`, which {explicit[key]} sets too: use one of them")
         if key not in declared:
