@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -64,7 +65,7 @@ def check_private_key(path: Path) -> Path:
         raise DeployError(f"{path} is a PUBLIC key: --key takes the private key (the same name without .pub).")
     try:
         key = serialization.load_ssh_private_key(data, password=None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise DeployError(f"{path} is not an OpenSSH private key ({err}): use merchants/merchant-NN from "
                           "`fedcvr keys init`.") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":

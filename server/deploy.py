@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -162,7 +163,7 @@ def check_public_key(path: Path) -> Path:
                           "private key stays with the merchant and is never sent to the coordinator.")
     try:
         key = serialization.load_ssh_public_key(data)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise DeployError(f"{path} is not an OpenSSH public key ({err}): pass merchants/merchant-NN.pub from "
                           "`fedcvr keys init`.") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":

@@ -126,17 +126,18 @@ class _Counting:
         messages = list(messages)
         self.sent += sum(message_bytes(m) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        answered = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            answered.add(node)
-            if reply.has_error():
-                self.failures.setdefault(node, reply.error.reason or f"error code {reply.error.code}")
-            else:
-                self.received += message_bytes(reply)
+        answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        # an error reply may come from the SuperLink itself (e.g. "Node Unavailable"): match it by the message
+        errors = {r.metadata.reply_to_message_id: r.error.reason or f"error code {r.error.code}"
+                  for r in replies if r.has_error()}
+        errors_by_node = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+        self.received += sum(message_bytes(r) for r in replies)
         for message in messages:
-            if message.metadata.dst_node_id not in answered:
-                self.failures.setdefault(message.metadata.dst_node_id, f"no reply within {timeout} s")
+            node = message.metadata.dst_node_id
+            if node not in answered:
+                reason = (errors.get(message.metadata.message_id) or errors_by_node.get(node)
+                          or f"no reply within {timeout} s")
+                self.failures.setdefault(node, reason)
         return replies
 
     def __getattr__(self, name: str) -> Any:
@@ -155,6 +156,22 @@ def merge_node_metrics(node_metrics: Mapping[int, Mapping[str, Scalar]]) -> dict
     if eps:
         out["epsilon"], out["delta"] = max(eps)
     return out
+
+
+class _SecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, except that a node that drops out before it has shared its keys (setup or
+    share-keys stage) counts as not sampled: no other node masked its vector with it, so there is nothing of it to
+    unmask. (flwr 1.42 asks the others for its key shares, which never existed, and halts the round.)"""
+
+    def setup_stage(self, grid: Any, context: LegacyContext, state: Any) -> bool:
+        ok = super().setup_stage(grid, context, state)
+        state.sampled_node_ids &= state.active_node_ids
+        return ok
+
+    def share_keys_stage(self, grid: Any, context: LegacyContext, state: Any) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        state.sampled_node_ids &= state.active_node_ids
+        return ok
 
 
 class SecAggGrid:
@@ -217,7 +234,7 @@ class SecAggGrid:
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(parameters, keep_input=True)
         log(INFO, "Round %d: secure aggregation (SecAgg+) over %d node(s)", server_round, len(messages))
-        SecAggPlusWorkflow(self.config.num_shares, self.config.reconstruction_threshold,
+        _SecAggPlus(self.config.num_shares, self.config.reconstruction_threshold,
                            max_weight=max_weight, clipping_range=self.config.clipping_range,
                            quantization_range=self.config.quantization_range, timeout=timeout)(counting, legacy)
         replies: list[Message] = []

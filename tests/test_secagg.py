@@ -81,10 +81,13 @@ def test_the_coordinator_gets_the_weighted_mean_and_never_a_single_update(server
     assert metrics["bytes-sent"] > 0 and metrics["bytes-received"] > 0
 
 
-def test_a_node_dropping_out_mid_round_is_recovered(server_identity):
+@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS])
+def test_a_node_dropping_out_mid_round_is_recovered(server_identity, stage):
+    """Whenever a node drops out (before sharing keys, before sending its masked update, or after it trained),
+    the others' mean is unmasked and the node is reported as failed."""
     rng = np.random.default_rng(1)
     updates = three_updates(rng)
-    grid = SecureNodes(updates, drop_at={102: Stage.COLLECT_MASKED_VECTORS})
+    grid = SecureNodes(updates, drop_at={102: stage})
     start = {"a.weight": np.zeros((4, 3), np.float32), "b.bias": np.zeros(5, np.float32)}
     replies = SecAggGrid(grid, SecAggConfig(enabled=True), node_context(0, {}, {})).send_and_receive(
         instructions([101, 102, 103], start))
@@ -95,6 +98,15 @@ def test_a_node_dropping_out_mid_round_is_recovered(server_identity):
     want = (updates[101][0]["b.bias"] * updates[101][1] + updates[103][0]["b.bias"] * updates[103][1]) / total
     np.testing.assert_allclose(ok[0].content["arrays"]["b.bias"].numpy(), want, atol=1e-4)
     assert ok[0].content["metrics"]["nodes-trained"] == 2
+
+
+def test_too_many_drop_outs_halt_the_round_and_keep_the_model(server_identity):
+    updates = three_updates(np.random.default_rng(3))
+    grid = SecureNodes(updates, drop_at={102: Stage.COLLECT_MASKED_VECTORS, 103: Stage.COLLECT_MASKED_VECTORS})
+    replies = SecAggGrid(grid, SecAggConfig(enabled=True), node_context(0, {}, {})).send_and_receive(
+        instructions([101, 102, 103], {"a.weight": np.zeros((4, 3), np.float32),
+                                       "b.bias": np.zeros(5, np.float32)}))
+    assert replies and all(r.has_error() for r in replies)
 
 
 def test_fewer_than_three_nodes_are_refused(server_identity):

@@ -1,0 +1,198 @@
+"""The deployment commands' checks and the Flower commands they build (no process is started here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_flower_app import MERCHANTS, break_merchant, write_merchant
+from typer.testing import CliRunner
+
+from fedcvr.cli import app
+from fedcvr.client.deploy import merchant_plan
+from fedcvr.server import deploy
+from fedcvr.server.keys import init_keys
+from fedcvr.shared.data.contract import DataValidationError
+
+BIN = Path("/opt/env/bin")
+
+
+class Options:
+    """The value after each option of a command line."""
+
+    def __init__(self, command: list[str]):
+        self.command = command
+
+    def __getitem__(self, name: str) -> str:
+        return self.command[self.command.index(name) + 1]
+
+
+@pytest.fixture
+def market(tmp_path) -> Path:
+    for name, (n_items, rows) in MERCHANTS.items():
+        write_merchant(tmp_path / "market" / name, n_items, rows)
+    return tmp_path / "market"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("keys") / "keys"
+    init_keys(folder, ["127.0.0.1", "coordinator.example.com"], 2)
+    return folder
+
+
+def test_superlink_command_has_tls_node_auth_and_no_dependency_installation(keys, tmp_path):
+    home = deploy.CoordinatorHome(tmp_path / "home")
+    command = deploy.superlink_command(BIN, home, deploy.TlsFiles.from_keys_dir(keys), "0.0.0.0", 9092)
+    assert command[0] == str(BIN / "flower-superlink")
+    pairs = Options(command)
+    assert pairs["--ssl-ca-certfile"] == str((keys / "ca.pem").resolve())
+    assert pairs["--ssl-certfile"].endswith("superlink.pem") and pairs["--ssl-keyfile"].endswith("superlink.key")
+    assert pairs["--database"] == str(home.database) and pairs["--port"] == "9092"
+    assert "--enable-supernode-auth" in command and "--disable-runtime-dependency-installation" in command
+    assert "--insecure" not in command
+    plain = deploy.superlink_command(BIN, home, None, "127.0.0.1", 9092)
+    assert "--insecure" in plain and "--enable-supernode-auth" not in plain
+
+
+def test_missing_tls_files_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(deploy.DeployError, match=r"ca.pem does not exist.*fedcvr keys init"):
+        deploy.TlsFiles.from_keys_dir(tmp_path)
+
+
+def test_the_local_connection_uses_a_name_the_certificate_is_valid_for(keys, tmp_path):
+    tls = deploy.TlsFiles.from_keys_dir(keys)
+    assert set(tls.names()) == {"127.0.0.1", "coordinator.example.com"}
+    assert deploy.local_address(tls.names(), 9092) == "127.0.0.1:9092"
+    assert deploy.local_address(["coordinator.example.com"], 9092) == "coordinator.example.com:9092"
+    assert deploy.local_address(["::1"], 9092) == "[::1]:9092"
+    home = deploy.CoordinatorHome(tmp_path / "home")
+    with pytest.raises(deploy.DeployError, match="coordinator start"):
+        home.connection()
+    deploy.write_connection(home, "127.0.0.1:9092", tls.ca)
+    assert home.connection() == {"address": "127.0.0.1:9092", "root-certificates": str(tls.ca)}
+    deploy.write_connection(home, "127.0.0.1:9092", None)
+    assert home.connection()["insecure"] is True
+
+
+def test_register_takes_only_a_merchant_public_key(keys, tmp_path):
+    public = keys / "merchants" / "merchant-01.pub"
+    assert deploy.check_public_key(public) == public.resolve()
+    assert deploy.register_command(BIN, public)[1:] == ["supernode", "register", str(public), "fedcvr"]
+    with pytest.raises(deploy.DeployError, match="PRIVATE key"):
+        deploy.check_public_key(keys / "merchants" / "merchant-01")
+    other = tmp_path / "x.pub"
+    other.write_text("not a key\n")
+    with pytest.raises(deploy.DeployError, match="not an OpenSSH public key"):
+        deploy.check_public_key(other)
+    with pytest.raises(deploy.DeployError, match="does not exist"):
+        deploy.check_public_key(tmp_path / "missing.pub")
+
+
+@pytest.mark.parametrize("text", ["https://127.0.0.1:9092", "127.0.0.1", "host:0", "host:99999", ""])
+def test_bad_superlink_addresses(text):
+    with pytest.raises(deploy.DeployError, match="HOST:PORT"):
+        deploy.parse_address(text, "--superlink")
+
+
+def test_merchant_plan_builds_the_supernode_command(keys, market, tmp_path):
+    shop = market / "shop-a"
+    plan = merchant_plan(BIN, data_dir=shop, model_dir=tmp_path / "model", superlink="127.0.0.1:9092",
+                         ca=keys / "ca.pem", key=keys / "merchants" / "merchant-01", port=9095)
+    command = plan.command
+    assert command[0] == str(BIN / "flower-supernode")
+    pairs = Options(command)
+    assert pairs["--superlink"] == "127.0.0.1:9092" and pairs["--port"] == "9095"
+    assert pairs["--root-certificates"] == str((keys / "ca.pem").resolve())
+    assert pairs["--auth-supernode-private-key"].endswith("merchant-01")
+    assert f"data-dir='{shop.resolve()}'" in pairs["--node-config"]
+    assert f"model-dir='{(tmp_path / 'model').resolve()}'" in pairs["--node-config"]
+    assert "state-dir=" in pairs["--node-config"] and "--insecure" not in command
+    plain = merchant_plan(BIN, data_dir=shop, model_dir=tmp_path / "model", superlink="127.0.0.1:9092", ca=None,
+                          key=None, insecure=True)
+    assert "--insecure" in plain.command and "--root-certificates" not in plain.command
+
+
+def test_merchant_plan_refuses_bad_data_before_anything_starts(keys, market, tmp_path):
+    break_merchant(market / "shop-b")
+    with pytest.raises(DataValidationError):
+        merchant_plan(BIN, data_dir=market / "shop-b", model_dir=tmp_path / "m", superlink="127.0.0.1:9092",
+                      ca=keys / "ca.pem", key=keys / "merchants" / "merchant-01")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"ca": None}, "--ca missing"),
+    ({"ca": None, "key": None}, "--ca and --key missing"),
+    ({"insecure": True}, "either --ca and --key, or --insecure"),
+    ({"key": "public"}, "PUBLIC key"),
+    ({"ca": "key-as-ca"}, "not a PEM certificate"),
+    ({"superlink": "https://x:1"}, "HOST:PORT"),
+    ({"port": 0}, "not a port number"),
+])
+def test_merchant_plan_errors_name_the_option_and_the_fix(keys, market, tmp_path, change, match):
+    args = {"data_dir": market / "shop-a", "model_dir": tmp_path / "m", "superlink": "127.0.0.1:9092",
+            "ca": keys / "ca.pem", "key": keys / "merchants" / "merchant-01"}
+    args.update(change)
+    if args.get("key") == "public":
+        args["key"] = keys / "merchants" / "merchant-01.pub"
+    if args.get("ca") == "key-as-ca":
+        args["ca"] = keys / "merchants" / "merchant-01.pub"
+    with pytest.raises(deploy.DeployError, match=match):
+        merchant_plan(BIN, **args)
+
+
+def test_a_key_others_can_read_is_refused(keys, market, tmp_path):
+    key = tmp_path / "merchant-02"
+    key.write_bytes((keys / "merchants" / "merchant-02").read_bytes())
+    os.chmod(key, 0o644)
+    with pytest.raises(deploy.DeployError, match="chmod 600"):
+        merchant_plan(BIN, data_dir=market / "shop-a", model_dir=tmp_path / "m", superlink="127.0.0.1:9092",
+                      ca=keys / "ca.pem", key=key)
+
+
+def test_cli_needs_keys_or_an_explicit_insecure(tmp_path, keys):
+    runner = CliRunner()
+    result = runner.invoke(app, ["coordinator", "start", "--home", str(tmp_path / "h")])
+    assert result.exit_code == 2 and "--insecure" in result.output and "fedcvr keys init" in result.output
+    result = runner.invoke(app, ["coordinator", "start", "--home", str(tmp_path / "h"), "--keys", str(keys),
+                                 "--insecure"])
+    assert result.exit_code == 2 and "pass one of them" in result.output
+    result = runner.invoke(app, ["merchant", "start", "--data-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"),
+                                 "--superlink", "127.0.0.1:9092"])
+    assert result.exit_code == 2 and "--ca and --key missing" in result.output
+
+
+def test_cli_merchant_start_prints_every_data_problem_and_starts_nothing(market, keys, tmp_path):
+    break_merchant(market / "shop-c")
+    result = CliRunner().invoke(app, ["merchant", "start", "--data-dir", str(market / "shop-c"), "--model-dir",
+                                      str(tmp_path / "m"), "--superlink", "127.0.0.1:9092", "--ca",
+                                      str(keys / "ca.pem"), "--key", str(keys / "merchants" / "merchant-01")])
+    assert result.exit_code == 2 and "failed validation" in result.output and "Nothing was started" in result.output
+    assert "i7" in result.output  # the problem itself: an event names an item the catalog lacks
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_register_and_run_need_a_started_coordinator(tmp_path, keys):
+    runner = CliRunner()
+    result = runner.invoke(app, ["coordinator", "register", str(keys / "merchants" / "merchant-01.pub"), "--home",
+                                 str(tmp_path / "h")])
+    assert result.exit_code == 2 and "coordinator start" in result.output
+    result = runner.invoke(app, ["coordinator", "run", "--home", str(tmp_path / "h"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "coordinator start" in result.output
+
+
+def test_cli_run_checks_the_run_config_before_anything_starts(tmp_path, keys):
+    home = deploy.CoordinatorHome(tmp_path / "h")
+    deploy.write_connection(home, "127.0.0.1:9092", keys / "ca.pem")
+    runner = CliRunner()
+    result = runner.invoke(app, ["coordinator", "run", "--home", str(home.folder), "--out", str(tmp_path / "r"),
+                                 "--secagg", "--min-nodes", "2"])
+    assert result.exit_code == 2 and "min-nodes" in result.output and "secagg" in result.output
+    result = runner.invoke(app, ["coordinator", "run", "--home", str(home.folder), "--out", str(tmp_path / "r"),
+                                 "--run-config", "secagg-treshold=0.5"])
+    assert result.exit_code == 2 and "does not declare" in result.output
+    result = runner.invoke(app, ["coordinator", "run", "--home", str(home.folder), "--out", str(tmp_path / "r"),
+                                 "--run-config", "out-dir='/x'"])
+    assert result.exit_code == 2 and "--out" in result.output
+    assert not (tmp_path / "r").exists()
