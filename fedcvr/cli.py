@@ -678,7 +678,7 @@ def coordinator_start_command(
         console.print(f"Merchants connect with --superlink {'|'.join(tls.names())}:{port} --ca {tls.ca}; register "
                       f"each merchant's key: fedcvr coordinator register merchant-NN.pub --home {home_dir.folder}",
                       highlight=False)
-    _exec(command, deploy.env_for(home_dir.flwr_home))
+    _exec(command, deploy.env_for(home_dir.flwr_home, flwr_bin_dir()))
 
 
 @coordinator_app.command("register")
@@ -700,8 +700,9 @@ def coordinator_register_command(
         _fail(str(err))
     if connection.get("insecure"):
         _fail("this SuperLink runs with --insecure, without node authentication: there is nothing to register")
-    done = subprocess.run(deploy.register_command(flwr_bin_dir(), key), env=deploy.env_for(home_dir.flwr_home),
-                          capture_output=True, text=True, check=False)
+    env = deploy.env_for(home_dir.flwr_home, flwr_bin_dir())
+    done = subprocess.run(deploy.register_command(flwr_bin_dir(), key), env=env, capture_output=True, text=True,
+                          check=False)
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0 or "registered successfully" not in output:
         err_console.print(output, highlight=False, markup=False)
@@ -776,8 +777,9 @@ def coordinator_run_command(
     console.print(f"Run on the SuperLink at {connection.get('address')}; Flower's output goes to {log_path}",
                   highlight=False)
     command = deploy.run_command(sim.flwr_bin_dir(), app_dir, config_file)
-    with log_path.open("ab") as log, subprocess.Popen(command, env=deploy.env_for(home_dir.flwr_home),
-                                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as flwr:
+    env = deploy.env_for(home_dir.flwr_home, sim.flwr_bin_dir())
+    with log_path.open("ab") as log, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.STDOUT) as flwr:
         try:
             for line in flwr.stdout:
                 log.write(line)
@@ -841,7 +843,7 @@ def merchant_start_command(
     console.print(f"Merchant {plan.data.name}: {len(plan.data.items):,} items, {len(plan.data.events):,} events "
                   f"validated. Connecting to {superlink}; the final model will be saved to {plan.model_dir}.",
                   highlight=False)
-    _exec(plan.command, env_for(plan.state_dir / "flwr"))
+    _exec(plan.command, env_for(plan.state_dir / "flwr", flwr_bin_dir()))
 
 
 def main() -> None:

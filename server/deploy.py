@@ -66,10 +66,13 @@ class CoordinatorHome:
         return dict(table)
 
 
-def env_for(flwr_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of every Flower process fedcvr starts: its own FLWR_HOME, offline, no installs."""
+def env_for(flwr_home: Path, bin_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every Flower process fedcvr starts: its own FLWR_HOME, offline, no installs, and this
+    environment's bin folder first on PATH (the SuperLink and SuperNode start `flower-superexec` and
+    `flwr-clientapp` from PATH, also when the virtual environment is not activated)."""
     env = dict(os.environ if base is None else base)
-    env.update({"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    env.update({"FLWR_HOME": str(flwr_home), "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1")})
     return env
 

@@ -196,3 +196,9 @@ def test_cli_run_checks_the_run_config_before_anything_starts(tmp_path, keys):
                                  "--run-config", "out-dir='/x'"])
     assert result.exit_code == 2 and "--out" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_flower_processes_find_this_environment_first_on_path(tmp_path):
+    env = deploy.env_for(tmp_path / "flwr", BIN, base={"PATH": "/usr/bin"})
+    assert env["PATH"].split(os.pathsep)[0] == str(BIN) and env["FLWR_HOME"] == str(tmp_path / "flwr")
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
