@@ -251,6 +251,7 @@ class FakeGrid:
         self.contexts = contexts
         self.silent = silent
         self.sent: list[Message] = []
+        self.replies: list[Message] = []  # every reply of every node, in order
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -263,6 +264,7 @@ class FakeGrid:
             if message.metadata.dst_node_id not in self.silent:
                 # a real transport delivers a copy: the node must not change the server's message
                 replies.append(client_app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id]))
+        self.replies.extend(replies)
         return replies
 
 

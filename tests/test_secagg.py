@@ -138,22 +138,13 @@ def test_merge_node_metrics_weights_the_loss_and_keeps_the_largest_epsilon():
 
 def test_federated_training_with_dp_under_secagg(tiny_market, tiny_bert, tmp_path, server_identity):
     grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run", secagg=True)
-    node_replies = []
-    original = grid.send_and_receive
-
-    def spy(messages, *, timeout=None):
-        out = original(messages, timeout=timeout)
-        node_replies.extend(out)
-        return out
-
-    grid.send_and_receive = spy
     summary = run_training(grid, run_config, ServerConfig.from_run_config(run_config))
     rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["nodes-trained"] == 3 and 0 < r["ctcvr.auc"] < 1 for r in rounds)
     assert 0 < rounds[0]["max-epsilon"] < rounds[1]["max-epsilon"] <= 8.0 * 1.0001
     assert 0 < summary["test"]["ctcvr.auc"] < 1
-    train_replies = [r for r in node_replies if r.metadata.message_type == "train"]
+    train_replies = [r for r in grid.replies if r.metadata.message_type == "train"]
     assert len(train_replies) == 2 * 3 * 4  # 2 rounds x 3 nodes x 4 SecAgg+ stages
     assert all(not r.content.array_records or all(not len(a) for a in r.content.array_records.values())
                for r in train_replies if not r.has_error())
