@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -406,6 +407,16 @@ def _validate_for_run(root: Path) -> list[Path]:
     return folders
 
 
+def _check_run_config(values: dict) -> None:
+    """Read the full run config as the ServerApp and the nodes will: every bad value is refused now (ValueError
+    naming the key), before any process starts."""
+    from fedcvr.client.node import NodeSettings
+    from fedcvr.server.config import ServerConfig
+
+    ServerConfig.from_run_config(values)
+    NodeSettings.from_run_config(values)
+
+
 @app.command("simulate")
 def simulate_command(
     data: Annotated[Path | None, typer.Option(
@@ -428,6 +439,9 @@ def simulate_command(
         "--local-epochs", help="Epochs each node trains per round. (default: the app's)")] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy (dp.enabled = false).")
                      ] = False,
+    secagg: Annotated[bool, typer.Option(
+        "--secagg", help="Secure aggregation (SecAgg+, secagg = true): the server sees only the sum of the updates; "
+                         "needs at least 3 merchants.")] = False,
     run_config: Annotated[str, typer.Option(
         "--run-config", help="More run config overrides, \"key=value ...\" with TOML values (numbers, true/false, "
                              "text in quotes), e.g. \"round-timeout=120 train.lr=0.003\".")] = "",
@@ -507,11 +521,14 @@ def simulate_command(
         settings.append(sim.Setting("dp.target-epsilon", float(dp_epsilon), "--dp-epsilon"))
     if local_epochs is not None:
         settings.append(sim.Setting("local-epochs", local_epochs, "--local-epochs"))
+    if secagg:
+        settings.append(sim.Setting("secagg", True, "--secagg"))
     try:
         overrides, notes = sim.build_run_config(declared, app_dir, settings, extra)
+        _check_run_config({**declared, **overrides})
         run_dir.mkdir(parents=True, exist_ok=True)
         config_file = sim.write_run_config(run_dir / sim.RUN_CONFIG_FILE, overrides)
-    except sim.LaunchError as err:
+    except ValueError as err:  # LaunchError, or a bad run config value (named by key)
         _fail(str(err))
     for note in notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -612,6 +629,7 @@ def keys_init_command(
                   "ca.pem and merchants/merchant-ii (private), register merchants/merchant-ii.pub at the SuperLink")
 
 
+_STREAM_COPY = re.compile(r"^\d{2}/\d{2}/\d{4} \d{2}:\d{2}:\d{2}:[A-Z]+:")
 HomeOption = Annotated[Path, typer.Option(
     "--home", help="The coordinator folder: the SuperLink's database (registered merchants, runs) and the connection "
                    "`register` and `run` use.")]
@@ -762,9 +780,7 @@ def coordinator_run_command(
                 raise sim.LaunchError(str(err).replace("resume = ", "--resume ")) from None
         overrides, _ = sim.build_run_config(declared, app_dir, settings, extra, fixed={"out-dir": "--out"},
                                             command="fedcvr coordinator run")
-        from fedcvr.server.config import ServerConfig
-
-        ServerConfig.from_run_config({**declared, **overrides})  # every bad value now, not in the ServerApp
+        _check_run_config({**declared, **overrides})
     except (deploy.DeployError, sim.LaunchError, ValueError) as err:
         _fail(str(err))
     if sim.packed_into_app(app_dir, run_dir):
@@ -785,7 +801,7 @@ def coordinator_run_command(
                 log.write(line)
                 log.flush()
                 text = sim.strip_ansi(line.decode("utf-8", "replace")).rstrip()
-                if text:
+                if text and not _STREAM_COPY.match(text):  # flwr streams each log line twice; once is enough
                     console.print(text, highlight=False, markup=False)
         except KeyboardInterrupt:
             flwr.terminate()

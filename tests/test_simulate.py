@@ -477,12 +477,23 @@ def test_cli_needs_data_or_merchants(tmp_path):
     (["--run-config", "strategy=fedprox"], "text goes in quotes"),
     (["--run-config", "no-such-key=1"], "--run-config sets `no-such-key`, but the Flower App"),
     (["--run-config", "out-dir='/x'"], "--run-config may not set `out-dir`"),
+    (["--run-config", "dp.max-grad-norm=-1.0"], "dp.max-grad-norm"),
+    (["--run-config", "secagg-num-shares=2"], "secagg-num-shares"),
 ])
 def test_cli_refuses_bad_options(market, tmp_path, args, needle):
     result = invoke("--data", str(market), "--rounds", "1", "--out", str(tmp_path / "run"), *args)
     assert result.exit_code == 2, result.output
     assert needle in " ".join(result.output.split())
     assert not (tmp_path / "run" / "flwr").exists()
+
+
+def test_cli_secagg_needs_three_merchants(market, tmp_path):
+    import shutil
+
+    shutil.rmtree(market / "shop-c")
+    result = invoke("--data", str(market), "--rounds", "1", "--out", str(tmp_path / "run"), "--secagg")
+    assert result.exit_code == 2 and "min-nodes" in result.output and "secagg" in result.output
+    assert not (tmp_path / "run" / "run-config.toml").exists()
 
 
 def test_cli_refuses_invalid_data_naming_the_problem(market, tmp_path, monkeypatch):
