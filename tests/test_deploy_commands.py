@@ -202,3 +202,36 @@ def test_flower_processes_find_this_environment_first_on_path(tmp_path):
     env = deploy.env_for(tmp_path / "flwr", BIN, base={"PATH": "/usr/bin"})
     assert env["PATH"].split(os.pathsep)[0] == str(BIN) and env["FLWR_HOME"] == str(tmp_path / "flwr")
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """`_exec` replaced: what would have been started, with its environment."""
+    import fedcvr.cli as cli
+
+    calls: list[tuple[list[str], dict]] = []
+    monkeypatch.setattr(cli, "_exec", lambda command, env: calls.append((command, env)))
+    return calls
+
+
+def test_cli_coordinator_start_with_keys_writes_the_connection_and_starts_a_tls_superlink(tmp_path, keys, started):
+    result = CliRunner().invoke(app, ["coordinator", "start", "--home", str(tmp_path / "h"), "--keys", str(keys),
+                                      "--port", "9123"])
+    assert result.exit_code == 0, result.output
+    (command, env), = started
+    assert "--enable-supernode-auth" in command and "--insecure" not in command and "WARNING" not in result.output
+    assert env["FLWR_HOME"] == str((tmp_path / "h" / "flwr").resolve())
+    connection = deploy.CoordinatorHome((tmp_path / "h").resolve()).connection()
+    assert connection["address"] == "127.0.0.1:9123" and connection["root-certificates"].endswith("ca.pem")
+
+
+def test_cli_insecure_only_when_asked_and_always_with_a_warning(tmp_path, market, started):
+    result = CliRunner().invoke(app, ["coordinator", "start", "--home", str(tmp_path / "h"), "--insecure"])
+    assert result.exit_code == 0, result.output
+    assert "WARNING" in result.output and "plaintext" in result.output
+    assert "--insecure" in started[-1][0]
+    result = CliRunner().invoke(app, ["merchant", "start", "--data-dir", str(market / "shop-a"), "--model-dir",
+                                      str(tmp_path / "m"), "--superlink", "127.0.0.1:9092", "--insecure"])
+    assert result.exit_code == 0, result.output
+    assert "WARNING" in result.output and "--insecure" in started[-1][0]
+    assert "--root-certificates" not in started[-1][0]
