@@ -234,9 +234,10 @@ class SecAggGrid:
         legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(parameters, keep_input=True)
         log(INFO, "Round %d: secure aggregation (SecAgg+) over %d node(s)", server_round, len(messages))
-        _SecAggPlus(self.config.num_shares, self.config.reconstruction_threshold,
-                           max_weight=max_weight, clipping_range=self.config.clipping_range,
-                           quantization_range=self.config.quantization_range, timeout=timeout)(counting, legacy)
+        workflow = _SecAggPlus(self.config.num_shares, self.config.reconstruction_threshold, max_weight=max_weight,
+                               clipping_range=self.config.clipping_range,
+                               quantization_range=self.config.quantization_range, timeout=timeout)
+        workflow(counting, legacy)
         replies: list[Message] = []
         by_node = {m.metadata.dst_node_id: m for m in messages}
         for node, reason in sorted(counting.failures.items()):
