@@ -862,6 +862,75 @@ def merchant_start_command(
     _exec(plan.command, env_for(plan.state_dir / "flwr", flwr_bin_dir()))
 
 
+ModelDirOption = Annotated[Path, typer.Option(
+    "--model-dir", help="The model folder: a node's --model-dir after a run, or a run's model/ folder.")]
+DataDirOption = Annotated[Path, typer.Option("--data-dir", help="Your merchant data folder (items + events).")]
+
+
+def _open_recommender(model_dir: Path, data_dir: Path):
+    """The merchant's recommender, or exit 2 naming what is wrong (missing files, another encoder, bad data)."""
+    from fedcvr.client.recommender import open_recommender
+    from fedcvr.shared.data.contract import DataValidationError
+    from fedcvr.shared.model.errors import ModelConfigError
+
+    try:
+        with err_console.status("loading the model and the item index"):
+            return open_recommender(model_dir.expanduser(), data_dir.expanduser())
+    except DataValidationError as err:
+        err_console.print(str(err), highlight=False, markup=False, soft_wrap=True)
+        _fail(f"{data_dir} failed validation (problems above).")
+    except ModelConfigError as err:
+        _fail(str(err))
+
+
+@app.command("recommend")
+def recommend_command(
+    model_dir: ModelDirOption = ...,
+    data_dir: DataDirOption = ...,
+    user: Annotated[str, typer.Option("--user", help="The shopper's id in your events table.")] = ...,
+    k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
+) -> None:
+    """Print the top K items for a shopper with pCTCVR, pCTR and pCVR, and why (the history items that weighed
+    most). An unknown shopper gets the cold-start ranking (popularity by conversion)."""
+    if k < 1:
+        _fail(f"-k must be at least 1, got {k}")
+    recommender = _open_recommender(model_dir, data_dir)
+    answer = recommender.recommend(user, k=k)
+    table = Table(title=f"Top {k} for shopper {user} of {recommender.data.name} (model {recommender.version})")
+    for column in ("item", "title", "pCTCVR", "pCTR", "pCVR", "because"):
+        table.add_column(column, justify="right" if column.startswith("p") else "left")
+    for item in answer["items"]:
+        table.add_row(item["item_id"], item["title"], f"{item['p_ctcvr']:.4f}", f"{item['p_ctr']:.4f}",
+                      f"{item['p_cvr']:.4f}", item["reason"])
+    console.print(table)
+    if answer["cold_start"]:
+        console.print(f"[yellow]note:[/] shopper {user} has no history here: cold-start ranking (popularity by "
+                      "conversion)", highlight=False)
+
+
+@app.command("serve")
+def serve_command(
+    model_dir: ModelDirOption = ...,
+    data_dir: DataDirOption = ...,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve recommendations over HTTP (POST /recommend, POST /score, GET /similar/ID, POST /items, GET /health;
+    OpenAPI docs at /docs). Runs in the foreground until stopped."""
+    import uvicorn
+
+    from fedcvr.client.api import create_app
+
+    if not 0 < port < 65536:
+        _fail(f"--port {port} is not a port number, e.g. 8000")
+    recommender = _open_recommender(model_dir, data_dir)
+    health = recommender.health()
+    console.print(f"Serving {health['merchant']}: {health['catalog_size']:,} items, model {health['model_version']}"
+                  f"{' (item index built)' if recommender.index_built else ''}; docs at http://{host}:{port}/docs",
+                  highlight=False)
+    uvicorn.run(create_app(recommender), host=host, port=port, log_level="info")
+
+
 def main() -> None:
     app()
 

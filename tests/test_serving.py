@@ -1,0 +1,269 @@
+"""A merchant's recommendations: the two-stage recommender, `fedcvr recommend`, and the real HTTP server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fedcvr.cli import app
+from fedcvr.client.item_index import INDEX_DIR, INDEX_FILE
+from fedcvr.client.recommender import Filters, History, Recommender, UnknownItems, open_recommender
+from fedcvr.shared.data.loader import load_merchant
+from fedcvr.shared.model.config import ModelConfig
+from fedcvr.shared.model.errors import ModelConfigError
+from fedcvr.shared.model.esmm import initial_model
+from fedcvr.shared.model.folder import ENCODER, save_model_folder
+from fedcvr.shared.training.recommend import recommend as full_ranking
+from fedcvr.simulations.launcher import free_ports
+
+
+@pytest.fixture(scope="module")
+def shop(tiny_market) -> Path:
+    return tiny_market / "merchant-01"
+
+
+def make_model(folder: Path, tiny_bert: Path, seed: int = 0, version: str = "v1") -> Path:
+    config = ModelConfig(encoder=str(tiny_bert), dim=8, attention_hidden=8, head_hidden=8, max_text_tokens=32)
+    model, backbone = initial_model(config, seed)
+    save_model_folder(folder, model, backbone, {"version": version, "examples": {"history_length": 8}})
+    (folder / "VERSION").write_text(version + "\n")
+    return folder
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_bert) -> Path:
+    return make_model(tmp_path / "model", tiny_bert)
+
+
+def a_shopper(folder: Path, with_purchase: bool = False) -> str:
+    events = pd.read_parquet(folder / "events.parquet")
+    if with_purchase:
+        events = events[events["event"] == "purchase"]
+    return str(events["user_id"].value_counts().index[0])
+
+
+def test_recommend_ranks_by_pctcvr_explains_and_skips_bought_items(model_dir, shop):
+    recommender = Recommender(model_dir, shop)
+    shopper = a_shopper(shop, with_purchase=True)
+    answer = recommender.recommend(shopper, k=5)
+    items = answer["items"]
+    assert len(items) == 5 and not answer["cold_start"] and answer["model_version"] == "v1"
+    scores = [i["p_ctcvr"] for i in items]
+    assert scores == sorted(scores, reverse=True)
+    assert all(abs(i["p_ctcvr"] - i["p_ctr"] * i["p_cvr"]) < 1e-6 for i in items)
+    history = recommender.history_of(shopper)
+    bought = recommender.bought_by(shopper)
+    assert bought and not {i["item_id"] for i in items} & bought
+    for item in items:
+        assert 1 <= len(item["because"]) <= 2
+        assert all(b["item_id"] in history.item_ids and b["weight"] > 0 for b in item["because"])
+        assert item["reason"].startswith("because you ") and item["because"][0]["title"] in item["reason"]
+
+
+def test_two_stages_equal_the_full_catalog_ranking_when_every_item_is_a_candidate(model_dir, shop):
+    recommender = Recommender(model_dir, shop, candidates=10**6)
+    shopper = a_shopper(shop)
+    two_stage = [i["item_id"] for i in recommender.recommend(shopper, k=10)["items"]]
+    full = full_ranking(model_dir, load_merchant(shop), shopper, k=10, history_length=8)
+    assert two_stage == list(full["item_id"])
+
+
+def test_unknown_shoppers_get_the_flagged_popularity_ranking(model_dir, shop, tiny_market):
+    recommender = Recommender(model_dir, shop)
+    other = a_shopper(tiny_market / "merchant-02")  # another merchant's shopper is unknown here
+    answer = recommender.recommend(other, k=5)
+    assert answer["cold_start"] and answer["ranking"] == "popularity-by-conversion"
+    rows = recommender.rows_of([i["item_id"] for i in answer["items"]])
+    popularity = recommender._popularity[rows]
+    assert list(popularity) == sorted(popularity, reverse=True)
+    assert popularity[0] == recommender._popularity.max()
+    own = set(load_merchant(shop).items["item_id"])
+    assert {i["item_id"] for i in answer["items"]} <= own and all(not i["because"] for i in answer["items"])
+
+
+def test_filters_and_ad_hoc_history(model_dir, shop):
+    recommender = Recommender(model_dir, shop)
+    items = load_merchant(shop).items
+    category = str(items["category"].value_counts().index[0])
+    history = History([str(items["item_id"].iloc[0])], ["purchase"], [1.0])
+    answer = recommender.recommend(history=history, k=5, filters=Filters(category=category.upper(), max_price=50.0))
+    chosen = items.set_index("item_id").loc[[i["item_id"] for i in answer["items"]]]
+    assert len(chosen) and (chosen["category"] == category).all() and (chosen["price"] <= 50.0).all()
+    assert str(items["item_id"].iloc[0]) not in chosen.index  # bought in the ad-hoc history
+    with pytest.raises(UnknownItems) as unknown:
+        recommender.recommend(history=History(["nope"], ["click"], [0.0]))
+    assert unknown.value.ids == ["nope"]
+
+
+def test_score_similar_and_unknown_items(model_dir, shop):
+    recommender = Recommender(model_dir, shop)
+    ids = [str(i) for i in recommender.index.item_ids[:3]]
+    scored = recommender.score(a_shopper(shop), ids)
+    assert [i["item_id"] for i in scored["items"]] == ids
+    with pytest.raises(UnknownItems) as unknown:
+        recommender.score(None, [ids[0], "missing-1", "missing-2"])
+    assert unknown.value.ids == ["missing-1", "missing-2"]
+    similar = recommender.similar(ids[0], k=4)
+    assert len(similar["items"]) == 4 and ids[0] not in [i["item_id"] for i in similar["items"]]
+    values = [i["similarity"] for i in similar["items"]]
+    assert values == sorted(values, reverse=True) and all(-1.0001 <= v <= 1.0001 for v in values)
+
+
+def test_new_items_are_recommendable_at_once_and_survive_a_restart(model_dir, shop):
+    recommender = Recommender(model_dir, shop)
+    size = len(recommender.index)
+    first = str(recommender.index.item_ids[0])
+    out = recommender.add_items([{"item_id": "new-1", "title": "Organic green tea, 100 g", "price": 4.5},
+                                 {"item_id": first, "title": "Renamed item", "category": "tea"}])
+    assert out == {"added": ["new-1"], "updated": [first], "catalog_size": size + 1}
+    answer = recommender.recommend(history=History(["new-1"], ["cart"], [0.0]), k=3)
+    assert answer["items"][0]["because"][0]["item_id"] == "new-1"
+    assert recommender.similar("new-1", k=2)["title"] == "Organic green tea, 100 g"
+    again = Recommender(model_dir, shop)
+    assert not again.index_built and len(again.index) == size + 1
+    np.testing.assert_allclose(again.index.embeddings, recommender.index.embeddings, atol=1e-6)
+    assert again.titles[again.index.position[first]] == "Renamed item"
+
+
+def test_the_index_is_rebuilt_for_a_new_model_version(model_dir, shop, tiny_bert):
+    first = Recommender(model_dir, shop)
+    assert first.index_built and (model_dir / INDEX_DIR / INDEX_FILE).is_file()
+    assert not Recommender(model_dir, shop).index_built
+    make_model(model_dir, tiny_bert, seed=1, version="v2")
+    second = Recommender(model_dir, shop)
+    assert second.index_built and second.version == "v2"
+    assert not np.allclose(first.index.embeddings, second.index.embeddings)
+
+
+def test_bad_model_folders_are_refused_with_the_reason(model_dir, shop, tmp_path):
+    with pytest.raises(ModelConfigError, match="does not exist"):
+        open_recommender(tmp_path / "nothing", shop)
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "weights.safetensors").unlink()
+    with pytest.raises(ModelConfigError, match="weights.safetensors missing"):
+        open_recommender(broken, shop)
+    other = tmp_path / "other-encoder"
+    shutil.copytree(model_dir, other)
+    reference = json.loads((other / ENCODER).read_text())
+    (other / ENCODER).write_text(json.dumps({**reference, "key": "0123456789abcdef"}))
+    with pytest.raises(ModelConfigError, match="trained with the encoder"):
+        open_recommender(other, shop)
+
+
+def test_cli_recommend_prints_the_table_and_refuses_bad_folders(model_dir, shop, tmp_path):
+    shopper = a_shopper(shop)
+    result = CliRunner().invoke(app, ["recommend", "--model-dir", str(model_dir), "--data-dir", str(shop),
+                                      "--user", shopper, "-k", "3"])
+    assert result.exit_code == 0, result.output
+    assert "pCTCVR" in result.output and "because you" in result.output
+    cold = CliRunner().invoke(app, ["recommend", "--model-dir", str(model_dir), "--data-dir", str(shop),
+                                    "--user", "nobody", "-k", "3"])
+    assert cold.exit_code == 0 and "cold-start" in cold.output
+    bad = CliRunner().invoke(app, ["recommend", "--model-dir", str(tmp_path / "x"), "--data-dir", str(shop),
+                                   "--user", shopper])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+# ---------------------------------------------------------------- the real server
+
+
+@pytest.fixture
+def server(model_dir, shop, tmp_path):
+    """`fedcvr serve` on 127.0.0.1 and a free port, stopped by its PID."""
+    port = free_ports(1)[0]
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen([str(Path(sys.executable).parent / "fedcvr"), "serve", "--model-dir", str(model_dir),
+                                "--data-dir", str(shop), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the server did not start:\n{(tmp_path / 'serve.log').read_text()}")
+            time.sleep(0.5)
+        yield httpx.Client(base_url=base, timeout=30)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_every_endpoint_of_the_running_server(server, shop, tiny_market):
+    health = server.get("/health").json()
+    assert health["status"] == "ok" and health["model_version"] == "v1" and health["merchant"] == "merchant-01"
+    size = health["catalog_size"]
+    shopper = a_shopper(shop)
+    ranked = server.post("/recommend", json={"user_id": shopper, "k": 4}).json()
+    assert len(ranked["items"]) == 4 and not ranked["cold_start"]
+    assert set(ranked["items"][0]) >= {"item_id", "title", "p_ctcvr", "p_ctr", "p_cvr", "because"}
+    first = ranked["items"][0]["item_id"]
+    ad_hoc = server.post("/recommend", json={"history": [{"item_id": first, "event": "click"}], "k": 3,
+                                             "max_price": 1000, "exclude_bought": False}).json()
+    assert len(ad_hoc["items"]) == 3 and ad_hoc["items"][0]["because"][0]["item_id"] == first
+    cold = server.post("/recommend", json={"user_id": a_shopper(tiny_market / "merchant-02"), "k": 3}).json()
+    assert cold["cold_start"] and cold["ranking"] == "popularity-by-conversion"
+    scored = server.post("/score", json={"user_id": shopper, "item_ids": [first]}).json()
+    assert scored["items"][0]["item_id"] == first
+    similar = server.get(f"/similar/{first}", params={"k": 3}).json()
+    assert len(similar["items"]) == 3
+    added = server.post("/items", json={"items": [{"item_id": "new-1", "title": "Organic green tea, 100 g",
+                                                   "price": 4.5}]}).json()
+    assert added["added"] == ["new-1"] and added["catalog_size"] == size + 1
+    now = server.post("/recommend", json={"history": [{"item_id": "new-1", "event": "purchase"}], "k": 2,
+                                          "exclude_bought": False}).json()
+    assert now["items"][0]["because"][0]["title"] == "Organic green tea, 100 g"
+    assert server.get("/health").json()["catalog_size"] == size + 1
+    assert server.get("/openapi.json").json()["paths"].keys() >= {"/recommend", "/score", "/similar/{item_id}",
+                                                                 "/items", "/health"}
+
+
+@pytest.mark.parametrize("method, path, body, status, needle", [
+    ("post", "/score", {"item_ids": ["ghost-1", "ghost-2"]}, 404, "ghost-1"),
+    ("get", "/similar/ghost-3", None, 404, "ghost-3"),
+    ("post", "/recommend", {"history": [{"item_id": "ghost-4", "event": "click"}]}, 404, "ghost-4"),
+    ("post", "/recommend", {"k": 0}, 422, "k"),
+    ("post", "/recommend", {"k": "ten"}, 422, "k"),
+    ("post", "/recommend", {"history": [{"item_id": "x", "event": "like"}]}, 422, "event"),
+    ("post", "/recommend", {"min_price": 10, "max_price": 1}, 422, "min_price"),
+    ("post", "/recommend", {"user": "typo"}, 422, "user"),
+    ("post", "/score", {"user_id": "u"}, 422, "item_ids"),
+    ("post", "/items", {"items": [{"item_id": "n", "title": "  "}]}, 422, "title"),
+    ("post", "/items", {"items": [{"item_id": "n", "title": "t", "price": -1}]}, 422, "price"),
+    ("post", "/items", {"items": []}, 422, "items"),
+    ("get", "/similar/x?k=0", None, 422, "k"),
+])
+def test_bad_input_names_the_problem_and_the_server_goes_on(server, method, path, body, status, needle):
+    response = server.post(path, json=body) if method == "post" else server.get(path)
+    assert response.status_code == status, response.text
+    assert needle in response.text
+    assert server.get("/health").status_code == 200
+
+
+def test_a_body_that_is_not_json_is_refused(server):
+    broken = server.post("/recommend", content=b'{"k": 3,', headers={"content-type": "application/json"})
+    assert broken.status_code == 422 and "JSON" in broken.text
+    undecodable = server.post("/recommend", content=b"\xff\xfe", headers={"content-type": "application/json"})
+    assert undecodable.status_code in (400, 422) and "detail" in undecodable.json()
+    assert server.get("/health").status_code == 200
