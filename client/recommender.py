@@ -259,6 +259,18 @@ class Recommender:
         parts = [f"{VERB.get(b['event'], 'saw')} {b['title']}" for b in because]
         return "because you " + " and ".join(parts)
 
+    def query(self, index: ItemIndex, history: History) -> np.ndarray:
+        """The retrieval query of a history: the weighted mean of its items' unit embeddings, normalised."""
+        weights = np.asarray([EVENT_WEIGHT.get(e, 1.0) for e in history.events], np.float32)
+        weights *= np.linspace(0.5, 1.0, len(weights), dtype=np.float32)  # later events weigh more
+        query = weights @ index.unit[self.rows_of(history.item_ids)]
+        return (query / max(float(np.linalg.norm(query)), 1e-12)).astype(np.float32)
+
+    def retrieve(self, index: ItemIndex, history: History, allowed: np.ndarray | None, n: int) -> np.ndarray:
+        """Stage one: the `n` allowed rows with the largest dot product with the history's query, best first."""
+        rows, _ = index.top(self.query(index, history), n, allowed)
+        return rows
+
     def recommend(self, user_id: str | None = None, history: History | None = None, k: int = 10,
                   filters: Filters | None = None) -> dict[str, Any]:
         """Top `k` items by pCTCVR for a stored shopper (`user_id`) or an ad-hoc `history` (which wins)."""
@@ -276,12 +288,7 @@ class Recommender:
             n = min(k, int(np.isfinite(popularity).sum()))
             rows = np.argsort(-popularity, kind="stable")[:n]
         else:
-            weights = np.asarray([EVENT_WEIGHT.get(e, 1.0) for e in history.events], np.float32)
-            weights *= np.linspace(0.5, 1.0, len(weights), dtype=np.float32)  # later events weigh more
-            hist_rows = self.rows_of(history.item_ids)
-            query = (weights[:, None] * index.unit[hist_rows]).sum(0)
-            query /= max(float(np.linalg.norm(query)), 1e-12)
-            rows, _ = index.top(query.astype(np.float32), max(self.candidates, k), allowed)
+            rows = self.retrieve(index, history, allowed, max(self.candidates, k))
         items: list[dict[str, Any]] = []
         if len(rows):
             p_ctr, p_cvr, p_ctcvr, attention = self._score(index, rows, history)
