@@ -1,0 +1,21 @@
+"""The serving benchmark script runs end to end on a small catalog (the figures themselves come from full runs)."""
+
+from __future__ import annotations
+
+import json
+
+from fedcvr.simulations.benchmarks import serving
+
+
+def test_serving_benchmark_reports_latency_and_the_retrieval_ratio(tmp_path, tiny_bert, capsys):
+    result = serving.main(["--items", "400", "--shoppers", "60", "--events", "3000", "--requests", "8",
+                           "--warmup", "2", "--candidates", "50", "--encoder", str(tiny_bert), "--out",
+                           str(tmp_path)])
+    assert result["catalog_items"] == 400 and result["index_built"]
+    retrieval = result["retrieval"]
+    assert retrieval["ours"]["n"] == retrieval["reference"]["n"] > 0 and retrieval["ratio_of_medians"] > 0
+    http = result["http"]["recommend"]
+    assert http["n"] == 8 and 0 < http["p50_ms"] <= http["p99_ms"]
+    assert json.loads((tmp_path / "serving.json").read_text())["machine"]["cpus"] >= 1
+    printed = capsys.readouterr().out
+    assert "POST /recommend k=10 p50 / p99" in printed and "retrieval ratio" in printed
