@@ -10,7 +10,8 @@ a plain numpy matrix product + argpartition over the same embeddings, measured s
 3. retrieval stage: `Recommender.retrieve` (query from the history, allowed-items mask, dot products,
    argpartition, ordering) against the reference `scores = unit @ q; np.argpartition(-scores, C - 1)[:C]`, the
    two alternating request by request over the same shoppers; median and p99 of each and the ratio of medians;
-3. end to end: `fedcvr serve` in its own process on 127.0.0.1, `--requests` sequential POST /recommend with k = 10
+4. in process: `Recommender.recommend` with 1 and with 2 torch threads (why `fedcvr serve` uses 1);
+5. end to end: `fedcvr serve` in its own process on 127.0.0.1, `--requests` sequential POST /recommend with k = 10
    for random shoppers, after `--warmup` requests; p50 and p99 in ms.
 Prints one table and writes `<out>/serving.json` with the machine's description.
 """
@@ -80,6 +81,27 @@ def retrieval(recommender, shoppers: list[str], candidates: int, rng: np.random.
     result = {"ours": percentiles(ours), "reference": percentiles(reference)}
     result["ratio_of_medians"] = result["ours"]["p50_ms"] / result["reference"]["p50_ms"]
     return result
+
+
+def in_process(recommender, shoppers: list[str], requests: int, rng: np.random.Generator) -> dict[str, object]:
+    """`Recommender.recommend` (k = 10) without HTTP, with 1 and with 2 torch threads: why serve uses one."""
+    import torch
+
+    before = torch.get_num_threads()
+    out: dict[str, object] = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            times = []
+            for i, user in enumerate(rng.choice(shoppers, size=requests + 20)):
+                start = time.perf_counter()
+                recommender.recommend(str(user), k=10)
+                if i >= 20:
+                    times.append(time.perf_counter() - start)
+            out[f"threads={threads}"] = percentiles(times)
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 def end_to_end(model_dir: Path, data_dir: Path, shoppers: list[str], requests: int, warmup: int, k: int,
@@ -153,12 +175,13 @@ def main(argv: list[str] | None = None) -> dict:
         "embedding_dim": int(recommender.index.embeddings.shape[1]), "candidates": args.candidates,
         "recommender_load_s": load_s, "index_built": recommender.index_built,
         "retrieval": retrieval(recommender, shoppers[: args.requests], args.candidates, rng),
+        "in_process": in_process(recommender, shoppers, args.requests, rng),
     }
     del recommender
     result["http"] = end_to_end(model_dir, data_dir, shoppers, args.requests, args.warmup, 10, rng,
                                 out / "serve.log")
     (out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
-    r, h = result["retrieval"], result["http"]["recommend"]
+    r, h, p = result["retrieval"], result["http"]["recommend"], result["in_process"]
     rows = [
         ("catalog", f"{result['catalog_items']:,} items x {result['embedding_dim']} dims, "
                     f"{args.candidates} candidates"),
@@ -167,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
         ("numpy matmul + argpartition p50 / p99",
          f"{r['reference']['p50_ms']:.2f} / {r['reference']['p99_ms']:.2f} ms"),
         ("retrieval ratio (medians; target < 1.5)", f"{r['ratio_of_medians']:.2f}"),
+        ("recommend() in process, 1 / 2 threads, p99",
+         f"{p['threads=1']['p99_ms']:.1f} / {p['threads=2']['p99_ms']:.1f} ms (p50 {p['threads=1']['p50_ms']:.1f} / "
+         f"{p['threads=2']['p50_ms']:.1f} ms)"),
         ("POST /recommend k=10 p50 / p99 (target p99 < 50 ms)", f"{h['p50_ms']:.1f} / {h['p99_ms']:.1f} ms "
                                                                f"({h['n']} requests)"),
     ]
