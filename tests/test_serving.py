@@ -267,3 +267,13 @@ def test_a_body_that_is_not_json_is_refused(server):
     undecodable = server.post("/recommend", content=b"\xff\xfe", headers={"content-type": "application/json"})
     assert undecodable.status_code in (400, 422) and "detail" in undecodable.json()
     assert server.get("/health").status_code == 200
+
+
+def test_cli_serve_refuses_to_start_without_a_usable_model(model_dir, shop, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "config.json").unlink()
+    result = CliRunner().invoke(app, ["serve", "--model-dir", str(broken), "--data-dir", str(shop), "--port", "1"])
+    assert result.exit_code == 2 and "config.json missing" in result.output
+    result = CliRunner().invoke(app, ["serve", "--model-dir", str(model_dir), "--data-dir", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "failed validation" in result.output
