@@ -157,13 +157,17 @@ def keep_ledger(ledger: PrivacyLedger, state, ledger_file: Path | None, federati
 
 
 _NODES: dict[tuple, MerchantNode] = {}
+# How many nodes one process keeps built: 1 on a real node (one merchant per process); a whole simulated
+# federation in one process (simulations/inprocess.py) keeps one per merchant.
+NODES_KEPT = {"count": 1}
 
 
 def node_for(folder: Path, run_config: Mapping[str, Any]) -> MerchantNode:
     """The node of this process for `folder` and these settings, built once (later messages reuse it)."""
     key = (str(folder), json.dumps(dict(run_config), sort_keys=True, default=str))
     if key not in _NODES:
-        _NODES.clear()
+        while len(_NODES) >= max(NODES_KEPT["count"], 1):
+            _NODES.pop(next(iter(_NODES)))  # the oldest
         _NODES[key] = MerchantNode(folder, NodeSettings.from_run_config(run_config))
     return _NODES[key]
 

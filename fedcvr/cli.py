@@ -862,6 +862,57 @@ def merchant_start_command(
     _exec(plan.command, env_for(plan.state_dir / "flwr", flwr_bin_dir()))
 
 
+@app.command("experiment")
+def experiment_command(
+    config: Annotated[Path, typer.Argument(help="An experiment config (TOML), e.g. "
+                                                "simulations/experiments/synthetic-default.toml.")],
+    out: Annotated[Path, typer.Option("--out", help="Results folder: runs/<run-id>/, results.parquet, "
+                                                    "results.csv.")] = ...,
+) -> None:
+    """Run a grid of settings x privacy budgets x seeds into a tidy table; finished runs are skipped, so an
+    interrupted grid resumes where it stopped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedcvr.simulations.experiment import Experiment, ExperimentError, run_grid
+
+    try:
+        experiment = Experiment.from_toml(config.expanduser())
+    except ExperimentError as err:
+        _fail(str(err))
+    runs = experiment.runs()
+    console.print(f"Experiment {experiment.name}: {len(runs)} run(s) ({', '.join(experiment.settings)} x "
+                  f"{len(experiment.epsilons)} ε x {len(experiment.seeds)} seed(s)), {experiment.rounds} round(s) each",
+                  highlight=False)
+    with Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[now]}"), console=err_console) as bar:
+        task = bar.add_task("runs", total=len(runs), now="")
+
+        def on_run(run, status: str) -> None:
+            bar.update(task, now=f"{run.run_id}: {status}")
+            if status != "running":
+                bar.advance(task)
+                err_console.print(f"{run.run_id}: {status}", highlight=False)
+
+        table = run_grid(experiment, out.expanduser().resolve(), on_run)
+    console.print(f"[green]done:[/] {table['run_id'].nunique()} run(s), {len(table):,} rows in "
+                  f"{out / 'results.parquet'} and results.csv", highlight=False)
+
+
+@app.command("report")
+def report_command(
+    results: Annotated[Path, typer.Argument(help="The --out folder of `fedcvr experiment`.")],
+) -> None:
+    """Write RESULTS/report.md with PNG plots: privacy-utility curves, convergence, per-merchant gain of
+    federating over training alone, and bytes and time per round."""
+    from fedcvr.simulations.report import ReportError, write_report
+
+    try:
+        path = write_report(results.expanduser().resolve())
+    except ReportError as err:
+        _fail(str(err))
+    console.print(f"[green]wrote[/] {path} and its plots", highlight=False)
+
+
 ModelDirOption = Annotated[Path, typer.Option(
     "--model-dir", help="The model folder: a node's --model-dir after a run, or a run's model/ folder.")]
 DataDirOption = Annotated[Path, typer.Option("--data-dir", help="Your merchant data folder (items + events).")]

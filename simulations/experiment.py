@@ -1,0 +1,332 @@
+"""Experiment grids: settings x privacy budgets x seeds on one data set, run in one process, into a tidy table.
+
+An experiment config (TOML, examples in `simulations/experiments/`):
+
+    name = "synthetic-default"
+    data = "synthetic"            # "synthetic" (the default marketplace, seed 0) or a marketplace folder
+    settings = ["centralized", "local-only", "fedavg", "fedprox", "fedadam"]
+    epsilons = ["none", 8, 4, 2, 1]   # dp.target-epsilon of the whole run; "none" = no DP
+    seeds = [0, 1]
+    rounds = 5
+    partition = "natural"         # or "dirichlet": re-partition by category into `clients` with `alpha`
+    min-shoppers = 0              # keep only merchant folders with at least this many shoppers
+    [run-config]                  # any app run config key, e.g. local-epochs = 2
+
+Each run (setting, ε, seed) writes `<out>/runs/<run-id>/result.json`; a run with that file is finished and is
+skipped when the grid runs again (an interrupted grid resumes). Federated settings run the app's real ServerApp
+and ClientApp logic in this process (`inprocess.py`); local-only trains each merchant alone with the same node
+code (`local_only.py`); centralized trains on the union of the merchants (`central.py`; no DP, so it runs once
+per seed as the reference line). The tidy table `<out>/results.parquet` and `.csv` has one row per run x round x
+metric: run_id, setting, epsilon, seed, data, round, split, merchant ("all" or a merchant), metric, value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SETTINGS = ("centralized", "local-only", "fedavg", "fedprox", "fedadam")
+FEDERATED = ("fedavg", "fedprox", "fedadam")
+RESULT = "result.json"
+TABLE_COLUMNS = ["run_id", "setting", "epsilon", "seed", "data", "round", "split", "merchant", "metric", "value"]
+PER_ROUND = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ndcg@10", "max-epsilon", "bytes-sent", "bytes-received",
+             "seconds", "nodes-trained")
+FINAL = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ctcvr.logloss", "ndcg@10", "hr@10")
+
+
+class ExperimentError(ValueError):
+    """A bad experiment config; the message names the file, the field, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Run:
+    setting: str
+    epsilon: float | None
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        eps = "none" if self.epsilon is None else f"{self.epsilon:g}"
+        return f"{self.setting}-eps{eps}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    data: str
+    settings: tuple[str, ...]
+    epsilons: tuple[float | None, ...]
+    seeds: tuple[int, ...]
+    rounds: int
+    run_config: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+    partition: str = "natural"
+    alpha: float = 0.5
+    clients: int = 5
+    min_shoppers: int = 0
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Experiment:
+        if not path.is_file():
+            raise ExperimentError(f"{path} does not exist: pass an experiment config (TOML), e.g. "
+                                  "simulations/experiments/synthetic-default.toml")
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ExperimentError(f"{path} is not valid TOML: {err}") from None
+
+        def bad(key: str, fix: str) -> ExperimentError:
+            return ExperimentError(f"{path}: `{key}` = {table.get(key)!r} is invalid: {fix}")
+
+        keys = {"name", "data", "settings", "epsilons", "seeds", "rounds", "run-config", "partition", "alpha",
+                "clients", "min-shoppers"}
+        unknown = set(table) - keys
+        if unknown:
+            raise ExperimentError(f"{path}: unknown key(s) {sorted(unknown)}: the keys are {', '.join(sorted(keys))}")
+        partition = table.get("partition", "natural")
+        if partition not in ("natural", "dirichlet"):
+            raise bad("partition", '"natural" (one client per merchant folder) or "dirichlet" (re-partition by '
+                                   "category)")
+        alpha = table.get("alpha", 0.5)
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+            raise bad("alpha", "a number > 0 (the Dirichlet concentration; small = strongly non-IID)")
+        clients = table.get("clients", 5)
+        if isinstance(clients, bool) or not isinstance(clients, int) or clients < 2:
+            raise bad("clients", "a whole number >= 2 (clients of the Dirichlet partition)")
+        min_shoppers = table.get("min-shoppers", 0)
+        if isinstance(min_shoppers, bool) or not isinstance(min_shoppers, int) or min_shoppers < 0:
+            raise bad("min-shoppers", "a whole number >= 0 (keep only merchant folders with that many shoppers)")
+        settings = table.get("settings", list(SETTINGS))
+        if not isinstance(settings, list) or not settings or any(s not in SETTINGS for s in settings):
+            raise bad("settings", f"a non-empty list of {', '.join(SETTINGS)}")
+        epsilons: list[float | None] = []
+        for value in table.get("epsilons", ["none"]):
+            if value == "none":
+                epsilons.append(None)
+            elif isinstance(value, int | float) and not isinstance(value, bool) and value > 0 and math.isfinite(value):
+                epsilons.append(float(value))
+            else:
+                raise bad("epsilons", 'a list of numbers > 0 and "none" (no DP), e.g. ["none", 8, 4, 2, 1]')
+        seeds = table.get("seeds", [0])
+        if not isinstance(seeds, list) or not seeds or any(not isinstance(s, int) or isinstance(s, bool)
+                                                           for s in seeds):
+            raise bad("seeds", "a non-empty list of whole numbers, e.g. [0, 1, 2]")
+        rounds = table.get("rounds", 5)
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+            raise bad("rounds", "a whole number >= 1")
+        data = table.get("data", "synthetic")
+        if not isinstance(data, str) or not data:
+            raise bad("data", '"synthetic" or the path of a marketplace folder')
+        run_config = table.get("run-config", {})
+        if not isinstance(run_config, dict):
+            raise bad("run-config", "a table of app run config keys")
+        return cls(str(table.get("name", path.stem)), data, tuple(settings), tuple(dict.fromkeys(epsilons)),
+                   tuple(dict.fromkeys(seeds)), rounds, _flatten(run_config), path, partition, float(alpha), clients,
+                   min_shoppers)
+
+    def runs(self) -> list[Run]:
+        """The grid; centralized training has no DP here, so it runs once per seed (its ε is none)."""
+        out = []
+        for setting in self.settings:
+            for epsilon in ((None,) if setting == "centralized" else self.epsilons):
+                for seed in self.seeds:
+                    out.append(Run(setting, epsilon, seed))
+        return out
+
+    def data_root(self, out: Path) -> Path:
+        """The marketplace folder the runs read: the data set, its merchants with enough shoppers, or its
+        Dirichlet re-partition (written once into `out`)."""
+        from fedcvr.simulations.partition import dirichlet_partition, select_merchants
+
+        root = self.source_root(out)
+        if self.min_shoppers:
+            root = select_merchants(root, self.min_shoppers, out / f"data-min{self.min_shoppers}")
+        if self.partition == "dirichlet":
+            target = out / f"data-dirichlet-{self.alpha:g}-{self.clients}"
+            if not (target / f"client-{self.clients:02d}" / "events.parquet").is_file():
+                dirichlet_partition(root, target, self.alpha, self.clients)
+            root = target
+        return root
+
+    def source_root(self, out: Path) -> Path:
+        if self.data != "synthetic":
+            root = Path(self.data).expanduser()
+            if not root.is_absolute() and self.source is not None and not root.exists():
+                root = self.source.parent / root
+            return root.resolve()
+        root = out / "data"
+        if not (root / "marketplace.json").is_file():
+            from fedcvr.simulations.synth import SynthConfig, generate_marketplace
+
+            generate_marketplace(SynthConfig(seed=0), root)
+        return root
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_config_of(experiment: Experiment, run: Run, data_root: Path, run_dir: Path) -> dict[str, Any]:
+    from fedcvr.shared.data.loader import merchant_folders
+    from fedcvr.simulations import launcher
+
+    overrides = {**experiment.run_config, "data-root": str(data_root), "out-dir": str(run_dir),
+                 "num-server-rounds": experiment.rounds, "seed": run.seed, "train.seed": run.seed,
+                 "min-nodes": len(merchant_folders(data_root)), "dp.enabled": run.epsilon is not None}
+    if run.setting in FEDERATED:
+        overrides["strategy"] = run.setting
+    if run.epsilon is not None:
+        overrides["dp.target-epsilon"] = run.epsilon
+    return launcher.defaults_with("", **overrides)
+
+
+def _rows(run: Run, data: str, round_: int, split: str, merchant: str, metrics: dict[str, Any],
+          keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [{"run_id": run.run_id, "setting": run.setting, "epsilon": run.epsilon, "seed": run.seed, "data": data,
+             "round": round_, "split": split, "merchant": merchant, "metric": key, "value": float(metrics[key])}
+            for key in keys if metrics.get(key) is not None]
+
+
+def run_federated(experiment: Experiment, run: Run, run_config: dict[str, Any], folders: list[Path]) -> list[dict]:
+    from fedcvr.client.node import MerchantNode, NodeSettings
+    from fedcvr.shared.model.folder import load_model_folder
+    from fedcvr.shared.model.weights import trainable_state
+    from fedcvr.simulations.inprocess import run_federation
+    from fedcvr.simulations.local_only import test_metrics
+
+    summary = run_federation(run_config, len(folders))
+    rows = []
+    for record in summary["rounds"]:
+        rows += _rows(run, experiment.data, int(record["round"]), "validation", "all", record, PER_ROUND)
+    rows += _rows(run, experiment.data, experiment.rounds, "test", "all", summary["test"], FINAL)
+    model, _, _ = load_model_folder(Path(run_config["out-dir"]) / "model")
+    weights = trainable_state(model)
+    settings = NodeSettings.from_run_config(run_config)
+    for folder in folders:
+        node = MerchantNode(folder, settings)
+        metrics = {**test_metrics(node, weights), "train-examples": len(node.prepared.splits["train"])}
+        rows += _rows(run, experiment.data, experiment.rounds, "test", folder.name, metrics,
+                      (*FINAL, "train-examples"))
+    return rows
+
+
+def run_local_only(experiment: Experiment, run: Run, run_config: dict[str, Any], folders: list[Path]) -> list[dict]:
+    from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
+    from fedcvr.simulations.local_only import initial_weights, test_metrics, train_alone
+
+    start, settings = initial_weights(run_config), NodeSettings.from_run_config(run_config)
+    rows, sums = [], []
+    for folder in folders:
+        node = MerchantNode(folder, settings)
+        weights, epsilon = train_alone(node, start)
+        metrics = {**test_metrics(node, weights), "train-examples": len(node.prepared.splits["train"]),
+                   "max-epsilon": epsilon}
+        sums.append(node.evaluate(weights, "test"))
+        rows += _rows(run, experiment.data, experiment.rounds, "test", folder.name, metrics,
+                      (*FINAL, "train-examples", "max-epsilon"))
+    rows += _rows(run, experiment.data, experiment.rounds, "test", "all", merge_evaluations(sums), FINAL)
+    return rows
+
+
+def run_centralized(experiment: Experiment, run: Run, run_config: dict[str, Any], data_root: Path) -> list[dict]:
+    from fedcvr.client.node import NodeSettings
+    from fedcvr.simulations.central import train_central
+
+    settings = NodeSettings.from_run_config(run_config)
+    result = train_central(data_root, Path(run_config["out-dir"]) / "model", settings.model, settings.train,
+                           settings.examples)
+    test = result.metrics.get("test", {}).get("model", {})
+    return _rows(run, experiment.data, 0, "test", "all", test, FINAL)
+
+
+def run_grid(experiment: Experiment, out: Path, on_run: Callable[[Run, str], None] | None = None) -> pd.DataFrame:
+    """Run every run of the grid that has no result yet, then write and return the tidy table."""
+    from fedcvr.shared.data.loader import merchant_folders
+
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = experiment.data_root(out)
+    folders = merchant_folders(data_root)
+    describe(experiment, out, data_root)
+    for run in experiment.runs():
+        run_dir = out / "runs" / run.run_id
+        if (run_dir / RESULT).is_file():
+            if on_run:
+                on_run(run, "skipped (finished earlier)")
+            continue
+        if on_run:
+            on_run(run, "running")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_config = run_config_of(experiment, run, data_root, run_dir)
+        started = time.perf_counter()
+        if run.setting in FEDERATED:
+            rows = run_federated(experiment, run, run_config, folders)
+        elif run.setting == "local-only":
+            rows = run_local_only(experiment, run, run_config, folders)
+        else:
+            rows = run_centralized(experiment, run, run_config, data_root)
+        seconds = time.perf_counter() - started
+        rows += _rows(run, experiment.data, experiment.rounds, "test", "all", {"wall-seconds": seconds},
+                      ("wall-seconds",))
+        staging = run_dir / (RESULT + ".tmp")
+        staging.write_text(json.dumps({"run": run.run_id, "seconds": seconds, "rows": rows}) + "\n")
+        staging.replace(run_dir / RESULT)  # the run counts as finished only once this file is whole
+        if on_run:
+            on_run(run, f"done in {seconds:.0f} s")
+    return write_table(experiment, out)
+
+
+def machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def describe(experiment: Experiment, out: Path, data_root: Path) -> Path:
+    """`<out>/experiment.json`: the grid, the data, the machine, for the report (one entry per session)."""
+    path = out / "experiment.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    sessions = known.get("sessions", [])
+    sessions.append({"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+    path.write_text(json.dumps({
+        "name": experiment.name, "config": str(experiment.source) if experiment.source else None,
+        "data": experiment.data, "data_root": str(data_root), "settings": list(experiment.settings),
+        "epsilons": [e if e is not None else "none" for e in experiment.epsilons], "seeds": list(experiment.seeds),
+        "rounds": experiment.rounds, "partition": experiment.partition,
+        "alpha": experiment.alpha if experiment.partition == "dirichlet" else None,
+        "clients": experiment.clients if experiment.partition == "dirichlet" else None,
+        "min_shoppers": experiment.min_shoppers, "run_config": experiment.run_config, "sessions": sessions},
+        indent=2) + "\n")
+    return path
+
+
+def write_table(experiment: Experiment, out: Path) -> pd.DataFrame:
+    """Collect the finished runs of the grid into `<out>/results.parquet` and `results.csv`."""
+    rows: list[dict] = []
+    for run in experiment.runs():
+        path = out / "runs" / run.run_id / RESULT
+        if path.is_file():
+            rows += json.loads(path.read_text())["rows"]
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    table.insert(0, "experiment", experiment.name)
+    table.to_parquet(out / "results.parquet", index=False)
+    table.to_csv(out / "results.csv", index=False)
+    return table

@@ -1,0 +1,72 @@
+"""A whole federation in one process: the real ServerApp logic (`run_training`) and the real ClientApp, with a
+Grid that hands each message to the ClientApp of its node directly (no Flower processes, no network).
+
+For research grids, where starting Flower for every run would cost more than the run. Every node keeps its own
+Context (state: privacy ledger, SecAgg+ keys) across messages, as a SuperNode does; messages are deep-copied on
+the way, as a real transport would.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedcvr.client import node as node_module
+from fedcvr.client.app import app as client_app
+from fedcvr.server.app import run_training
+from fedcvr.server.config import ServerConfig
+
+FIRST_NODE_ID = 100
+
+
+class InProcessGrid:
+    """Delivers messages to the ClientApp of node `FIRST_NODE_ID + i` (the i-th merchant folder)."""
+
+    def __init__(self, run_config: Mapping[str, Any], nodes: int):
+        self.contexts = {
+            FIRST_NODE_ID + i: Context(run_id=1, node_id=FIRST_NODE_ID + i,
+                                       node_config={"partition-id": i, "num-partitions": nodes},
+                                       state=RecordDict(), run_config=dict(run_config))
+            for i in range(nodes)}
+        self._next = 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            self._next += 1
+            message.metadata.__dict__["_message_id"] = f"m{self._next}"  # what the SuperLink would set
+            replies.append(client_app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id]))
+        return replies
+
+
+@contextmanager
+def server_identity():
+    """What the ServerApp process has when Flower runs it: messages need a run and node id."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def run_federation(run_config: Mapping[str, Any], nodes: int) -> dict:
+    """One federated run (the app's ServerApp logic) over `nodes` merchants of `data-root`; returns the summary
+    and writes into the run config's `out-dir` what a Flower run writes."""
+    kept = node_module.NODES_KEPT["count"]
+    node_module.NODES_KEPT["count"] = nodes
+    try:
+        with server_identity():
+            return run_training(InProcessGrid(run_config, nodes), dict(run_config),
+                                ServerConfig.from_run_config(run_config))
+    finally:
+        node_module.NODES_KEPT["count"] = kept
+        node_module._NODES.clear()

@@ -1,0 +1,67 @@
+"""Who holds which data in an experiment: the natural partition (one client per merchant or country folder), only
+the folders with enough shoppers, or a Dirichlet(alpha) re-partition by category.
+
+`dirichlet_partition`: all merchants' items and events are pooled; for every category c, client shares
+p_c ~ Dirichlet(alpha x 1) are drawn and each item of c goes to client k with probability p_c[k]; an item's
+events go with it. Small alpha gives clients few categories each (strongly non-IID), large alpha about the same
+mix everywhere. A shopper whose events fall to several clients is a separate shopper at each (as across
+merchants).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedcvr.shared.data.loader import load_merchant, merchant_folders
+from fedcvr.shared.data.writer import write_merchant
+
+
+def select_merchants(root: Path, min_shoppers: int, out: Path) -> Path:
+    """A marketplace folder `out` of links to the merchant folders of `root` with at least `min_shoppers`
+    distinct shoppers; ValueError when fewer than 2 remain."""
+    chosen = []
+    for folder in merchant_folders(root):
+        shoppers = pd.read_parquet(folder / "events.parquet", columns=["user_id"])["user_id"].nunique() \
+            if (folder / "events.parquet").is_file() else load_merchant(folder).events["user_id"].nunique()
+        if shoppers >= min_shoppers:
+            chosen.append(folder)
+    if len(chosen) < 2:
+        raise ValueError(f"only {len(chosen)} merchant folder(s) of {root} have at least {min_shoppers} shoppers: "
+                         "lower min-shoppers")
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in chosen:
+        link = out / folder.name
+        if not link.exists():
+            link.symlink_to(folder.resolve(), target_is_directory=True)
+    return out
+
+
+def dirichlet_partition(root: Path, out: Path, alpha: float, clients: int, seed: int = 0) -> Path:
+    """Write `clients` merchant folders `client-NN` into `out` (see the module text); returns `out`."""
+    if not alpha > 0 or clients < 2:
+        raise ValueError(f"a Dirichlet partition needs alpha > 0 and at least 2 clients, got alpha = {alpha}, "
+                         f"clients = {clients}")
+    data = [load_merchant(folder) for folder in merchant_folders(root)]
+    items = pd.concat([d.items for d in data], ignore_index=True).drop_duplicates("item_id")
+    events = pd.concat([d.events for d in data], ignore_index=True)
+    if "category" not in items:
+        items["category"] = ""
+    rng = np.random.default_rng(seed)
+    owner = pd.Series(0, index=items["item_id"].to_numpy())
+    for _, group in items.groupby(items["category"].fillna(""), sort=True):
+        shares = rng.dirichlet(np.full(clients, alpha))
+        owner[group["item_id"].to_numpy()] = rng.choice(clients, size=len(group), p=shares)
+    out.mkdir(parents=True, exist_ok=True)
+    for k in range(clients):
+        mine = set(owner.index[owner.to_numpy() == k])
+        client_items = items[items["item_id"].isin(mine)]
+        client_events = events[events["item_id"].isin(mine)]
+        if client_items.empty or client_events.empty:
+            raise ValueError(f"client {k + 1} of the Dirichlet(alpha = {alpha}) partition got no items or no "
+                             "events: raise alpha or use fewer clients")
+        write_merchant(out / f"client-{k + 1:02d}", client_items.reset_index(drop=True),
+                       client_events.reset_index(drop=True))
+    return out

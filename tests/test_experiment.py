@@ -1,0 +1,177 @@
+"""Experiment grids: configs, the in-process federation, the tidy table, resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fedcvr.cli import app
+from fedcvr.simulations.experiment import TABLE_COLUMNS, Experiment, ExperimentError, Run, run_grid
+
+TINY = """
+name = "tiny"
+data = "{data}"
+settings = ["local-only", "fedavg", "fedadam"]
+epsilons = ["none", 8]
+seeds = [0]
+rounds = 1
+
+[run-config]
+model.encoder = "{bert}"
+model.dim = 8
+model.attention-hidden = 8
+model.head-hidden = 8
+model.max-text-tokens = 32
+examples.history-length = 8
+train.batch-size = 256
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "experiment.toml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_expansion_and_run_ids(tmp_path):
+    experiment = Experiment.from_toml(write(tmp_path, 'settings = ["centralized", "fedavg"]\nepsilons = ["none", 8]'
+                                                      "\nseeds = [0, 1]\n"))
+    ids = [run.run_id for run in experiment.runs()]
+    assert ids == ["centralized-epsnone-seed0", "centralized-epsnone-seed1", "fedavg-epsnone-seed0",
+                   "fedavg-epsnone-seed1", "fedavg-eps8-seed0", "fedavg-eps8-seed1"]
+    assert Run("fedprox", 2.0, 3).run_id == "fedprox-eps2-seed3"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('settings = ["fedsgd"]', "`settings`"),
+    ("epsilons = [0]", "`epsilons`"),
+    ('epsilons = ["inf"]', "`epsilons`"),
+    ("seeds = []", "`seeds`"),
+    ("rounds = 0", "`rounds`"),
+    ("round = 3", "unknown key"),
+    ("rounds = [", "not valid TOML"),
+])
+def test_bad_configs_name_the_field(tmp_path, text, needle):
+    with pytest.raises(ExperimentError, match=needle):
+        Experiment.from_toml(write(tmp_path, text))
+
+
+def test_a_grid_runs_into_a_tidy_table_and_resumes(tmp_path, tiny_market, tiny_bert):
+    experiment = Experiment.from_toml(write(tmp_path, TINY.format(data=tiny_market, bert=tiny_bert)))
+    seen = []
+    table = run_grid(experiment, tmp_path / "out", lambda run, status: seen.append((run.run_id, status)))
+    assert list(table.columns) == ["experiment", *TABLE_COLUMNS]
+    assert set(table["run_id"]) == {r.run_id for r in experiment.runs()}
+    fed = table[(table.run_id == "fedavg-eps8-seed0")]
+    auc = fed[(fed.metric == "ctcvr.auc") & (fed.split == "test") & (fed.merchant == "all")]["value"]
+    assert len(auc) == 1 and 0 < auc.iloc[0] < 1
+    assert set(fed[fed.split == "validation"]["round"]) == {1}
+    assert 0 < fed[(fed.metric == "max-epsilon")]["value"].iloc[0] <= 8.0 * 1.0001
+    merchants = set(fed[(fed.split == "test") & (fed.metric == "train-examples")]["merchant"])
+    assert merchants == {"merchant-01", "merchant-02", "merchant-03"}
+    alone = table[(table.run_id == "local-only-epsnone-seed0")]
+    assert set(alone[alone.metric == "train-examples"]["merchant"]) == {"merchant-01", "merchant-02", "merchant-03"}
+    assert "all" in set(alone[alone.metric == "ctcvr.auc"]["merchant"])  # a merchant without test purchases has none
+    assert (tmp_path / "out" / "results.parquet").is_file() and (tmp_path / "out" / "results.csv").is_file()
+    # a second pass finds every run finished and only rewrites the table
+    again = []
+    same = run_grid(experiment, tmp_path / "out", lambda run, status: again.append(status))
+    assert set(again) == {"skipped (finished earlier)"} and len(same) == len(table)
+    # an interrupted run (no result.json) runs again
+    (tmp_path / "out" / "runs" / "fedadam-eps8-seed0" / "result.json").unlink()
+    rerun = []
+    run_grid(experiment, tmp_path / "out", lambda run, status: rerun.append((run.run_id, status)))
+    assert [r for r, s in rerun if s == "running"] == ["fedadam-eps8-seed0"]
+    assert json.loads((tmp_path / "out" / "runs" / "fedadam-eps8-seed0" / "result.json").read_text())["rows"]
+    # and the report reads it
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "tiny" in report and "(privacy_utility.png)" in report and "seeds: [0]" in report
+
+
+def test_cli_experiment_refuses_a_bad_config(tmp_path):
+    result = CliRunner().invoke(app, ["experiment", str(write(tmp_path, "rounds = -1")), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "`rounds`" in result.output
+
+
+def test_report_plots_and_tables(tmp_path):
+    """A report from a hand-made table: every plot is written and the ordering check reads the curve."""
+    import pandas as pd
+
+    from fedcvr.simulations.report import write_report
+
+    rows = []
+    for setting, base in (("fedavg", 0.70), ("local-only", 0.60)):
+        for eps, drop in ((None, 0.0), (8.0, 0.02), (1.0, 0.08)):
+            for seed in (0, 1):
+                run = f"{setting}-eps{eps}-seed{seed}"
+                common = {"experiment": "hand", "run_id": run, "setting": setting, "epsilon": eps, "seed": seed,
+                          "data": "synthetic", "round": 2, "split": "test"}
+                rows.append({**common, "merchant": "all", "metric": "ctcvr.auc", "value": base - drop + seed / 100})
+                rows.append({**common, "merchant": "all", "metric": "ndcg@10", "value": 0.1 - drop / 10})
+                rows.append({**common, "merchant": "all", "metric": "wall-seconds", "value": 60.0})
+                for merchant, size, lift in (("m1", 10_000, 0.0), ("m2", 500, 0.1)):
+                    rows.append({**common, "merchant": merchant, "metric": "ctcvr.auc",
+                                 "value": base - drop + (lift if setting == "fedavg" else 0)})
+                    rows.append({**common, "merchant": merchant, "metric": "train-examples", "value": size})
+                if setting == "fedavg":
+                    for round_ in (1, 2):
+                        for metric, value in (("ctcvr.auc", 0.6 + round_ / 20), ("bytes-sent", 2e6),
+                                              ("bytes-received", 2e6), ("seconds", 30.0)):
+                            rows.append({**common, "round": round_, "split": "validation", "merchant": "all",
+                                         "metric": metric, "value": value})
+    rows.append({"experiment": "hand", "run_id": "centralized-epsnone-seed0", "setting": "centralized",
+                 "epsilon": None, "seed": 0, "data": "synthetic", "round": 0, "split": "test", "merchant": "all",
+                 "metric": "ctcvr.auc", "value": 0.8})
+    pd.DataFrame(rows).to_parquet(tmp_path / "results.parquet", index=False)
+    report = write_report(tmp_path).read_text()
+    for image in ("privacy_utility.png", "convergence.png", "merchant_gain.png", "cost.png"):
+        assert (tmp_path / image).stat().st_size > 10_000 and f"({image})" in report
+    assert "fedavg: more ε never lowered" in report and "local-only: more ε never lowered" in report
+    assert "| m2 | 500" in report  # the small merchant's gain row
+
+
+def test_cli_report_without_results(tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "fedcvr experiment" in result.output
+
+
+def test_dirichlet_partition_by_category_keeps_every_item_and_event_once(tmp_path, tiny_market):
+    import pandas as pd
+
+    from fedcvr.shared.data.loader import load_merchant, merchant_folders
+    from fedcvr.simulations.partition import dirichlet_partition
+
+    pooled = [load_merchant(f) for f in merchant_folders(tiny_market)]
+    items = pd.concat([d.items for d in pooled])
+    events = pd.concat([d.events for d in pooled])
+    out = dirichlet_partition(tiny_market, tmp_path / "dir", alpha=0.3, clients=3, seed=1)
+    parts = [load_merchant(f) for f in merchant_folders(out)]  # every client passes the data contract
+    assert [p.name for p in parts] == ["client-01", "client-02", "client-03"]
+    assert sum(len(p.items) for p in parts) == items["item_id"].nunique()
+    assert sum(len(p.events) for p in parts) == len(events)
+    # small alpha: a category's items mostly sit with one client
+    shares = []
+    for _, group in items.groupby("category"):
+        owners = [int(part.items["item_id"].isin(group["item_id"]).sum()) for part in parts]
+        shares.append(max(owners) / sum(owners))
+    assert sum(shares) / len(shares) > 0.6
+    with pytest.raises(ValueError, match="alpha > 0"):
+        dirichlet_partition(tiny_market, tmp_path / "bad", alpha=0, clients=3)
+
+
+def test_min_shoppers_keeps_the_large_merchants(tmp_path, tiny_market):
+    import pandas as pd
+
+    from fedcvr.simulations.partition import select_merchants
+
+    counts = {f.name: pd.read_parquet(f / "events.parquet")["user_id"].nunique()
+              for f in sorted(tiny_market.iterdir()) if f.is_dir()}
+    cut = sorted(counts.values())[1]
+    out = select_merchants(tiny_market, cut, tmp_path / "sel")
+    assert sorted(p.name for p in out.iterdir()) == sorted(n for n, c in counts.items() if c >= cut)
+    with pytest.raises(ValueError, match="lower min-shoppers"):
+        select_merchants(tiny_market, 10**9, tmp_path / "none")
