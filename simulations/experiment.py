@@ -3,7 +3,8 @@
 An experiment config (TOML, examples in `simulations/experiments/`):
 
     name = "synthetic-default"
-    data = "synthetic"            # "synthetic" (the default marketplace, seed 0) or a marketplace folder
+    data = "synthetic"            # "synthetic" (the default marketplace, seed 0), "online-retail:FILE" (imported,
+                                  # one client per country) or a marketplace folder
     settings = ["centralized", "local-only", "fedavg", "fedprox", "fedadam"]
     epsilons = ["none", 8, 4, 2, 1]   # dp.target-epsilon of the whole run; "none" = no DP
     seeds = [0, 1]
@@ -157,16 +158,30 @@ class Experiment:
         return root
 
     def source_root(self, out: Path) -> Path:
-        if self.data != "synthetic":
-            root = Path(self.data).expanduser()
-            if not root.is_absolute() and self.source is not None and not root.exists():
-                root = self.source.parent / root
-            return root.resolve()
-        root = out / "data"
-        if not (root / "marketplace.json").is_file():
-            from fedcvr.simulations.synth import SynthConfig, generate_marketplace
+        """The data set: the synthetic default (generated into `out`), an Online Retail file imported into `out`
+        (`data = "online-retail:FILE"`), or a marketplace folder. Relative paths: from the working directory, else
+        from the config file's folder."""
+        if self.data == "synthetic":
+            root = out / "data"
+            if not (root / "marketplace.json").is_file():
+                from fedcvr.simulations.synth import SynthConfig, generate_marketplace
 
-            generate_marketplace(SynthConfig(seed=0), root)
+                generate_marketplace(SynthConfig(seed=0), root)
+            return root
+        kind, _, text = self.data.partition(":") if self.data.startswith("online-retail:") else ("", "", self.data)
+        path = Path(text).expanduser()
+        if not path.is_absolute() and not path.exists() and self.source is not None:
+            path = self.source.parent / path
+        if not path.exists():
+            raise ExperimentError(f"{self.source}: `data` = {self.data!r}: {path} does not exist (for Online Retail, "
+                                  "download the file from the UCI repository and give its path)")
+        if kind != "online-retail":
+            return path.resolve()
+        root = out / "data-online-retail"
+        if not any(root.glob("*/events.parquet")):
+            from fedcvr.shared.data.importers.online_retail import import_online_retail
+
+            import_online_retail(path, root)
         return root
 
 
@@ -202,13 +217,21 @@ def _rows(run: Run, data: str, round_: int, split: str, merchant: str, metrics: 
 
 
 def run_federated(experiment: Experiment, run: Run, run_config: dict[str, Any], folders: list[Path]) -> list[dict]:
+    import logging
+
     from fedcvr.client.node import MerchantNode, NodeSettings
     from fedcvr.shared.model.folder import load_model_folder
     from fedcvr.shared.model.weights import trainable_state
     from fedcvr.simulations.inprocess import run_federation
     from fedcvr.simulations.local_only import test_metrics
 
-    summary = run_federation(run_config, len(folders))
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.WARNING)  # the grid shows progress; per-round lines go to rounds.jsonl
+    try:
+        summary = run_federation(run_config, len(folders))
+    finally:
+        flwr_logger.setLevel(level)
     rows = []
     for record in summary["rounds"]:
         rows += _rows(run, experiment.data, int(record["round"]), "validation", "all", record, PER_ROUND)

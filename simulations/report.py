@@ -205,6 +205,14 @@ def _markdown(frame: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join(lines)
 
 
+def _shown(path: str | Path) -> str:
+    """A path as a user in the working directory would type it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def write_report(results: Path) -> Path:
     import matplotlib
 
@@ -235,8 +243,8 @@ def write_report(results: Path) -> Path:
         f"- runs finished: {table.run_id.nunique()}; total wall time of the runs: {wall / 60:.1f} min",
         f"- machine: {machine.get('platform', '?')}, {machine.get('cpus', '?')} CPUs, torch "
         f"{machine.get('torch', '?')}, CUDA: {machine.get('cuda') or 'none'}",
-        f"- regenerate: `fedcvr experiment {meta.get('config', 'CONFIG')} --out {results}` then "
-        f"`fedcvr report {results}`", "",
+        f"- regenerate: `fedcvr experiment {_shown(meta.get('config') or 'CONFIG')} --out {_shown(results)}` then "
+        f"`fedcvr report {_shown(results)}`", "",
         "## Privacy-utility", "", "![privacy-utility](privacy_utility.png)", "",
         "Test metrics of the final model over all merchants' test splits (pooled sums); mean and standard deviation "
         "over seeds.", "", _markdown(summary), "",

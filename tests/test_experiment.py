@@ -175,3 +175,20 @@ def test_min_shoppers_keeps_the_large_merchants(tmp_path, tiny_market):
     assert sorted(p.name for p in out.iterdir()) == sorted(n for n, c in counts.items() if c >= cut)
     with pytest.raises(ValueError, match="lower min-shoppers"):
         select_merchants(tiny_market, 10**9, tmp_path / "none")
+
+
+def test_the_online_retail_reference_uses_countries_with_20_customers(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import pandas as pd
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo.parent / "shared/data/online-retail/online_retail.parquet").is_file():
+        pytest.skip("the shared Online Retail data set is not beside this checkout")
+    monkeypatch.chdir(repo)
+    experiment = Experiment.from_toml(repo / "simulations/experiments/online-retail.toml")
+    root = experiment.data_root(tmp_path)
+    customers = {p.name: pd.read_parquet(p / "events.parquet")["user_id"].nunique() for p in root.iterdir()}
+    assert len(customers) >= 2 and min(customers.values()) >= 20
+    imported = {p.name for p in (tmp_path / "data-online-retail").iterdir() if p.is_dir()}
+    assert len(imported) > len(customers)  # the small countries were left out
