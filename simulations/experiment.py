@@ -134,12 +134,16 @@ class Experiment:
                    min_shoppers)
 
     def runs(self) -> list[Run]:
-        """The grid; centralized training has no DP here, so it runs once per seed (its ε is none)."""
+        """The grid, seed by seed and budget by budget, so that a partly run grid already holds whole curves;
+        centralized training has no DP here, so it runs once per seed (its ε is none)."""
         out = []
-        for setting in self.settings:
-            for epsilon in ((None,) if setting == "centralized" else self.epsilons):
-                for seed in self.seeds:
-                    out.append(Run(setting, epsilon, seed))
+        for seed in self.seeds:
+            for epsilon in self.epsilons:
+                for setting in self.settings:
+                    if setting != "centralized" or epsilon is None:
+                        out.append(Run(setting, epsilon, seed))
+            if None not in self.epsilons and "centralized" in self.settings:
+                out.append(Run("centralized", None, seed))
         return out
 
     def data_root(self, out: Path) -> Path:

@@ -39,8 +39,10 @@ def test_grid_expansion_and_run_ids(tmp_path):
     experiment = Experiment.from_toml(write(tmp_path, 'settings = ["centralized", "fedavg"]\nepsilons = ["none", 8]'
                                                       "\nseeds = [0, 1]\n"))
     ids = [run.run_id for run in experiment.runs()]
-    assert ids == ["centralized-epsnone-seed0", "centralized-epsnone-seed1", "fedavg-epsnone-seed0",
-                   "fedavg-epsnone-seed1", "fedavg-eps8-seed0", "fedavg-eps8-seed1"]
+    assert ids == ["centralized-epsnone-seed0", "fedavg-epsnone-seed0", "fedavg-eps8-seed0",
+                   "centralized-epsnone-seed1", "fedavg-epsnone-seed1", "fedavg-eps8-seed1"]
+    only_dp = Experiment.from_toml(write(tmp_path, 'settings = ["centralized", "fedavg"]\nepsilons = [8]\n'))
+    assert [run.run_id for run in only_dp.runs()] == ["fedavg-eps8-seed0", "centralized-epsnone-seed0"]
     assert Run("fedprox", 2.0, 3).run_id == "fedprox-eps2-seed3"
 
 
