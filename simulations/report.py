@@ -22,6 +22,8 @@ import pandas as pd
 
 NO_DP = "no DP"
 SETTING_ORDER = ("centralized", "local-only", "fedavg", "fedprox", "fedadam")
+COLOR = {"centralized": "black", "local-only": "tab:blue", "fedavg": "tab:orange", "fedprox": "tab:green",
+         "fedadam": "tab:red"}  # the same colour for a setting in every plot
 
 
 class ReportError(ValueError):
@@ -82,7 +84,7 @@ def plot_privacy_utility(table: pd.DataFrame, path: Path) -> None:
                 continue
             rows = rows.assign(x=rows["epsilon"].map(lambda e: _eps_x(e, top))).sort_values("x")
             axis.errorbar(rows["x"], rows["mean"], yerr=rows["std"].fillna(0.0), marker="o", capsize=3,
-                          label=setting)
+                          label=setting, color=COLOR.get(setting))
         axis.set_xscale("log")
         ticks = [*eps, top]
         axis.set_xticks(ticks)
@@ -111,7 +113,7 @@ def plot_convergence(table: pd.DataFrame, path: Path) -> bool:
     for axis, eps in zip(axes[0], panels, strict=True):
         for setting, group in rows[rows.eps == eps].groupby("setting"):
             mean = group.groupby("round")["value"].mean()
-            axis.plot(mean.index, mean.to_numpy(), marker="o", label=str(setting))
+            axis.plot(mean.index, mean.to_numpy(), marker="o", label=str(setting), color=COLOR.get(str(setting)))
         axis.set_title(f"ε = {eps}")
         axis.set_xlabel("round")
         axis.grid(alpha=0.3)
@@ -149,7 +151,7 @@ def plot_merchant_gain(gains: pd.DataFrame, path: Path) -> bool:
     fig, axis = plt.subplots(figsize=(7, 4.5))
     for setting, group in gains.groupby("setting"):
         mean = group.groupby("merchant").agg(gain=("gain", "mean"), size=("train_examples", "first"))
-        axis.scatter(mean["size"], mean["gain"], label=str(setting), s=40)
+        axis.scatter(mean["size"], mean["gain"], label=str(setting), s=40, color=COLOR.get(str(setting)))
     axis.axhline(0.0, color="grey", linewidth=1)
     axis.set_xscale("log")
     axis.set_xlabel("merchant's training examples")
