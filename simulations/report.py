@@ -207,6 +207,17 @@ def _markdown(frame: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join(lines)
 
 
+def _planned(meta: dict, finished: int) -> str:
+    """' of N planned' from the grid's description (empty when unknown), and a warning while runs are missing."""
+    settings, epsilons, seeds = meta.get("settings"), meta.get("epsilons"), meta.get("seeds")
+    if not settings or not epsilons or not seeds:
+        return ""
+    per_seed = len(epsilons) * len([s for s in settings if s != "centralized"]) + ("centralized" in settings)
+    planned = per_seed * len(seeds)
+    missing = " (PARTLY RUN: the command below finishes it; finished runs are kept)" if finished < planned else ""
+    return f" of {planned} planned{missing}"
+
+
 def _shown(path: str | Path) -> str:
     """A path as a user in the working directory would type it."""
     try:
@@ -242,7 +253,8 @@ def write_report(results: Path) -> Path:
         f"{', '.join(map(str, meta.get('epsilons', [])))}; seeds: "
         f"{meta.get('seeds', sorted(int(s) for s in table.seed.unique()))}; "
         f"rounds: {meta.get('rounds', '?')}; run config overrides: {meta.get('run_config', {})}",
-        f"- runs finished: {table.run_id.nunique()}; total wall time of the runs: {wall / 60:.1f} min",
+        f"- runs finished: {table.run_id.nunique()}{_planned(meta, table.run_id.nunique())}; total wall time of "
+        f"the runs: {wall / 60:.1f} min",
         f"- machine: {machine.get('platform', '?')}, {machine.get('cpus', '?')} CPUs, torch "
         f"{machine.get('torch', '?')}, CUDA: {machine.get('cuda') or 'none'}",
         f"- regenerate: `fedcvr experiment {_shown(meta.get('config') or 'CONFIG')} --out {_shown(results)}` then "
