@@ -248,7 +248,7 @@ def write_report(results: Path) -> Path:
     machine = sessions[-1]["machine"] if sessions else {}
     lines = [
         f"# Experiment report: {meta.get('name', table['experiment'].iloc[0])}", "",
-        f"- data: {meta.get('data', '?')} ({meta.get('data_root', '')}); settings: "
+        f"- data: {meta.get('data', '?')} ({_shown(meta.get('data_root', ''))}); settings: "
         f"{', '.join(meta.get('settings', sorted(table.setting.unique())))}; ε: "
         f"{', '.join(map(str, meta.get('epsilons', [])))}; seeds: "
         f"{meta.get('seeds', sorted(int(s) for s in table.seed.unique()))}; "
