@@ -34,6 +34,8 @@ from typing import Any
 
 import pandas as pd
 
+from fedcvr.simulations.launcher import flatten
+
 SETTINGS = ("centralized", "local-only", "fedavg", "fedprox", "fedadam")
 FEDERATED = ("fedavg", "fedprox", "fedadam")
 RESULT = "result.json"
@@ -130,7 +132,7 @@ class Experiment:
         if not isinstance(run_config, dict):
             raise bad("run-config", "a table of app run config keys")
         return cls(str(table.get("name", path.stem)), data, tuple(settings), tuple(dict.fromkeys(epsilons)),
-                   tuple(dict.fromkeys(seeds)), rounds, _flatten(run_config), path, partition, float(alpha), clients,
+                   tuple(dict.fromkeys(seeds)), rounds, flatten(run_config), path, partition, float(alpha), clients,
                    min_shoppers)
 
     def runs(self) -> list[Run]:
@@ -187,16 +189,6 @@ class Experiment:
 
             import_online_retail(path, root)
         return root
-
-
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def run_config_of(experiment: Experiment, run: Run, data_root: Path, run_dir: Path) -> dict[str, Any]:
