@@ -11,6 +11,7 @@ An experiment config (TOML, examples in `simulations/experiments/`):
     rounds = 5
     partition = "natural"         # or "dirichlet": re-partition by category into `clients` with `alpha`
     min-shoppers = 0              # keep only merchant folders with at least this many shoppers
+    max-shoppers = 0              # cut larger folders to a random sample of this many shoppers (0 = keep all)
     [run-config]                  # any app run config key, e.g. local-epochs = 2
 
 Each run (setting, ε, seed) writes `<out>/runs/<run-id>/result.json`; a run with that file is finished and is
@@ -75,6 +76,7 @@ class Experiment:
     alpha: float = 0.5
     clients: int = 5
     min_shoppers: int = 0
+    max_shoppers: int = 0
 
     @classmethod
     def from_toml(cls, path: Path) -> Experiment:
@@ -90,7 +92,7 @@ class Experiment:
             return ExperimentError(f"{path}: `{key}` = {table.get(key)!r} is invalid: {fix}")
 
         keys = {"name", "data", "settings", "epsilons", "seeds", "rounds", "run-config", "partition", "alpha",
-                "clients", "min-shoppers"}
+                "clients", "min-shoppers", "max-shoppers"}
         unknown = set(table) - keys
         if unknown:
             raise ExperimentError(f"{path}: unknown key(s) {sorted(unknown)}: the keys are {', '.join(sorted(keys))}")
@@ -107,6 +109,12 @@ class Experiment:
         min_shoppers = table.get("min-shoppers", 0)
         if isinstance(min_shoppers, bool) or not isinstance(min_shoppers, int) or min_shoppers < 0:
             raise bad("min-shoppers", "a whole number >= 0 (keep only merchant folders with that many shoppers)")
+        max_shoppers = table.get("max-shoppers", 0)
+        if isinstance(max_shoppers, bool) or not isinstance(max_shoppers, int) or max_shoppers < 0:
+            raise bad("max-shoppers", "a whole number >= 0 (cut larger merchant folders to a random sample of that "
+                                      "many shoppers; 0 keeps all)")
+        if max_shoppers and max_shoppers < min_shoppers:
+            raise bad("max-shoppers", f"0 or at least min-shoppers = {min_shoppers}")
         settings = table.get("settings", list(SETTINGS))
         if not isinstance(settings, list) or not settings or any(s not in SETTINGS for s in settings):
             raise bad("settings", f"a non-empty list of {', '.join(SETTINGS)}")
@@ -133,7 +141,7 @@ class Experiment:
             raise bad("run-config", "a table of app run config keys")
         return cls(str(table.get("name", path.stem)), data, tuple(settings), tuple(dict.fromkeys(epsilons)),
                    tuple(dict.fromkeys(seeds)), rounds, flatten(run_config), path, partition, float(alpha), clients,
-                   min_shoppers)
+                   min_shoppers, max_shoppers)
 
     def runs(self) -> list[Run]:
         """The grid, seed by seed and budget by budget, so that a partly run grid already holds whole curves;
@@ -149,13 +157,15 @@ class Experiment:
         return out
 
     def data_root(self, out: Path) -> Path:
-        """The marketplace folder the runs read: the data set, its merchants with enough shoppers, or its
-        Dirichlet re-partition (written once into `out`)."""
-        from fedcvr.simulations.partition import dirichlet_partition, select_merchants
+        """The marketplace folder the runs read: the data set, its merchants with enough shoppers, at most
+        `max_shoppers` of them each, or its Dirichlet re-partition (written once into `out`)."""
+        from fedcvr.simulations.partition import cap_shoppers, dirichlet_partition, select_merchants
 
         root = self.source_root(out)
         if self.min_shoppers:
             root = select_merchants(root, self.min_shoppers, out / f"data-min{self.min_shoppers}")
+        if self.max_shoppers:
+            root = cap_shoppers(root, self.max_shoppers, out / f"{root.name}-max{self.max_shoppers}")
         if self.partition == "dirichlet":
             target = out / f"data-dirichlet-{self.alpha:g}-{self.clients}"
             if not (target / f"client-{self.clients:02d}" / "events.parquet").is_file():
@@ -332,7 +342,8 @@ def describe(experiment: Experiment, out: Path, data_root: Path) -> Path:
         "rounds": experiment.rounds, "partition": experiment.partition,
         "alpha": experiment.alpha if experiment.partition == "dirichlet" else None,
         "clients": experiment.clients if experiment.partition == "dirichlet" else None,
-        "min_shoppers": experiment.min_shoppers, "run_config": experiment.run_config, "sessions": sessions},
+        "min_shoppers": experiment.min_shoppers, "max_shoppers": experiment.max_shoppers,
+        "run_config": experiment.run_config, "sessions": sessions},
         indent=2) + "\n")
     return path
 

@@ -1,5 +1,9 @@
 """Who holds which data in an experiment: the natural partition (one client per merchant or country folder), only
-the folders with enough shoppers, or a Dirichlet(alpha) re-partition by category.
+the folders with enough shoppers, at most so many shoppers per folder, or a Dirichlet(alpha) re-partition by category.
+
+`cap_shoppers`: a folder with more than `max_shoppers` distinct shoppers keeps a random sample of that many (drawn
+with a fixed seed from the sorted shopper ids) with all their events, and its whole catalog; smaller folders are
+linked as they are. Shoppers are the privacy unit, so a shopper is kept or left out whole.
 
 `dirichlet_partition`: all merchants' items and events are pooled; for every category c, client shares
 p_c ~ Dirichlet(alpha x 1) are drawn and each item of c goes to client k with probability p_c[k]; an item's
@@ -36,6 +40,29 @@ def select_merchants(root: Path, min_shoppers: int, out: Path) -> Path:
         link = out / folder.name
         if not link.exists():
             link.symlink_to(folder.resolve(), target_is_directory=True)
+    return out
+
+
+def cap_shoppers(root: Path, max_shoppers: int, out: Path, seed: int = 0) -> Path:
+    """A marketplace folder `out` holding every merchant folder of `root`, those with more than `max_shoppers`
+    shoppers cut down to a random `max_shoppers` of them (see the module text); returns `out`."""
+    if max_shoppers < 1:
+        raise ValueError(f"max-shoppers must be >= 1, got {max_shoppers}")
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in merchant_folders(root):
+        target = out / folder.name
+        if target.exists():
+            continue
+        data = load_merchant(folder)
+        shoppers = np.sort(data.events["user_id"].astype(str).unique())
+        if len(shoppers) <= max_shoppers:
+            target.symlink_to(folder.resolve(), target_is_directory=True)
+            continue
+        kept = np.random.default_rng(seed).choice(shoppers, size=max_shoppers, replace=False)
+        events = data.events[data.events["user_id"].astype(str).isin(set(kept))].reset_index(drop=True)
+        staging = out / f".{folder.name}.tmp"
+        write_merchant(staging, data.items.reset_index(drop=True), events)
+        staging.replace(target)  # whole folders only: an interrupted cut is redone
     return out
 
 

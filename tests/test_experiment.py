@@ -179,6 +179,45 @@ def test_min_shoppers_keeps_the_large_merchants(tmp_path, tiny_market):
         select_merchants(tiny_market, 10**9, tmp_path / "none")
 
 
+def test_max_shoppers_keeps_whole_shoppers_of_the_large_merchants(tmp_path, tiny_market):
+    import pandas as pd
+
+    from fedcvr.shared.data.loader import load_merchant, merchant_folders
+    from fedcvr.simulations.partition import cap_shoppers
+
+    before = {f.name: load_merchant(f) for f in merchant_folders(tiny_market)}
+    counts = {name: d.events["user_id"].nunique() for name, d in before.items()}
+    cap = sorted(counts.values())[1]
+    out = cap_shoppers(tiny_market, cap, tmp_path / "cap", seed=3)
+    after = {f.name: load_merchant(f) for f in merchant_folders(out)}  # every folder passes the data contract
+    assert sorted(after) == sorted(before)
+    for name, data in after.items():
+        assert data.events["user_id"].nunique() == min(counts[name], cap)
+        assert len(data.items) == len(before[name].items)  # the whole catalog stays
+        # a kept shopper keeps every one of their events
+        full = before[name].events
+        kept = full[full["user_id"].isin(set(data.events["user_id"]))]
+        assert len(kept) == len(data.events)
+        pd.testing.assert_series_equal(kept["item_id"].reset_index(drop=True),
+                                       data.events["item_id"].reset_index(drop=True), check_names=False)
+    # the same seed draws the same shoppers; another seed others
+    again = cap_shoppers(tiny_market, cap, tmp_path / "again", seed=3)
+    other = cap_shoppers(tiny_market, cap, tmp_path / "other", seed=4)
+    largest = max(counts, key=counts.get)
+    users = [set(load_merchant(root / largest).events["user_id"]) for root in (out, again, other)]
+    assert users[0] == users[1] and users[0] != users[2]
+    with pytest.raises(ValueError, match="max-shoppers must be >= 1"):
+        cap_shoppers(tiny_market, 0, tmp_path / "zero")
+
+
+def test_max_shoppers_is_checked(tmp_path):
+    path = tmp_path / "bad.toml"
+    for value, fix in (("-1", "a whole number >= 0"), ("true", "a whole number >= 0"), ("5", "at least min-shoppers")):
+        path.write_text(f"data = 'synthetic'\nmin-shoppers = 10\nmax-shoppers = {value}\n")
+        with pytest.raises(ExperimentError, match=f"max-shoppers.*{fix}"):
+            Experiment.from_toml(path)
+
+
 def test_the_online_retail_reference_uses_countries_with_20_customers(tmp_path, monkeypatch):
     from pathlib import Path
 
@@ -192,5 +231,6 @@ def test_the_online_retail_reference_uses_countries_with_20_customers(tmp_path, 
     root = experiment.data_root(tmp_path)
     customers = {p.name: pd.read_parquet(p / "events.parquet")["user_id"].nunique() for p in root.iterdir()}
     assert len(customers) >= 2 and min(customers.values()) >= 20
+    assert max(customers.values()) == experiment.max_shoppers  # the United Kingdom, cut down
     imported = {p.name for p in (tmp_path / "data-online-retail").iterdir() if p.is_dir()}
     assert len(imported) > len(customers)  # the small countries were left out
