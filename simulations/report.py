@@ -93,10 +93,10 @@ def plot_privacy_utility(table: pd.DataFrame, path: Path) -> None:
         axis.set_xlabel("privacy budget ε of the whole run, per merchant (at its δ)")
         axis.set_ylabel(f"{label} (mean ± std over seeds)")
         axis.grid(alpha=0.3)
-    for axis in axes:
-        axis.legend(loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     fig.suptitle("Privacy-utility: conversion quality against ε")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -110,16 +110,22 @@ def plot_convergence(table: pd.DataFrame, path: Path) -> bool:
     rows["eps"] = rows["epsilon"].map(lambda e: NO_DP if e is None or pd.isna(e) else f"{e:g}")
     panels = sorted(rows["eps"].unique(), key=lambda e: math.inf if e == NO_DP else float(e))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
+    from matplotlib.ticker import MaxNLocator
+
     for axis, eps in zip(axes[0], panels, strict=True):
-        for setting, group in rows[rows.eps == eps].groupby("setting"):
-            mean = group.groupby("round")["value"].mean()
-            axis.plot(mean.index, mean.to_numpy(), marker="o", label=str(setting), color=COLOR.get(str(setting)))
-        axis.set_title(f"ε = {eps}")
+        panel = rows[rows.eps == eps]
+        for setting in [s for s in SETTING_ORDER if s in set(panel.setting)]:
+            mean = panel[panel.setting == setting].groupby("round")["value"].mean()
+            axis.plot(mean.index, mean.to_numpy(), marker="o", label=setting, color=COLOR.get(setting))
+        axis.set_title(NO_DP if eps == NO_DP else f"ε = {eps}")
         axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation CTCVR AUC (mean over seeds)")
-    axes[0][0].legend(loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), frameon=False)
+    fig.suptitle("Convergence: validation CTCVR AUC of the global model after each round")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
@@ -143,15 +149,52 @@ def merchant_gains(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setting", "epsilon", "seed", "merchant", "train_examples", "gain"])
 
 
+def _eps_label(epsilon: float | None) -> str:
+    return NO_DP if epsilon is None or pd.isna(epsilon) else f"ε {epsilon:g}"
+
+
+def gain_tables(gains: pd.DataFrame, setting: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per merchant (smallest first): the mean gain of each federated setting over ε and seeds; and the mean gain
+    of `setting` at each ε over seeds (no DP first, then ε from large to small)."""
+    sizes = gains.groupby("merchant")["train_examples"].first()
+    by_setting = gains.pivot_table(index="merchant", columns="setting", values="gain", aggfunc="mean")
+    by_setting = by_setting[[s for s in SETTING_ORDER if s in by_setting.columns]]
+    order = sorted({None if pd.isna(e) else float(e) for e in gains["epsilon"]},
+                   key=lambda e: -math.inf if e is None else -e)
+    labelled = gains[gains.setting == setting].assign(eps=lambda g: g["epsilon"].map(_eps_label))
+    by_eps = labelled.pivot_table(index="merchant", columns="eps", values="gain", aggfunc="mean")
+    by_eps = by_eps[[_eps_label(e) for e in order if _eps_label(e) in by_eps.columns]]
+    out = []
+    for wide in (by_setting, by_eps):
+        wide = wide.copy()
+        wide.columns = [str(c) for c in wide.columns]
+        wide.insert(0, "training examples", sizes.reindex(wide.index).astype(int))
+        out.append(wide.sort_values("training examples").reset_index())
+    return out[0], out[1]
+
+
+def merchant_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per merchant (largest first): its training examples and its test CTCVR AUC alone, without DP (mean over
+    seeds), as the data the federation is made of."""
+    test = table[(table.split == "test") & (table.merchant != "all")]
+    size = test[test.metric == "train-examples"].groupby("merchant")["value"].max()
+    alone = test[(test.setting == "local-only") & test.epsilon.isna() & (test.metric == "ctcvr.auc")]
+    out = pd.DataFrame({"training examples": size.astype(int)})
+    out["share of all"] = out["training examples"] / out["training examples"].sum()
+    out["CTCVR AUC alone (no DP)"] = alone.groupby("merchant")["value"].mean().reindex(out.index)
+    return out.sort_values("training examples", ascending=False).reset_index()
+
+
 def plot_merchant_gain(gains: pd.DataFrame, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     if gains.empty:
         return False
     fig, axis = plt.subplots(figsize=(7, 4.5))
-    for setting, group in gains.groupby("setting"):
+    for setting in [s for s in SETTING_ORDER if s in set(gains.setting)]:
+        group = gains[gains.setting == setting]
         mean = group.groupby("merchant").agg(gain=("gain", "mean"), size=("train_examples", "first"))
-        axis.scatter(mean["size"], mean["gain"], label=str(setting), s=40, color=COLOR.get(str(setting)))
+        axis.scatter(mean["size"], mean["gain"], label=setting, s=40, color=COLOR.get(setting))
     axis.axhline(0.0, color="grey", linewidth=1)
     axis.set_xscale("log")
     axis.set_xlabel("merchant's training examples")
@@ -166,14 +209,22 @@ def plot_merchant_gain(gains: pd.DataFrame, path: Path) -> bool:
 
 
 def cost_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per federated setting and ε: MB the coordinator sent and received per round, and seconds per round (means
+    over rounds and seeds)."""
+    columns = ["setting", "ε", "MB sent / round", "MB received / round", "s / round"]
     rows = table[(table.split == "validation") & (table.merchant == "all") &
-                 table.metric.isin(["bytes-sent", "bytes-received", "seconds"])]
+                 table.metric.isin(["bytes-sent", "bytes-received", "seconds"])].copy()
     if rows.empty:
-        return pd.DataFrame(columns=["setting", "MB sent / round", "MB received / round", "s / round"])
-    wide = rows.pivot_table(index="setting", columns="metric", values="value", aggfunc="mean")
-    return pd.DataFrame({"setting": wide.index, "MB sent / round": wide.get("bytes-sent", np.nan) / 1e6,
-                         "MB received / round": wide.get("bytes-received", np.nan) / 1e6,
-                         "s / round": wide.get("seconds", np.nan)}).reset_index(drop=True)
+        return pd.DataFrame(columns=columns)
+    rows["ε"] = rows["epsilon"].map(lambda e: NO_DP if e is None or pd.isna(e) else f"{e:g}")
+    wide = rows.pivot_table(index=["setting", "ε"], columns="metric", values="value", aggfunc="mean").reset_index()
+    out = pd.DataFrame({"setting": wide["setting"], "ε": wide["ε"],
+                        "MB sent / round": wide.get("bytes-sent", np.nan) / 1e6,
+                        "MB received / round": wide.get("bytes-received", np.nan) / 1e6,
+                        "s / round": wide.get("seconds", np.nan)}, columns=columns)
+    out["_s"] = out["setting"].map(lambda s: SETTING_ORDER.index(s) if s in SETTING_ORDER else len(SETTING_ORDER))
+    out["_e"] = out["ε"].map(lambda e: -math.inf if e == NO_DP else -float(e))
+    return out.sort_values(["_s", "_e"]).drop(columns=["_s", "_e"]).reset_index(drop=True)
 
 
 def plot_cost(costs: pd.DataFrame, path: Path) -> bool:
@@ -181,16 +232,30 @@ def plot_cost(costs: pd.DataFrame, path: Path) -> bool:
 
     if costs.empty:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    axes[0].bar(costs["setting"], costs["MB sent / round"], label="sent")
-    axes[0].bar(costs["setting"], costs["MB received / round"], bottom=costs["MB sent / round"], label="received")
-    axes[0].set_ylabel("MB per round (10^6 bytes)")
-    axes[0].legend()
-    axes[1].bar(costs["setting"], costs["s / round"], color="tab:green")
+    settings = list(dict.fromkeys(costs["setting"]))
+    budgets = list(dict.fromkeys(costs["ε"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    traffic = costs.groupby("setting", sort=False)[["MB sent / round", "MB received / round"]].mean()
+    x = np.arange(len(settings))
+    axes[0].bar(x - 0.2, traffic["MB sent / round"], 0.4, label="coordinator → nodes", color="tab:purple")
+    axes[0].bar(x + 0.2, traffic["MB received / round"], 0.4, label="nodes → coordinator", color="tab:gray")
+    axes[0].set_xticks(x, settings)
+    axes[0].set_ylabel("MB per round, all nodes (10^6 bytes)")
+    axes[0].set_title("Communication per round")
+    axes[0].legend(loc="upper right")
+    width = 0.8 / max(1, len(budgets))
+    for k, eps in enumerate(budgets):
+        part = costs[costs["ε"] == eps].set_index("setting").reindex(settings)
+        axes[1].bar(x - 0.4 + width * (k + 0.5), part["s / round"], width,
+                    label=NO_DP if eps == NO_DP else f"ε = {eps}", color=plt.cm.viridis(k / max(1, len(budgets))))
+    axes[1].set_xticks(x, settings)
     axes[1].set_ylabel("wall time per round (s)")
+    axes[1].set_title("Wall time per round (training, aggregation, evaluation)")
+    axes[1].legend(loc="upper right", fontsize="small")
     for axis in axes:
         axis.grid(alpha=0.3, axis="y")
-    fig.suptitle("Communication and time per round (mean over ε and seeds)")
+        axis.set_ylim(0, axis.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    fig.suptitle("Cost per round (means over rounds and seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -246,9 +311,13 @@ def write_report(results: Path) -> Path:
     wall = table[table.metric == "wall-seconds"]["value"].sum()
     sessions = meta.get("sessions", [])
     machine = sessions[-1]["machine"] if sessions else {}
+    cuts = [f"{key.replace('_', '-')} = {meta[key]}" for key in ("min_shoppers", "max_shoppers") if meta.get(key)]
+    if meta.get("partition") == "dirichlet":
+        cuts.append(f"Dirichlet re-partition by category, alpha = {meta.get('alpha')}, {meta.get('clients')} clients")
     lines = [
         f"# Experiment report: {meta.get('name', table['experiment'].iloc[0])}", "",
-        f"- data: {meta.get('data', '?')} ({_shown(meta.get('data_root', ''))}); settings: "
+        f"- data: {meta.get('data', '?')} ({_shown(meta.get('data_root', ''))})"
+        f"{'; ' + ', '.join(cuts) if cuts else ''}; settings: "
         f"{', '.join(meta.get('settings', sorted(table.setting.unique())))}; ε: "
         f"{', '.join(map(str, meta.get('epsilons', [])))}; seeds: "
         f"{meta.get('seeds', sorted(int(s) for s in table.seed.unique()))}; "
@@ -259,9 +328,18 @@ def write_report(results: Path) -> Path:
         f"{machine.get('torch', '?')}, CUDA: {machine.get('cuda') or 'none'}",
         f"- regenerate: `fedcvr experiment {_shown(meta.get('config') or 'CONFIG')} --out {_shown(results)}` then "
         f"`fedcvr report {_shown(results)}`", "",
+    ]
+    merchants = merchant_table(table)
+    if not merchants.empty:
+        lines += ["## Clients", "", "One client per merchant folder; training examples = the training split of "
+                  "its examples (split by time, the oldest part).", "", _markdown(merchants), ""]
+    lines += [
         "## Privacy-utility", "", "![privacy-utility](privacy_utility.png)", "",
-        "Test metrics of the final model over all merchants' test splits (pooled sums); mean and standard deviation "
-        "over seeds.", "", _markdown(summary), "",
+        "Test metrics of the final model over all merchants' test splits (metric sums pooled over merchants, then "
+        "the ratio); mean and standard deviation over seeds. Local-only scores each merchant's own model on its own "
+        "test split; the federated settings score the one global model on every merchant's test split. ε is the "
+        "budget of the whole run per merchant, at the δ of its run (in each run's `privacy.json`).", "",
+        _markdown(summary), "",
     ]
     for setting, monotone in checks.items():
         if monotone:
@@ -273,10 +351,15 @@ def write_report(results: Path) -> Path:
     if has_convergence:
         lines += ["", "## Convergence", "", "![convergence](convergence.png)"]
     if has_gain:
-        per = gains.groupby("merchant").agg(train_examples=("train_examples", "first"), gain=("gain", "mean"))
-        per["train_examples"] = per["train_examples"].astype(int)
+        federated = auc[auc.setting.isin(gains.setting.unique())]
+        best = str(federated.groupby("setting")["mean"].mean().idxmax())
+        by_setting, by_eps = gain_tables(gains, best)
         lines += ["", "## Who gains from federating", "", "![merchant gain](merchant_gain.png)", "",
-                  _markdown(per.sort_values("train_examples").reset_index())]
+                  "Gain = a merchant's test CTCVR AUC under the federated model minus under its own model trained "
+                  "alone, same ε and seed; positive = federating helped it. Per federated setting, mean over ε and "
+                  "seeds:", "", _markdown(by_setting), "",
+                  f"Per ε for {best} (the federated setting with the best mean test CTCVR AUC over the grid), "
+                  "mean over seeds:", "", _markdown(by_eps)]
     if has_cost:
         lines += ["", "## Cost per round", "", "![cost](cost.png)", "", _markdown(costs, 2)]
     path = results / "report.md"

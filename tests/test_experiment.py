@@ -133,7 +133,9 @@ def test_report_plots_and_tables(tmp_path):
     for image in ("privacy_utility.png", "convergence.png", "merchant_gain.png", "cost.png"):
         assert (tmp_path / image).stat().st_size > 10_000 and f"({image})" in report
     assert "fedavg: more ε never lowered" in report and "local-only: more ε never lowered" in report
-    assert "| m2 | 500" in report  # the small merchant's gain row
+    assert "| m2 | 500 | 0.2000 |" in report and "| m1 | 10000 | 0.1000 |" in report  # fedavg gains, small first
+    assert "| merchant | training examples | no DP | ε 8 | ε 1 |" in report  # gains per ε, no DP first
+    assert "| m1 | 10000 | 0.9524 | 0.6000 |" in report  # clients: largest first, share, AUC alone without DP
 
 
 def test_cli_report_without_results(tmp_path):
