@@ -20,6 +20,7 @@ and ClientApp logic in this process (`inprocess.py`); local-only trains each mer
 code (`local_only.py`); centralized trains on the union of the merchants (`central.py`; no DP, so it runs once
 per seed as the reference line). The tidy table `<out>/results.parquet` and `.csv` has one row per run x round x
 metric: run_id, setting, epsilon, seed, data, round, split, merchant ("all" or a merchant), metric, value.
+With DP, each merchant's row `delta` holds the δ at which its ε holds.
 """
 
 from __future__ import annotations
@@ -222,6 +223,16 @@ def _rows(run: Run, data: str, round_: int, split: str, merchant: str, metrics: 
             for key in keys if metrics.get(key) is not None]
 
 
+def merchant_delta(settings: Any, train_examples: int) -> float | None:
+    """The δ of a merchant's guarantee in a run (None without DP): `dp.target-delta`, else the default
+    1 / (10 x its training examples), as its privacy ledger fixes it."""
+    from fedcvr.shared.privacy import delta_for
+
+    if not settings.dp.enabled:
+        return None
+    return float(settings.dp.target_delta or delta_for(int(train_examples)))
+
+
 def run_federated(experiment: Experiment, run: Run, run_config: dict[str, Any], folders: list[Path]) -> list[dict]:
     import logging
 
@@ -247,9 +258,10 @@ def run_federated(experiment: Experiment, run: Run, run_config: dict[str, Any], 
     settings = NodeSettings.from_run_config(run_config)
     for folder in folders:
         node = MerchantNode(folder, settings)
-        metrics = {**test_metrics(node, weights), "train-examples": len(node.prepared.splits["train"])}
+        size = len(node.prepared.splits["train"])
+        metrics = {**test_metrics(node, weights), "train-examples": size, "delta": merchant_delta(settings, size)}
         rows += _rows(run, experiment.data, experiment.rounds, "test", folder.name, metrics,
-                      (*FINAL, "train-examples"))
+                      (*FINAL, "train-examples", "delta"))
     return rows
 
 
@@ -262,11 +274,12 @@ def run_local_only(experiment: Experiment, run: Run, run_config: dict[str, Any],
     for folder in folders:
         node = MerchantNode(folder, settings)
         weights, epsilon = train_alone(node, start)
-        metrics = {**test_metrics(node, weights), "train-examples": len(node.prepared.splits["train"]),
-                   "max-epsilon": epsilon}
+        size = len(node.prepared.splits["train"])
+        metrics = {**test_metrics(node, weights), "train-examples": size, "max-epsilon": epsilon,
+                   "delta": merchant_delta(settings, size)}
         sums.append(node.evaluate(weights, "test"))
         rows += _rows(run, experiment.data, experiment.rounds, "test", folder.name, metrics,
-                      (*FINAL, "train-examples", "max-epsilon"))
+                      (*FINAL, "train-examples", "max-epsilon", "delta"))
     rows += _rows(run, experiment.data, experiment.rounds, "test", "all", merge_evaluations(sums), FINAL)
     return rows
 

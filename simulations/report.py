@@ -56,6 +56,17 @@ def final_metric(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     return out
 
 
+def delta_ranges(table: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """Per (setting, ε label) of the DP runs: the smallest and largest δ of the merchants' guarantees."""
+    rows = table[(table.metric == "delta") & (table.merchant != "all")].copy()
+    rows["eps"] = rows["epsilon"].map(lambda e: NO_DP if e is None or pd.isna(e) else f"{e:g}")
+    out = {}
+    for (setting, eps), group in rows.groupby(["setting", "eps"]):
+        low, high = group["value"].min(), group["value"].max()
+        out[(str(setting), str(eps))] = f"{low:.1e}" if low == high else f"{low:.1e} – {high:.1e}"
+    return out
+
+
 def ordering(curve: pd.DataFrame) -> dict[str, bool]:
     """Per setting: does the mean never fall as ε grows (no DP counted as the largest)?"""
     out = {}
@@ -307,6 +318,8 @@ def write_report(results: Path) -> Path:
         columns={"eps": "ε", "mean": "CTCVR AUC", "std": "± std", "count": "seeds"})
     summary = summary.merge(ndcg[["setting", "eps", "mean"]].rename(columns={"eps": "ε", "mean": "NDCG@10"}),
                             on=["setting", "ε"], how="left")
+    deltas = delta_ranges(table)
+    summary["δ per merchant"] = [deltas.get((row.setting, row.ε), "") for row in summary.itertuples()]
     checks = ordering(auc)
     wall = table[table.metric == "wall-seconds"]["value"].sum()
     sessions = meta.get("sessions", [])
@@ -338,7 +351,8 @@ def write_report(results: Path) -> Path:
         "Test metrics of the final model over all merchants' test splits (metric sums pooled over merchants, then "
         "the ratio); mean and standard deviation over seeds. Local-only scores each merchant's own model on its own "
         "test split; the federated settings score the one global model on every merchant's test split. ε is the "
-        "budget of the whole run per merchant, at the δ of its run (in each run's `privacy.json`).", "",
+        "budget of the whole run per merchant, at that merchant's δ (smallest and largest δ over the merchants in the "
+        "last column).", "",
         _markdown(summary), "",
     ]
     for setting, monotone in checks.items():
