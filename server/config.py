@@ -139,7 +139,7 @@ class SecAggConfig:
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 # Keys added with federated training; older run configs without them get these values.
 TRAINING_DEFAULTS = {"strategy": "fedavg", "fraction-train": 1.0, "local-epochs": 1, "proximal-mu": 0.01,
-                     "server-lr": 0.01, "resume": ""}
+                     "server-lr": 0.1, "resume": ""}
 
 
 def _strategy(run_config: Mapping[str, object]) -> str:
@@ -163,7 +163,7 @@ class ServerConfig:
     fraction_train: float = 1.0
     local_epochs: int = 1
     proximal_mu: float = 0.01
-    server_lr: float = 0.01
+    server_lr: float = 0.1
     resume: Path | None = None
     secagg: SecAggConfig = SecAggConfig()
 
@@ -186,7 +186,7 @@ class ServerConfig:
                                   "fraction-train must be a number with 0 < f <= 1, e.g. 1.0 for all"),
             local_epochs=_int(run_config, "local-epochs", 1, "local-epochs must be a whole number >= 1"),
             proximal_mu=_float(run_config, "proximal-mu", 0.0, None, "proximal-mu must be a number > 0, e.g. 0.01"),
-            server_lr=_float(run_config, "server-lr", 0.0, None, "server-lr must be a number > 0, e.g. 0.01"),
+            server_lr=_float(run_config, "server-lr", 0.0, None, "server-lr must be a number > 0, e.g. 0.1"),
             resume=_folder(run_config, "resume", "the out-dir of a stopped run", "to start afresh"),
             secagg=SecAggConfig.from_run_config(run_config),
         )
