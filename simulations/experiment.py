@@ -324,7 +324,8 @@ def run_grid(experiment: Experiment, out: Path, on_run: Callable[[Run, str], Non
         rows += _rows(run, experiment.data, experiment.rounds, "test", "all", {"wall-seconds": seconds},
                       ("wall-seconds",))
         staging = run_dir / (RESULT + ".tmp")
-        staging.write_text(json.dumps({"run": run.run_id, "seconds": seconds, "rows": rows}) + "\n")
+        staging.write_text(json.dumps({"run": run.run_id, "seconds": seconds, "machine": machine(),
+                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": rows}) + "\n")
         staging.replace(run_dir / RESULT)  # the run counts as finished only once this file is whole
         if on_run:
             on_run(run, f"done in {seconds:.0f} s")
@@ -337,9 +338,23 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+    return {"platform": platform.platform(), "cpu": cpu_model(), "python": platform.python_version(),
+            "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def cpu_model() -> str:
+    """The processor's name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def describe(experiment: Experiment, out: Path, data_root: Path) -> Path:

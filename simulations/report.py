@@ -294,6 +294,30 @@ def _planned(meta: dict, finished: int) -> str:
     return f" of {planned} planned{missing}"
 
 
+def _machine_text(machine: dict) -> str:
+    return (f"{machine.get('cpu') or 'CPU not recorded'}, {machine.get('cpus', '?')} CPUs ({machine.get('platform', '?')}), "
+            f"torch {machine.get('torch', '?')} on {machine.get('torch_threads', '?')} threads, CUDA: "
+            f"{machine.get('cuda') or 'none'}")
+
+
+def machines(results: Path, table: pd.DataFrame, meta: dict) -> list[str]:
+    """Report lines: the machine(s) the finished runs ran on, with their runs and wall time (a grid resumed on
+    another machine has runs of different speeds), from each run's result.json."""
+    walls = table[table.metric == "wall-seconds"].groupby("run_id")["value"].sum()
+    used: dict[str, list[str]] = {}
+    for run_id in walls.index:
+        path = results / "runs" / str(run_id) / "result.json"
+        machine = json.loads(path.read_text()).get("machine") if path.is_file() else None
+        used.setdefault(_machine_text(machine) if machine else "not recorded", []).append(str(run_id))
+    if not used:
+        sessions = meta.get("sessions", [])
+        return [f"- machine: {_machine_text(sessions[-1]['machine']) if sessions else 'not recorded'}"]
+    if len(used) == 1:
+        return [f"- machine: {next(iter(used))}"]
+    return ["- machines (the runs' wall times differ with them):"] + [
+        f"  - {text}: {len(runs)} run(s), {walls[runs].sum() / 60:.1f} min" for text, runs in used.items()]
+
+
 def _shown(path: str | Path) -> str:
     """A path as a user in the working directory would type it."""
     try:
@@ -322,8 +346,6 @@ def write_report(results: Path) -> Path:
     summary["δ per merchant"] = [deltas.get((row.setting, row.ε), "") for row in summary.itertuples()]
     checks = ordering(auc)
     wall = table[table.metric == "wall-seconds"]["value"].sum()
-    sessions = meta.get("sessions", [])
-    machine = sessions[-1]["machine"] if sessions else {}
     cuts = [f"{key.replace('_', '-')} = {meta[key]}" for key in ("min_shoppers", "max_shoppers") if meta.get(key)]
     if meta.get("partition") == "dirichlet":
         cuts.append(f"Dirichlet re-partition by category, alpha = {meta.get('alpha')}, {meta.get('clients')} clients")
@@ -337,8 +359,7 @@ def write_report(results: Path) -> Path:
         f"rounds: {meta.get('rounds', '?')}; run config overrides: {meta.get('run_config', {})}",
         f"- runs finished: {table.run_id.nunique()}{_planned(meta, table.run_id.nunique())}; total wall time of "
         f"the runs: {wall / 60:.1f} min",
-        f"- machine: {machine.get('platform', '?')}, {machine.get('cpus', '?')} CPUs, torch "
-        f"{machine.get('torch', '?')}, CUDA: {machine.get('cuda') or 'none'}",
+        *machines(results, table, meta),
         f"- regenerate: `fedcvr experiment {_shown(meta.get('config') or 'CONFIG')} --out {_shown(results)}` then "
         f"`fedcvr report {_shown(results)}`", "",
     ]

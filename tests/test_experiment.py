@@ -101,6 +101,27 @@ def test_a_grid_runs_into_a_tidy_table_and_resumes(tmp_path, tiny_market, tiny_b
     report = (tmp_path / "out" / "report.md").read_text()
     assert "tiny" in report and "(privacy_utility.png)" in report and "seeds: [0]" in report
     assert "δ per merchant" in report and "e-0" in report
+    finished = json.loads((tmp_path / "out" / "runs" / "fedavg-eps8-seed0" / "result.json").read_text())
+    assert finished["machine"]["cpus"] >= 1 and finished["machine"]["cpu"] and finished["finished"]
+    assert f"- machine: {finished['machine']['cpu']}" in report
+
+
+def test_report_names_every_machine_the_runs_ran_on(tmp_path):
+    import pandas as pd
+
+    from fedcvr.simulations.report import machines
+
+    rows = []
+    for run_id, cpu, seconds in (("a", "CPU one", 60.0), ("b", "CPU two", 120.0), ("c", "CPU two", 60.0)):
+        rows.append({"run_id": run_id, "metric": "wall-seconds", "value": seconds})
+        folder = tmp_path / "runs" / run_id
+        folder.mkdir(parents=True)
+        machine = {"cpu": cpu, "cpus": 2, "platform": "Linux", "torch": "2", "torch_threads": 2, "cuda": None}
+        (folder / "result.json").write_text(json.dumps({"machine": machine, "rows": []}))
+    lines = machines(tmp_path, pd.DataFrame(rows), {})
+    assert lines[0].startswith("- machines")
+    assert any("CPU one" in line and "1 run(s), 1.0 min" in line for line in lines)
+    assert any("CPU two" in line and "2 run(s), 3.0 min" in line for line in lines)
 
 
 def test_cli_experiment_refuses_a_bad_config(tmp_path):
