@@ -338,23 +338,12 @@ def machine() -> dict[str, Any]:
 
     import torch
 
+    from fedcvr.simulations.benchmarks.common import cpu_model
+
     return {"platform": platform.platform(), "cpu": cpu_model(), "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def cpu_model() -> str:
-    """The processor's name (Linux: /proc/cpuinfo), else what `platform` knows."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def describe(experiment: Experiment, out: Path, data_root: Path) -> Path:

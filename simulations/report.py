@@ -295,7 +295,8 @@ def _planned(meta: dict, finished: int) -> str:
 
 
 def _machine_text(machine: dict) -> str:
-    return (f"{machine.get('cpu') or 'CPU not recorded'}, {machine.get('cpus', '?')} CPUs ({machine.get('platform', '?')}), "
+    return (f"{machine.get('cpu') or 'CPU not recorded'}, {machine.get('cpus', '?')} CPUs "
+            f"({machine.get('platform', '?')}), "
             f"torch {machine.get('torch', '?')} on {machine.get('torch_threads', '?')} threads, CUDA: "
             f"{machine.get('cuda') or 'none'}")
 

@@ -90,6 +90,19 @@ def _private_inputs(model: ConversionModel, side: ItemSide, data: TrainingSet, r
             torch.from_numpy(data.slot[rows]).to(device))
 
 
+def private_step(private: nn.Module, model: ConversionModel, side: ItemSide, data: TrainingSet, rows: np.ndarray,
+                 optimizer: torch.optim.Optimizer, device: torch.device) -> float:
+    """One DP-SGD step on the examples `rows` with the Opacus-wrapped `PerSampleModel` and its DP optimiser
+    (per-sample gradients, clipping, noise); returns the ESMM loss."""
+    ctr, cvr = private(*_private_inputs(model, side, data, rows, device))
+    loss = esmm_loss(ctr, cvr, torch.from_numpy(data.clicked[rows]).to(device),
+                     torch.from_numpy(data.purchased[rows]).to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def _proximal_step(params: list[nn.Parameter], anchor: list[torch.Tensor] | None, lr: float, mu: float) -> None:
     if anchor is None or mu <= 0:
         return
@@ -168,19 +181,13 @@ def _train_private(model, side, data, params, anchor, *, lr, batch_size, local_e
             if len(rows) == 0:  # an empty Poisson batch still releases a (pure-noise) step: account for it
                 engine.accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
                 continue
-            ctr, cvr = private(*_private_inputs(model, side, data, rows.numpy(), device))
-            labels = torch.from_numpy(data.clicked[rows.numpy()]).to(device), \
-                torch.from_numpy(data.purchased[rows.numpy()]).to(device)
-            loss = esmm_loss(ctr, cvr, *labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = private_step(private, model, side, data, rows.numpy(), optimizer, device)
             _proximal_step(params, anchor, lr, proximal_mu)
-            total += float(loss.detach()) * len(rows)
+            total += loss * len(rows)
             seen += len(rows)
             taken += 1
             if progress:
-                progress(len(rows), float(loss.detach()))
+                progress(len(rows), loss)
     ledger.sync_from(engine)
     private._close()  # drop Opacus hooks: the model is used again for evaluation and the next round
     del engine, private, optimizer, loader

@@ -54,6 +54,22 @@ class ItemSide:
         return model.encode_items(states, mask, self.numeric[items].to(device))
 
 
+def train_step(model: ConversionModel, side: ItemSide, data: TrainingSet, rows: np.ndarray,
+               optimizer: torch.optim.Optimizer, device: torch.device,
+               extra_loss: Callable[[], torch.Tensor] | None = None) -> float:
+    """One optimiser step on the examples `rows` (each distinct item encoded once); returns the ESMM loss."""
+    batch = make_batch(data, rows).to(device)
+    items = side.encode(model, batch.items, device)
+    ctr, cvr, _ = model.score(items, batch.inputs)
+    loss = esmm_loss(ctr, cvr, batch.clicked, batch.purchased)
+    if extra_loss is not None:
+        loss = loss + extra_loss()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def train_epoch(model: ConversionModel, side: ItemSide, data: TrainingSet, optimizer: torch.optim.Optimizer,
                 batch_size: int, rng: np.random.Generator, device: torch.device,
                 progress: Callable[[int, float], None] | None = None,
@@ -63,19 +79,11 @@ def train_epoch(model: ConversionModel, side: ItemSide, data: TrainingSet, optim
     model.train()
     total, seen = 0.0, 0
     for rows in batch_rows(data, batch_size, rng):
-        batch = make_batch(data, rows).to(device)
-        items = side.encode(model, batch.items, device)
-        ctr, cvr, _ = model.score(items, batch.inputs)
-        loss = esmm_loss(ctr, cvr, batch.clicked, batch.purchased)
-        if extra_loss is not None:
-            loss = loss + extra_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(rows)
+        loss = train_step(model, side, data, rows, optimizer, device, extra_loss)
+        total += loss * len(rows)
         seen += len(rows)
         if progress:
-            progress(len(rows), float(loss.detach()))
+            progress(len(rows), loss)
     return total / max(seen, 1)
 
 

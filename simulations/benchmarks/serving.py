@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,19 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def machine() -> dict[str, object]:
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)), "torch": torch.__version__, "torch_threads":
-            torch.get_num_threads(), "processor": platform.processor() or platform.machine()}
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    array = np.asarray(values) * 1000.0
-    return {"p50_ms": float(np.percentile(array, 50)), "p99_ms": float(np.percentile(array, 99)),
-            "mean_ms": float(array.mean()), "n": len(values)}
+from fedcvr.simulations.benchmarks.common import machine, percentiles
 
 
 def prepare(out: Path, items: int, shoppers: int, events: int, encoder: str) -> tuple[Path, Path]:
