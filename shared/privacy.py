@@ -77,13 +77,16 @@ class DPConfig:
     max_grad_norm: float = 1.0
     optimizer: str = "sgd"
     lr: float = 1.0
+    grad_sample_mode: str = "hooks"
     accountant: str = "rdp"
 
     KEYS = {
         "dp.enabled": "enabled", "dp.target-epsilon": "target_epsilon", "dp.target-delta": "target_delta",
         "dp.max-grad-norm": "max_grad_norm", "dp.optimizer": "optimizer", "dp.lr": "lr",
+        "dp.grad-sample-mode": "grad_sample_mode",
     }
     OPTIMIZERS = ("sgd", "adam")
+    GRAD_SAMPLE_MODES = ("ghost", "hooks")  # Opacus's names: ghost clipping, or per-sample gradients kept
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,6 +102,10 @@ class DPConfig:
             problems.append(f"dp.max-grad-norm = {self.max_grad_norm!r}: must be a number > 0, e.g. 1.0")
         if self.optimizer not in self.OPTIMIZERS:
             problems.append(f"dp.optimizer = {self.optimizer!r}: must be one of " + ", ".join(self.OPTIMIZERS))
+        if self.grad_sample_mode not in self.GRAD_SAMPLE_MODES:
+            problems.append(f"dp.grad-sample-mode = {self.grad_sample_mode!r}: must be one of "
+                            + ", ".join(self.GRAD_SAMPLE_MODES) + ' ("ghost" clips without keeping per-sample '
+                            'gradients; "hooks" keeps them; same clipping, same guarantee)')
         if not (_is_number(self.lr) and 0 <= self.lr < math.inf):
             problems.append(f"dp.lr = {self.lr!r}: must be a number >= 0, e.g. 0.5 for sgd; 0 uses train.lr")
         if self.accountant != "rdp":

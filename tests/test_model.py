@@ -40,15 +40,38 @@ def test_cached_prefix_plus_fresh_adapters_equals_the_full_backbone(backbone, tm
     cache = PrefixCache(backbone, layers, 64, tmp_path)
     states, mask = cache.states(TEXTS).gather(torch.arange(len(TEXTS)))
     model = ConversionModel(backbone, ModelConfig(adapter_layers=layers, dim=8))
-    hidden = states
+    encoder = model.item_encoder
     with torch.no_grad():
-        from fedcvr.shared.model.encoder import extended_mask
-
-        for layer in model.item_encoder.layers:
-            hidden = layer(hidden, extended_mask(mask, hidden.dtype))
-        ours = masked_mean(hidden, mask)
+        # with fresh adapters (the identity), the encoder's output is the projection of the full backbone's mean
+        ours = encoder(states, mask, torch.zeros(len(TEXTS), 2)) - encoder.numeric(torch.zeros(len(TEXTS), 2))
+        expected = encoder.projection(full_model_embedding(backbone, TEXTS))
     # float16 storage of the cache is the only difference
-    torch.testing.assert_close(ours, full_model_embedding(backbone, TEXTS), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_trained_adapters_match_running_the_whole_backbone_with_them(backbone, tmp_path):
+    """The cache runs the first adapted layer's frozen BERT layer; the encoder then applies that layer's adapter
+    and the later layers whole: the same as running every layer, with the adapters, from the embeddings."""
+    from fedcvr.shared.model.encoder import extended_mask
+
+    torch.manual_seed(0)
+    model = ConversionModel(backbone, ModelConfig(adapter_layers=2, dim=8))
+    encoder = model.item_encoder
+    for layer in encoder.layers:  # trained adapters: not the identity any more
+        torch.nn.init.normal_(layer.adapter.up.weight, std=0.2)
+    states, mask = PrefixCache(backbone, 2, 64, tmp_path).states(TEXTS).gather(torch.arange(len(TEXTS)))
+    tokens = backbone.tokenizer(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        ours = encoder(states, mask, torch.zeros(len(TEXTS), 2))
+        hidden = backbone.model.embeddings(input_ids=tokens["input_ids"], token_type_ids=tokens["token_type_ids"])
+        attention = extended_mask(tokens["attention_mask"], hidden.dtype)
+        frozen = list(backbone.model.encoder.layer)[: backbone.num_layers - 2]
+        for layer in [*frozen, *encoder.layers]:
+            hidden = layer(hidden, attention_mask=attention) if layer in frozen else layer(hidden, attention)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        expected = encoder.projection(masked_mean(hidden, tokens["attention_mask"])) + \
+            encoder.numeric(torch.zeros(len(TEXTS), 2))
+    torch.testing.assert_close(ours, expected, atol=2e-3, rtol=0)  # float16 cache storage; a layer run twice: 1.5e-2
 
 
 def test_fresh_adapter_is_the_identity():

@@ -155,6 +155,10 @@ class ItemEncoder(nn.Module):
 
     forward(states (U, T, H) cached prefix states, mask (U, T), numeric (U, 2)) -> (U, D). Without adapted
     layers any leading dimensions work: (B, L, T, H) -> (B, L, D), as per-sample DP training needs.
+
+    An adapter sits after its layer's frozen BERT layer, so the first adapted layer's frozen part is a function of
+    the text too: the prefix cache holds the hidden states after it (`PrefixCache`), and the encoder runs only
+    that layer's adapter, then the later adapted layers whole.
     """
 
     def __init__(self, backbone: Backbone, adapter_layers: int, adapter_size: int, dim: int):
@@ -169,9 +173,11 @@ class ItemEncoder(nn.Module):
     def forward(self, states: torch.Tensor, mask: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         hidden = states
         if len(self.layers):
-            attention = extended_mask(mask, hidden.dtype)
-            for layer in self.layers:
-                hidden = layer(hidden, attention)
+            hidden = self.layers[0].adapter(hidden)  # the cache already ran this layer's frozen BERT layer
+            if len(self.layers) > 1:
+                attention = extended_mask(mask, hidden.dtype)
+                for layer in self.layers[1:]:
+                    hidden = layer(hidden, attention)
         return self.projection(masked_mean(hidden, mask)) + self.numeric(numeric)
 
 

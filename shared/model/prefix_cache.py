@@ -1,8 +1,9 @@
-"""On-disk cache of the frozen backbone's hidden states below the first adapted layer, per item text.
+"""On-disk cache of the frozen backbone's hidden states up to the first adapter, per item text.
 
-The backbone is frozen, so the hidden states that enter the first adapted layer depend only on the text. They are
-computed once, stored as float16 and keyed by (backbone weights, number of frozen layers, token limit) and by the
-SHA-1 of the item text; training and re-encoding then run only the adapted layers.
+The backbone is frozen and an adapter sits after its layer's frozen BERT layer, so the hidden states that enter
+the first adapter (the output of the first adapted layer's frozen BERT layer) depend only on the text. They are
+computed once, stored as float16 and keyed by (backbone weights, number of BERT layers run, token limit) and by
+the SHA-1 of the item text; training and re-encoding then run only the first adapter and the later adapted layers.
 
 Layout: ROOT/<backbone key>-frozen<k>-tok<T>/shard-00000/{keys.npy, lengths.npy, states.npy}. Shards are only
 ever added (written to a temporary folder and renamed), so an interrupted run never leaves a broken cache and
@@ -64,7 +65,8 @@ class PrefixCache:
     def __init__(self, backbone: Backbone, adapter_layers: int, max_tokens: int, root: Path | None = None):
         check_adapter_layers(backbone, adapter_layers)
         self.backbone = backbone
-        self.frozen_layers = backbone.num_layers - adapter_layers
+        # BERT layers the cache runs: those below the adapted ones, and the first adapted layer's frozen part
+        self.frozen_layers = backbone.num_layers - adapter_layers + (1 if adapter_layers else 0)
         self.pooled = adapter_layers == 0
         self.max_tokens = max_tokens
         name = f"{backbone.key}-{'pooled' if self.pooled else f'frozen{self.frozen_layers}'}-tok{max_tokens}"

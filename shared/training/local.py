@@ -90,12 +90,42 @@ def _private_inputs(model: ConversionModel, side: ItemSide, data: TrainingSet, r
             torch.from_numpy(data.slot[rows]).to(device))
 
 
+class EsmmCriterion(nn.Module):
+    """The ESMM loss as a criterion with a `reduction`, as Opacus's ghost clipping needs (it asks for the
+    per-sample losses with reduction "none"). forward(ctr (B,), cvr (B,), clicked (B,), purchased (B,))."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduction = "mean"
+
+    def forward(self, ctr, cvr, clicked, purchased):
+        return esmm_loss(ctr, cvr, clicked, purchased, reduction=self.reduction)
+
+
+def make_private(engine, private: nn.Module, optimizer: torch.optim.Optimizer, loader, *, noise: float,
+                 dp: DPConfig) -> tuple:
+    """Opacus's wrappers for DP-SGD in the mode `dp.grad_sample_mode`: (module, optimizer, criterion, loader).
+
+    "ghost": ghost clipping computes each example's gradient norm from the layer's activations and backprops and
+    then takes a second backward pass of the loss re-weighted by each example's clipping factor, so per-sample
+    gradients are never stored; "hooks": per-sample gradients are computed, clipped and summed. Both clip every
+    example's gradient to `dp.max-grad-norm` and add the same Gaussian noise: the same mechanism and guarantee."""
+    if dp.grad_sample_mode == "ghost":
+        return engine.make_private(module=private, optimizer=optimizer, data_loader=loader,
+                                   criterion=EsmmCriterion(), noise_multiplier=noise,
+                                   max_grad_norm=dp.max_grad_norm, poisson_sampling=True, grad_sample_mode="ghost")
+    private, optimizer, loader = engine.make_private(module=private, optimizer=optimizer, data_loader=loader,
+                                                     noise_multiplier=noise, max_grad_norm=dp.max_grad_norm,
+                                                     poisson_sampling=True)
+    return private, optimizer, EsmmCriterion(), loader
+
+
 def private_step(private: nn.Module, model: ConversionModel, side: ItemSide, data: TrainingSet, rows: np.ndarray,
-                 optimizer: torch.optim.Optimizer, device: torch.device) -> float:
-    """One DP-SGD step on the examples `rows` with the Opacus-wrapped `PerSampleModel` and its DP optimiser
-    (per-sample gradients, clipping, noise); returns the ESMM loss."""
+                 optimizer: torch.optim.Optimizer, criterion, device: torch.device) -> float:
+    """One DP-SGD step on the examples `rows` with the Opacus-wrapped `PerSampleModel`, its DP optimiser and
+    criterion (from `make_private`: clipping per example, noise); returns the ESMM loss."""
     ctr, cvr = private(*_private_inputs(model, side, data, rows, device))
-    loss = esmm_loss(ctr, cvr, torch.from_numpy(data.clicked[rows]).to(device),
+    loss = criterion(ctr, cvr, torch.from_numpy(data.clicked[rows]).to(device),
                      torch.from_numpy(data.purchased[rows]).to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -172,16 +202,14 @@ def _train_private(model, side, data, params, anchor, *, lr, batch_size, local_e
                         generator=torch.Generator().manual_seed(seed))  # Opacus samples at 1 / len(loader)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     ledger.attach(engine)
-    private, optimizer, loader = engine.make_private(module=private, optimizer=optimizer, data_loader=loader,
-                                                     noise_multiplier=noise, max_grad_norm=dp.max_grad_norm,
-                                                     poisson_sampling=True)
+    private, optimizer, criterion, loader = make_private(engine, private, optimizer, loader, noise=noise, dp=dp)
     total, seen, taken = 0.0, 0, 0
     for _ in range(local_epochs):
         for (rows,) in loader:
             if len(rows) == 0:  # an empty Poisson batch still releases a (pure-noise) step: account for it
                 engine.accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
                 continue
-            loss = private_step(private, model, side, data, rows.numpy(), optimizer, device)
+            loss = private_step(private, model, side, data, rows.numpy(), optimizer, criterion, device)
             _proximal_step(params, anchor, lr, proximal_mu)
             total += loss * len(rows)
             seen += len(rows)
