@@ -9,6 +9,7 @@ weights and metric sums leave the node; never a shopper id, an item text or an e
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +86,14 @@ class MerchantNode:
         self.load(arrays)
         s = self.settings
         ledger = load_ledger(state, ledger_file, federation) if s.dp.enabled else None
+        started = time.perf_counter()
         result = train_round(self.model, self.side, self.prepared.splits["train"], lr=s.lr,
                              batch_size=s.train.batch_size, local_epochs=s.local_epochs, dp=s.dp, ledger=ledger,
                              rounds=s.rounds, seed=s.train.seed * 100_003 + server_round, device=self.device,
                              proximal_mu=proximal_mu)
         report: dict[str, float | int] = {"num-examples": result.examples, "train-loss": result.loss,
-                                          "steps": result.steps, "train-size": self.train_size()}
+                                          "steps": result.steps, "train-size": self.train_size(),
+                                          "train-seconds": time.perf_counter() - started}
         if ledger is not None:
             keep_ledger(ledger, state, ledger_file, federation)
             report.update({k: v for k, v in dp_report(ledger, s.dp).items()})

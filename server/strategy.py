@@ -4,6 +4,8 @@ Aggregation is Flower's own (weighted by each node's `num-examples`). On top of 
 - evaluation replies carry metric sums, which are added up and finalised (`merge_evaluations`), never averaged;
 - training replies report ε spent so far with δ: the round records the largest ε across nodes;
 - bytes sent (global weights x nodes asked) and received (the nodes' weights) are counted;
+- time: the round's wall time (`seconds`), the nodes' own training time (`client-train-seconds`, summed, and
+  `client-train-seconds-max`) and the aggregation's (`aggregate-seconds`); the rest is evaluation and overhead;
 - one line per round goes to `<out-dir>/rounds.jsonl` and a table to the log.
 """
 
@@ -38,6 +40,9 @@ def _train_metrics(contents: list, weighted_by_key: str) -> MetricRecord:
     if total:
         out["train-loss"] = sum(float(c["metrics"]["train-loss"]) * int(c["metrics"][weighted_by_key])
                                 for c in contents) / total
+    seconds = [float(c["metrics"]["train-seconds"]) for c in contents if "train-seconds" in c["metrics"]]
+    if seconds:  # the nodes' own training time: summed (one machine runs them in turn) and the slowest
+        out["client-train-seconds"], out["client-train-seconds-max"] = sum(seconds), max(seconds)
     eps = [(float(c["metrics"]["epsilon"]), float(c["metrics"]["delta"])) for c in contents
            if "epsilon" in c["metrics"]]
     if eps:
@@ -124,7 +129,9 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
                     book.current["bytes-sent"] = int(reply.content["metrics"]["bytes-sent"])
                 else:
                     book.current["bytes-received"] += reply.content["arrays"].count_bytes()
+            started = time.perf_counter()
             arrays, metrics = super().aggregate_train(server_round + book.offset, replies)
+            book.current["aggregate-seconds"] = time.perf_counter() - started
             if metrics is not None:
                 book.current.update(dict(metrics))
             if arrays is not None:

@@ -43,6 +43,7 @@ FEDERATED = ("fedavg", "fedprox", "fedadam")
 RESULT = "result.json"
 TABLE_COLUMNS = ["run_id", "setting", "epsilon", "seed", "data", "round", "split", "merchant", "metric", "value"]
 PER_ROUND = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ndcg@10", "max-epsilon", "bytes-sent", "bytes-received",
+             "client-train-seconds", "client-train-seconds-max", "aggregate-seconds",
              "seconds", "nodes-trained")
 FINAL = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ctcvr.logloss", "ndcg@10", "hr@10")
 

@@ -32,6 +32,9 @@ def test_fedavg_with_dp_trains_reports_epsilon_and_pushes_the_model_back(tiny_ma
     assert [r["round"] for r in rounds] == [1, 2]
     assert 0 < rounds[0]["max-epsilon"] < rounds[1]["max-epsilon"] <= 8.0 * 1.0001
     assert all(0 < r["ctcvr.auc"] < 1 and r["bytes-sent"] > 0 and r["bytes-received"] > 0 for r in rounds)
+    # the round's time: the nodes' training (summed over the 3 nodes, and the slowest) and the aggregation
+    assert all(0 < r["client-train-seconds-max"] <= r["client-train-seconds"] < r["seconds"] for r in rounds)
+    assert all(0 <= r["aggregate-seconds"] < r["seconds"] for r in rounds)
     assert json.loads((tmp_path / "run" / "history.json").read_text()) == rounds
     assert 0 < summary["test"]["ctcvr.auc"] < 1
     version = summary["model_version"]
