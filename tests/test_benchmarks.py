@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end on tiny data (the figures themselves come from full runs, BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+
+from fedcvr.simulations.benchmarks import communication, dp_overhead
+
+
+def test_dp_overhead_benchmark_times_plain_and_dp_steps_on_the_same_batches(tmp_path, tiny_market, tiny_bert,
+                                                                             capsys):
+    result = dp_overhead.main(["--data", str(tiny_market), "--merchant", "merchant-01", "--adapter-layers", "1",
+                               "--batch-size", "32", "--steps", "2", "--warmup", "1", "--encoder", str(tiny_bert),
+                               "--out", str(tmp_path)])
+    assert set(result["seconds"]) == {"plain", "hooks", "ghost"}
+    assert all(len(v) == 2 and min(v) > 0 for v in result["seconds"].values())
+    assert result["ratio_of_medians"]["hooks"] == result["median_s"]["hooks"] / result["median_s"]["plain"]
+    assert json.loads((tmp_path / "dp_overhead.json").read_text())["machine"]["cpus"] >= 1
+    assert "DP overhead (ratio of medians; target <= 2.0)" in capsys.readouterr().out
+
+
+def test_communication_benchmark_sizes_the_update_and_splits_the_round(tmp_path, tiny_market, tiny_bert, capsys):
+    result = communication.main(["--data", str(tiny_market), "--rounds", "1", "--adapter-layers", "0", "1",
+                                 "--no-dp", "--encoder", str(tiny_bert), "--out", str(tmp_path)])
+    small, adapted = result["update_sizes"]
+    assert 0 < small["update_bytes"] < adapted["update_bytes"]  # adapters add weights
+    assert small["encoder_bytes"] == adapted["encoder_bytes"] > 0 and small["ratio"] > 0
+    (record,) = result["round_times"]["per_round"]
+    assert record["client_train_s"] > 0 and record["aggregate_s"] >= 0
+    assert abs(record["client_train_s"] + record["aggregate_s"] + record["rest_s"] - record["seconds"]) < 1e-6
+    assert record["bytes_received"] > 0
+    printed = capsys.readouterr().out
+    assert "nodes' training (summed)" in printed and "of the encoder's" in printed
