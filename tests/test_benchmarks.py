@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fedcvr.simulations.benchmarks import communication, dp_overhead
 
 
@@ -31,3 +33,15 @@ def test_communication_benchmark_sizes_the_update_and_splits_the_round(tmp_path,
     assert record["bytes_received"] > 0
     printed = capsys.readouterr().out
     assert "nodes' training (summed)" in printed and "of the encoder's" in printed
+
+
+def test_encoder_benchmark_compares_throughput_and_reencoding(tmp_path, tiny_market, tiny_bert, capsys):
+    pytest.importorskip("sentence_transformers")
+    from fedcvr.simulations.benchmarks import encoder
+
+    result = encoder.main(["--data", str(tiny_market), "--items", "40", "--repeats", "1", "--encoder",
+                           str(tiny_bert), "--out", str(tmp_path)])
+    assert result["items"] == 40
+    assert result["throughput"]["fedcvr_items_per_s"] > 0 and result["throughput"]["ratio"] > 0
+    assert result["reencode"]["cached_s"] > 0 and result["reencode"]["speedup"] > 0
+    assert "sentence-transformers encode" in capsys.readouterr().out

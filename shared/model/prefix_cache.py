@@ -83,12 +83,22 @@ class PrefixCache:
 
     @torch.no_grad()
     def compute(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Prefix states (n, T, H) float16 and lengths (n,) of `texts`, computed now (no cache)."""
+        """Prefix states (n, T, H) float16 and lengths (n,) of `texts`, computed now (no cache).
+
+        Texts are tokenised once, then run in batches of similar length (shortest first), so a batch pads to its
+        own longest text rather than to a long neighbour's; results go back to the order given."""
         model = self.backbone.model
-        out_states, out_lengths = [], []
+        width = 1 if self.pooled else self.max_tokens
+        out_states = np.zeros((len(texts), width, self.backbone.hidden_size), np.float16)
+        out_lengths = np.zeros(len(texts), np.int32)
+        if not len(texts):
+            return out_states, out_lengths
+        encoded = self.backbone.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
+        order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
         for start in range(0, len(texts), ENCODE_BATCH):
-            tokens = self.backbone.tokenizer(list(texts[start:start + ENCODE_BATCH]), padding=True, truncation=True,
-                                             max_length=self.max_tokens, return_tensors="pt")
+            rows = order[start:start + ENCODE_BATCH]
+            tokens = self.backbone.tokenizer.pad({key: [encoded[key][i] for i in rows] for key in encoded},
+                                                 return_tensors="pt")
             mask = tokens["attention_mask"]
             hidden = model.embeddings(input_ids=tokens["input_ids"], token_type_ids=tokens.get("token_type_ids"))
             attention = extended_mask(mask, hidden.dtype)
@@ -97,17 +107,11 @@ class PrefixCache:
                 hidden = hidden[0] if isinstance(hidden, tuple) else hidden
             if self.pooled:
                 hidden = masked_mean(hidden, mask)[:, None, :]
-                lengths = np.ones(len(hidden), dtype=np.int32)
+                out_lengths[rows] = 1
             else:
-                lengths = mask.sum(1).numpy().astype(np.int32)
-            padded = np.zeros((len(hidden), 1 if self.pooled else self.max_tokens, hidden.shape[-1]), np.float16)
-            padded[:, : hidden.shape[1]] = hidden.numpy().astype(np.float16)
-            out_states.append(padded)
-            out_lengths.append(lengths)
-        if not out_states:
-            width = 1 if self.pooled else self.max_tokens
-            return np.zeros((0, width, self.backbone.hidden_size), np.float16), np.zeros(0, np.int32)
-        return np.concatenate(out_states), np.concatenate(out_lengths)
+                out_lengths[rows] = mask.sum(1).numpy().astype(np.int32)
+            out_states[rows, : hidden.shape[1]] = hidden.numpy().astype(np.float16)
+        return out_states, out_lengths
 
     def _write_shard(self, keys: list[str], states: np.ndarray, lengths: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
