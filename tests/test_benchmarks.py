@@ -45,3 +45,17 @@ def test_encoder_benchmark_compares_throughput_and_reencoding(tmp_path, tiny_mar
     assert result["throughput"]["fedcvr_items_per_s"] > 0 and result["throughput"]["ratio"] > 0
     assert result["reencode"]["cached_s"] > 0 and result["reencode"]["speedup"] > 0
     assert "sentence-transformers encode" in capsys.readouterr().out
+
+
+def test_scale_benchmark_fits_time_and_memory_over_federation_sizes(tmp_path, tiny_bert, capsys):
+    from fedcvr.simulations.benchmarks import scale
+
+    result = scale.main(["--merchants", "2", "3", "--rounds", "1", "--shoppers", "40", "--items", "120",
+                         "--events", "800", "--no-dp", "--encoder", str(tiny_bert), "--out", str(tmp_path)])
+    assert [r["merchants"] for r in result["runs"]] == [2, 3]
+    assert all(r["seconds_per_round"] > 0 and r["peak_mb"] > 0 for r in result["runs"])
+    assert {"intercept", "slope", "r2"} <= set(result["seconds_per_round_fit"])
+    # every merchant of a federation holds the same data
+    folders = sorted((tmp_path / "scale-3").iterdir())
+    assert len(folders) == 3 and len({f.resolve() for f in folders}) == 1
+    assert "fit: s/round" in capsys.readouterr().out
