@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= data/demo
 
-.PHONY: install demo test test-deployment lint clean
+.PHONY: install demo test test-deployment bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fedcvr needs Python 3.11 or newer: run make PYTHON=python3.11 ...")'
@@ -31,6 +31,10 @@ test: install
 # a SuperLink and three merchant nodes on 127.0.0.1 with TLS, node authentication, DP-SGD and SecAgg+ (6-8 min)
 test-deployment: install
 	HF_HUB_OFFLINE=1 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m pytest -q -m deployment tests/test_deployment.py
+
+# speed, memory and communication against their references (about an hour on 2 cores); figures in BENCHMARKS.md
+bench: install
+	HF_HUB_OFFLINE=1 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m fedcvr.simulations.benchmarks --out runs/bench
 
 lint: install
 	$(BIN)/ruff check .

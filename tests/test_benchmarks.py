@@ -59,3 +59,37 @@ def test_scale_benchmark_fits_time_and_memory_over_federation_sizes(tmp_path, ti
     folders = sorted((tmp_path / "scale-3").iterdir())
     assert len(folders) == 3 and len({f.resolve() for f in folders}) == 1
     assert "fit: s/round" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_says_when_there_is_no_gpu(tmp_path, capsys):
+    import torch
+
+    from fedcvr.simulations.benchmarks import gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the benchmark measures instead (see BENCHMARKS.md)")
+    result = gpu.main(["--out", str(tmp_path)])
+    assert result["measured"] is False and "no CUDA device" in result["reason"]
+    assert json.loads((tmp_path / "gpu.json").read_text())["measured"] is False
+    assert "not measured" in capsys.readouterr().out
+
+
+def test_the_suite_summarises_every_figure_against_its_target():
+    from fedcvr.simulations.benchmarks.__main__ import summary
+
+    results = {
+        "dp_overhead": {"adapter_layers": 1, "ratio_of_medians": {"hooks": 2.5, "ghost": 1.9}},
+        "encoder": {"throughput": {"ratio": 1.1}, "reencode": {"speedup": 40.0}},
+        "communication": {"update_sizes": [{"adapter_layers": 0, "ratio": 0.004}],
+                          "round_times": {"median": {"client_train_s": 30.0, "aggregate_s": 0.01, "rest_s": 5.0}}},
+        "serving": {"retrieval": {"ratio_of_medians": 1.3}, "http": {"recommend": {"p50_ms": 5.0, "p99_ms": 17.0}}},
+        "scale": {"seconds_per_round_fit": {"slope": 1.5, "r2": 0.999}, "peak_mb_fit": {"slope": 20.0, "r2": 0.99}},
+        "gpu": {"measured": False, "reason": "no CUDA device is visible"},
+    }
+    rows = {figure: (value, target, met) for figure, value, target, met in summary(results)}
+    assert rows["DP step / plain step (adapter.layers 1, hooks)"] == ("2.50", "<= 2.0", "NO")
+    assert rows["DP step / plain step (adapter.layers 1, ghost)"][2] == "yes"
+    assert rows["update / encoder bytes (adapter.layers 0)"] == ("0.40 %", "<= 2 %", "yes")
+    assert rows["re-encode: full forward / cached prefix"] == ("40.0x", ">= 3", "yes")
+    assert rows["scale: s/round per merchant (fit)"][2] == "yes"
+    assert rows["GPU / CPU step speed-up"][0].startswith("not measured")

@@ -45,12 +45,12 @@ def default_data(out: Path) -> Path:
     return root
 
 
-def node_for(folder: Path, adapter_layers: int, batch_size: int, encoder: str, threads: int):
+def node_for(folder: Path, adapter_layers: int, batch_size: int, encoder: str, threads: int, device: str = "cpu"):
     from fedcvr.client.node import MerchantNode, NodeSettings
     from fedcvr.simulations import launcher
 
     overrides: dict[str, Any] = {"adapter.layers": adapter_layers, "train.batch-size": batch_size,
-                                 "model.encoder": encoder}
+                                 "model.encoder": encoder, "train.device": device}
     if threads:
         overrides["train.threads"] = threads
     return MerchantNode(folder, NodeSettings.from_run_config(launcher.defaults_with("", **overrides)))
@@ -89,15 +89,21 @@ def measure(node, steps: int, warmup: int, batch_size: int, modes: tuple[str, ..
         private[mode] = (wrapped, model, optimizer, criterion)
     rng = np.random.default_rng(seed)
     seconds: dict[str, list[float]] = {"plain": [], **{mode: [] for mode in modes}}
+
+    def done() -> float:  # a GPU runs asynchronously: a step has taken its time once its kernels have finished
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     for step in range(warmup + steps):
         rows = np.sort(rng.choice(len(data), size=batch_size, replace=False))
-        start = time.perf_counter()
+        start = done()
         train_step(plain_model, side, data, rows, plain_opt, device)
-        taken = {"plain": time.perf_counter() - start}
+        taken = {"plain": done() - start}
         for mode, (wrapped, model, optimizer, criterion) in private.items():
-            start = time.perf_counter()
+            start = done()
             private_step(wrapped, model, side, data, rows, optimizer, criterion, device)
-            taken[mode] = time.perf_counter() - start
+            taken[mode] = done() - start
         if step >= warmup:
             for name, value in taken.items():
                 seconds[name].append(value)
