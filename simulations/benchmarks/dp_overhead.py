@@ -117,17 +117,23 @@ def measure(node, steps: int, warmup: int, batch_size: int, modes: tuple[str, ..
             "trainable_parameters": int(sum(p.numel() for p in node.model.trainable_parameters()))}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks that time training steps on one merchant (this one and `gpu.py`)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", type=Path, default=None, help="marketplace folder (default: the synthetic one)")
     parser.add_argument("--merchant", default="merchant-03")
     parser.add_argument("--adapter-layers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: the node's default)")
     parser.add_argument("--encoder", default="", help="model.encoder (default: the packaged MiniLM)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = step_arguments(__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: the node's default)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = args.out.resolve()

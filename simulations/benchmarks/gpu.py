@@ -11,27 +11,16 @@ Prints the median seconds per step on each device and the GPU's speed-up, and wr
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from fedcvr.simulations.benchmarks.common import command, machine, print_table, write_result
-from fedcvr.simulations.benchmarks.dp_overhead import default_data, measure, node_for
+from fedcvr.simulations.benchmarks.dp_overhead import default_data, measure, node_for, step_arguments
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=None, help="marketplace folder (default: the synthetic one)")
-    parser.add_argument("--merchant", default="merchant-03")
-    parser.add_argument("--adapter-layers", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--encoder", default="", help="model.encoder (default: the packaged MiniLM)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    args = parser.parse_args(argv)
+    args = step_arguments(__doc__.split("\n\n")[0]).parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
