@@ -327,10 +327,29 @@ def _shown(path: str | Path) -> str:
         return str(path)
 
 
+def refresh_table(results: Path) -> bool:
+    """Collect the finished runs into the tidy table again (an interrupted grid has not written it since its last
+    runs), when `experiment.json` names a config that can still be read; True when it did."""
+    from fedcvr.simulations.experiment import Experiment, ExperimentError, write_table
+
+    meta_path = results / "experiment.json"
+    if not meta_path.is_file() or not (results / "runs").is_dir():
+        return False
+    config = json.loads(meta_path.read_text()).get("config")
+    if not config or not Path(config).is_file():
+        return False
+    try:
+        write_table(Experiment.from_toml(Path(config)), results)
+    except ExperimentError:
+        return False
+    return True
+
+
 def write_report(results: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
+    refresh_table(results)
     table, meta = load(results)
     plot_privacy_utility(table, results / "privacy_utility.png")
     has_convergence = plot_convergence(table, results / "convergence.png")
