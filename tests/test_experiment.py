@@ -163,7 +163,8 @@ def test_report_plots_and_tables(tmp_path):
     report = write_report(tmp_path).read_text()
     for image in ("privacy_utility.png", "convergence.png", "merchant_gain.png", "cost.png"):
         assert (tmp_path / image).stat().st_size > 10_000 and f"({image})" in report
-    assert "fedavg: more ε never lowered" in report and "local-only: more ε never lowered" in report
+    assert "fedavg: more ε never lowered the mean test CTCVR AUC" in report
+    assert "local-only: more ε never lowered the mean test NDCG@10" in report
     assert "| m2 | 500 | 0.2000 |" in report and "| m1 | 10000 | 0.1000 |" in report  # fedavg gains, small first
     assert "| merchant | training examples | no DP | ε 8 | ε 1 |" in report  # gains per ε, no DP first
     assert "| m1 | 10000 | 0.9524 | 0.6000 |" in report  # clients: largest first, share, AUC alone without DP
@@ -267,3 +268,20 @@ def test_the_online_retail_reference_uses_countries_with_20_customers(tmp_path, 
     assert max(customers.values()) == experiment.max_shoppers  # the United Kingdom, cut down
     imported = {p.name for p in (tmp_path / "data-online-retail").iterdir() if p.is_dir()}
     assert len(imported) > len(customers)  # the small countries were left out
+
+
+def test_the_ordering_check_says_where_and_how_much_utility_fell():
+    import pandas as pd
+
+    from fedcvr.simulations.report import ordering_lines
+
+    curve = pd.DataFrame({"setting": ["fedavg"] * 3 + ["fedprox"] * 3 + ["local-only"] * 2,
+                          "eps": ["1", "8", "no DP"] * 2 + ["1", "no DP"],
+                          "epsilon": [1.0, 8.0, None] * 2 + [1.0, None],
+                          "mean": [0.60, 0.70, 0.68, 0.60, 0.70, 0.75, 0.70, 0.60],
+                          "std": [0.01, 0.03, 0.03, 0.01, 0.01, 0.01, float("nan"), float("nan")]})
+    lines = ordering_lines(curve, "test CTCVR AUC")
+    assert lines[0] == ("- fedavg: NOT monotone in ε: the mean test CTCVR AUC falls by 0.0200 from ε 8 to no DP; "
+                        "smaller than the spread over seeds (std up to 0.0300): noise, not an effect.")
+    assert lines[1] == "- fedprox: more ε never lowered the mean test CTCVR AUC (the expected ordering)."
+    assert "one seed so far, so the spread is unknown" in lines[2] and "from ε 1 to no DP" in lines[2]
