@@ -110,13 +110,11 @@ def make_private(engine, private: nn.Module, optimizer: torch.optim.Optimizer, l
     then takes a second backward pass of the loss re-weighted by each example's clipping factor, so per-sample
     gradients are never stored; "hooks": per-sample gradients are computed, clipped and summed. Both clip every
     example's gradient to `dp.max-grad-norm` and add the same Gaussian noise: the same mechanism and guarantee."""
-    if dp.grad_sample_mode == "ghost":
-        return engine.make_private(module=private, optimizer=optimizer, data_loader=loader,
-                                   criterion=EsmmCriterion(), noise_multiplier=noise,
-                                   max_grad_norm=dp.max_grad_norm, poisson_sampling=True, grad_sample_mode="ghost")
-    private, optimizer, loader = engine.make_private(module=private, optimizer=optimizer, data_loader=loader,
-                                                     noise_multiplier=noise, max_grad_norm=dp.max_grad_norm,
-                                                     poisson_sampling=True)
+    common = {"module": private, "optimizer": optimizer, "data_loader": loader, "noise_multiplier": noise,
+              "max_grad_norm": dp.max_grad_norm, "poisson_sampling": True}
+    if dp.grad_sample_mode == "ghost":  # Opacus returns the criterion that runs the two backward passes
+        return engine.make_private(**common, criterion=EsmmCriterion(), grad_sample_mode="ghost")
+    private, optimizer, loader = engine.make_private(**common)
     return private, optimizer, EsmmCriterion(), loader
 
 
