@@ -77,7 +77,7 @@ class DPConfig:
     max_grad_norm: float = 1.0
     optimizer: str = "sgd"
     lr: float = 1.0
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "ghost"
     accountant: str = "rdp"
 
     KEYS = {

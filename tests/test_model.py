@@ -177,6 +177,7 @@ def test_user_tower_and_head_support_per_sample_gradients(backbone):
     from opacus import GradSampleModule
 
     from fedcvr.shared.model.user_tower import recency_bucket
+    from fedcvr.shared.training import dp_samplers  # noqa: F401  (registers the small tables' functions)
 
     model = ConversionModel(backbone, ModelConfig(adapter_layers=0, dim=8))
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .encoder import Backbone, ItemEncoder, load_backbone
+from .table import TableEmbedding
 from .user_tower import UserTower, recency_bucket
 
 
@@ -41,7 +42,7 @@ class ESMMHead(nn.Module):
         with torch.no_grad():
             self.ctr[-1].bias.fill_(math.log(ctr_prior / (1 - ctr_prior)))
             self.cvr[-1].bias.fill_(math.log(cvr_prior / (1 - cvr_prior)))
-        self.position_bias = nn.Embedding(max_position + 1, 1)
+        self.position_bias = TableEmbedding(max_position + 1, 1)
         nn.init.zeros_(self.position_bias.weight)
 
     def forward(self, user: torch.Tensor, target: torch.Tensor, position: torch.Tensor

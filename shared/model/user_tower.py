@@ -1,6 +1,6 @@
 """The user-interest tower: target-aware attention (DIN-style) over the shopper's recent behaviour, plus a pooled
-long-term interest. Built only from Linear, Embedding and LayerNorm, for which Opacus computes per-sample
-gradients."""
+long-term interest. Built only from Linear, Embedding (`TableEmbedding`) and LayerNorm, for which
+Opacus computes per-sample gradients."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..data.contract import EVENT_TYPES
+from .table import TableEmbedding
 
 RECENCY_BUCKETS = 16  # bucket = floor(log2(1 + age in hours)), capped: 0 = under an hour ... 15 = years
 
@@ -23,8 +24,8 @@ class UserTower(nn.Module):
 
     def __init__(self, dim: int, attention_hidden: int):
         super().__init__()
-        self.event = nn.Embedding(len(EVENT_TYPES), dim)
-        self.recency = nn.Embedding(RECENCY_BUCKETS, dim)
+        self.event = TableEmbedding(len(EVENT_TYPES), dim)
+        self.recency = TableEmbedding(RECENCY_BUCKETS, dim)
         self.attention = nn.Sequential(nn.Linear(4 * dim, attention_hidden), nn.ReLU(),
                                        nn.Linear(attention_hidden, 1))
         self.long_term = nn.Linear(dim, dim)

@@ -25,6 +25,7 @@ from torch import nn
 from ..model.esmm import ConversionModel, esmm_loss
 from ..model.user_tower import recency_bucket
 from ..privacy import DPConfig, PrivacyLedger
+from . import dp_samplers  # noqa: F401  (Opacus's functions for the model's small tables)
 from .data import TrainingSet
 from .loop import ItemSide, train_epoch
 
