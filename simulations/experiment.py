@@ -315,22 +315,61 @@ def run_grid(experiment: Experiment, out: Path, on_run: Callable[[Run, str], Non
         run_dir.mkdir(parents=True, exist_ok=True)
         run_config = run_config_of(experiment, run, data_root, run_dir)
         started = time.perf_counter()
-        if run.setting in FEDERATED:
-            rows = run_federated(experiment, run, run_config, folders)
-        elif run.setting == "local-only":
-            rows = run_local_only(experiment, run, run_config, folders)
-        else:
-            rows = run_centralized(experiment, run, run_config, data_root)
+        with LoadSampler() as load:
+            if run.setting in FEDERATED:
+                rows = run_federated(experiment, run, run_config, folders)
+            elif run.setting == "local-only":
+                rows = run_local_only(experiment, run, run_config, folders)
+            else:
+                rows = run_centralized(experiment, run, run_config, data_root)
         seconds = time.perf_counter() - started
         rows += _rows(run, experiment.data, experiment.rounds, "test", "all", {"wall-seconds": seconds},
                       ("wall-seconds",))
         staging = run_dir / (RESULT + ".tmp")
         staging.write_text(json.dumps({"run": run.run_id, "seconds": seconds, "machine": machine(),
-                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": rows}) + "\n")
+                                       "load": load.summary(), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                       "rows": rows}) + "\n")
         staging.replace(run_dir / RESULT)  # the run counts as finished only once this file is whole
         if on_run:
             on_run(run, f"done in {seconds:.0f} s")
     return write_table(experiment, out)
+
+
+class LoadSampler:
+    """The machine's 1-minute load average, sampled every `every` seconds while a run runs: other work on the
+    machine slows a run down, and its wall time means little without it. `summary()` -> {"mean", "max",
+    "samples"} (None on a system without `os.getloadavg`)."""
+
+    def __init__(self, every: float = 15.0):
+        import threading
+
+        self.every, self.samples = every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import os
+
+        while True:
+            try:
+                self.samples.append(os.getloadavg()[0])
+            except (AttributeError, OSError):
+                return
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float] | None:
+        if not self.samples:
+            return None
+        return {"mean": sum(self.samples) / len(self.samples), "max": max(self.samples), "samples": len(self.samples)}
 
 
 def machine() -> dict[str, Any]:

@@ -321,6 +321,9 @@ def _planned(meta: dict, finished: int) -> str:
     return f" of {planned} planned{missing}"
 
 
+BUSY_LOAD = 1.5  # a run alone keeps about one process per CPU busy
+
+
 def _machine_text(machine: dict) -> str:
     return (f"{machine.get('cpu') or 'CPU not recorded'}, {machine.get('cpus', '?')} CPUs "
             f"({machine.get('platform', '?')}), "
@@ -333,17 +336,27 @@ def machines(results: Path, table: pd.DataFrame, meta: dict) -> list[str]:
     another machine has runs of different speeds), from each run's result.json."""
     walls = table[table.metric == "wall-seconds"].groupby("run_id")["value"].sum()
     used: dict[str, list[str]] = {}
+    busy: list[str] = []
     for run_id in walls.index:
         path = results / "runs" / str(run_id) / "result.json"
-        machine = json.loads(path.read_text()).get("machine") if path.is_file() else None
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        machine, load = record.get("machine"), record.get("load")
         used.setdefault(_machine_text(machine) if machine else "not recorded", []).append(str(run_id))
+        cpus = (machine or {}).get("cpus") or 0
+        if load and cpus and load["mean"] > BUSY_LOAD * cpus:
+            busy.append(f"{run_id} (load {load['mean']:.1f})")
     if not used:
         sessions = meta.get("sessions", [])
         return [f"- machine: {_machine_text(sessions[-1]['machine']) if sessions else 'not recorded'}"]
     if len(used) == 1:
-        return [f"- machine: {next(iter(used))}"]
-    return ["- machines (the runs' wall times differ with them):"] + [
-        f"  - {text}: {len(runs)} run(s), {walls[runs].sum() / 60:.1f} min" for text, runs in used.items()]
+        lines = [f"- machine: {next(iter(used))}"]
+    else:
+        lines = ["- machines (the runs' wall times differ with them):"] + [
+            f"  - {text}: {len(runs)} run(s), {walls[runs].sum() / 60:.1f} min" for text, runs in used.items()]
+    if busy:
+        lines.append(f"- ran while other work loaded the machine (mean 1-minute load above {BUSY_LOAD} x its CPUs; "
+                     f"their wall times are longer than the run alone would take): {', '.join(busy)}")
+    return lines
 
 
 def _shown(path: str | Path) -> str:

@@ -104,6 +104,7 @@ def test_a_grid_runs_into_a_tidy_table_and_resumes(tmp_path, tiny_market, tiny_b
     assert "δ per merchant" in report and "e-0" in report
     finished = json.loads((tmp_path / "out" / "runs" / "fedavg-eps8-seed0" / "result.json").read_text())
     assert finished["machine"]["cpus"] >= 1 and finished["machine"]["cpu"] and finished["finished"]
+    assert finished["load"]["samples"] >= 1 and finished["load"]["max"] >= finished["load"]["mean"] >= 0
     assert f"- machine: {finished['machine']['cpu']}" in report
 
 
@@ -113,16 +114,21 @@ def test_report_names_every_machine_the_runs_ran_on(tmp_path):
     from fedcvr.simulations.report import machines
 
     rows = []
-    for run_id, cpu, seconds in (("a", "CPU one", 60.0), ("b", "CPU two", 120.0), ("c", "CPU two", 60.0)):
+    for run_id, cpu, seconds, load in (("a", "CPU one", 60.0, 2.1), ("b", "CPU two", 120.0, 4.4),
+                                       ("c", "CPU two", 60.0, None)):
         rows.append({"run_id": run_id, "metric": "wall-seconds", "value": seconds})
         folder = tmp_path / "runs" / run_id
         folder.mkdir(parents=True)
         machine = {"cpu": cpu, "cpus": 2, "platform": "Linux", "torch": "2", "torch_threads": 2, "cuda": None}
-        (folder / "result.json").write_text(json.dumps({"machine": machine, "rows": []}))
+        record = {"machine": machine, "rows": []}
+        if load is not None:  # runs finished before loads were recorded have none
+            record["load"] = {"mean": load, "max": load, "samples": 3}
+        (folder / "result.json").write_text(json.dumps(record))
     lines = machines(tmp_path, pd.DataFrame(rows), {})
     assert lines[0].startswith("- machines")
     assert any("CPU one" in line and "1 run(s), 1.0 min" in line for line in lines)
     assert any("CPU two" in line and "2 run(s), 3.0 min" in line for line in lines)
+    assert lines[-1].startswith("- ran while other work loaded the machine") and lines[-1].endswith("b (load 4.4)")
 
 
 def test_cli_experiment_refuses_a_bad_config(tmp_path):
