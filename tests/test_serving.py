@@ -180,9 +180,12 @@ def test_cli_recommend_prints_the_table_and_refuses_bad_folders(model_dir, shop,
 # ---------------------------------------------------------------- the real server
 
 
-@pytest.fixture
-def server(model_dir, shop, tmp_path):
-    """`fedcvr serve` on 127.0.0.1 and a free port, stopped by its PID."""
+@pytest.fixture(scope="module")
+def server(shop, tiny_bert, tmp_path_factory):
+    """`fedcvr serve` on 127.0.0.1 and a free port, stopped by its PID; one server for this module's HTTP tests
+    (starting one takes seconds), which run in order: the bad-input tests also check that it goes on after them."""
+    tmp_path = tmp_path_factory.mktemp("serve")
+    model_dir = make_model(tmp_path / "model", tiny_bert)
     port = free_ports(1)[0]
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen([str(Path(sys.executable).parent / "fedcvr"), "serve", "--model-dir", str(model_dir),
