@@ -14,9 +14,10 @@ def test_dp_overhead_benchmark_times_plain_and_dp_steps_on_the_same_batches(tmp_
     result = dp_overhead.main(["--data", str(tiny_market), "--merchant", "merchant-01", "--adapter-layers", "1",
                                "--batch-size", "32", "--steps", "2", "--warmup", "1", "--encoder", str(tiny_bert),
                                "--out", str(tmp_path)])
-    assert set(result["seconds"]) == {"plain", "hooks", "ghost"}
+    assert set(result["seconds"]) == {"plain", "per-example", "hooks", "ghost"}
     assert all(len(v) == 2 and min(v) > 0 for v in result["seconds"].values())
     assert result["ratio_of_medians"]["hooks"] == result["median_s"]["hooks"] / result["median_s"]["plain"]
+    assert result["ratio_to_per_example"]["ghost"] == result["median_s"]["ghost"] / result["median_s"]["per-example"]
     assert json.loads((tmp_path / "dp_overhead.json").read_text())["machine"]["cpus"] >= 1
     assert "DP overhead (ratio of medians; target <= 2.0)" in capsys.readouterr().out
 
@@ -78,7 +79,8 @@ def test_the_suite_summarises_every_figure_against_its_target():
     from fedcvr.simulations.benchmarks.__main__ import summary
 
     results = {
-        "dp_overhead": {"adapter_layers": 1, "ratio_of_medians": {"hooks": 2.5, "ghost": 1.9}},
+        "dp_overhead": {"adapter_layers": 1, "ratio_of_medians": {"hooks": 2.5, "ghost": 1.9},
+                        "ratio_to_per_example": {"hooks": 1.6, "ghost": 1.2}},
         "encoder": {"throughput": {"ratio": 1.1}, "reencode": {"speedup": 40.0}},
         "communication": {"update_sizes": [{"adapter_layers": 0, "ratio": 0.004}],
                           "round_times": {"median": {"client_train_s": 30.0, "aggregate_s": 0.01, "rest_s": 5.0}}},
@@ -89,6 +91,7 @@ def test_the_suite_summarises_every_figure_against_its_target():
     rows = {figure: (value, target, met) for figure, value, target, met in summary(results)}
     assert rows["DP step / plain step (adapter.layers 1, hooks)"] == ("2.50", "<= 2.0", "NO")
     assert rows["DP step / plain step (adapter.layers 1, ghost)"][2] == "yes"
+    assert rows["  DP step / same step without DP, items encoded per example (ghost)"][0] == "1.20"
     assert rows["update / encoder bytes (adapter.layers 0)"] == ("0.40 %", "<= 2 %", "yes")
     assert rows["re-encode: full forward / cached prefix"] == ("40.0x", ">= 3", "yes")
     assert rows["scale: s/round per merchant (fit)"][2] == "yes"

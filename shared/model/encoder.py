@@ -73,14 +73,28 @@ def _backbone_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+_LOADED: dict[tuple[Path, str], Backbone] = {}
+
+
 def load_backbone(encoder: str) -> Backbone:
-    """Load the frozen backbone named by `model.encoder` from local files only (no hub access)."""
+    """The frozen backbone named by `model.encoder`, from local files only (no hub access).
+
+    Loaded once per process and shared: its weights never change, so the merchant nodes that one process
+    simulates (and the coordinator's model beside them) all use one copy instead of one each (about 90 MB for
+    MiniLM). A checkpoint rewritten in place has another key and is loaded again."""
+    path = resolve_encoder_path(encoder)
+    key = (path.resolve(), _backbone_key(path))
+    if key not in _LOADED:
+        _LOADED[key] = _load_backbone(encoder, path)
+    return _LOADED[key]
+
+
+def _load_backbone(encoder: str, path: Path) -> Backbone:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # unused pooler weights of sentence-transformers checkpoints are expected
     hf_logging.disable_progress_bar()
-    path = resolve_encoder_path(encoder)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:

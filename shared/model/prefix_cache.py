@@ -88,6 +88,17 @@ class PrefixCache:
         Texts are tokenised once, then run in batches of similar length (shortest first), so a batch pads to its
         own longest text rather than to a long neighbour's; results go back to the order given."""
         model = self.backbone.model
+        # a conversion model in training mode puts the BERT layers it wraps in training mode too (dropout): the
+        # cached states are those of the frozen backbone, in evaluation mode
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            return self._compute(model, texts)
+        finally:
+            for module, training in modes:
+                module.train(training)
+
+    def _compute(self, model, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         width = 1 if self.pooled else self.max_tokens
         out_states = np.zeros((len(texts), width, self.backbone.hidden_size), np.float16)
         out_lengths = np.zeros(len(texts), np.int32)
@@ -103,8 +114,11 @@ class PrefixCache:
             hidden = model.embeddings(input_ids=tokens["input_ids"], token_type_ids=tokens.get("token_type_ids"))
             attention = extended_mask(mask, hidden.dtype)
             for layer in list(model.encoder.layer)[: self.frozen_layers]:
-                hidden = layer(hidden, attention_mask=attention)
+                # a conversion model moved to a GPU took the BERT layers it wraps with it (the backbone is shared)
+                device = next(layer.parameters()).device
+                hidden = layer(hidden.to(device), attention_mask=attention.to(device))
                 hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            hidden = hidden.cpu()
             if self.pooled:
                 hidden = masked_mean(hidden, mask)[:, None, :]
                 out_lengths[rows] = 1
