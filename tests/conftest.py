@@ -104,3 +104,20 @@ def server_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture(scope="session")
+def quality_market(tmp_path_factory):
+    """The quality tests' marketplace (3 merchants, 80k events) and one centralised training on it with the
+    packaged MiniLM (frozen embeddings): the reference both the centralised and the federated quality tests
+    compare with, trained once per test session. -> (marketplace folder, `train_central` result)."""
+    from fedcvr.shared.data.examples import ExampleConfig
+    from fedcvr.shared.model.config import ModelConfig, TrainConfig
+    from fedcvr.simulations.central import train_central
+    from fedcvr.simulations.synth import SynthConfig, generate_marketplace
+
+    root = tmp_path_factory.mktemp("quality")
+    generate_marketplace(SynthConfig(merchants=3, items=600, shoppers=2000, events=80_000, seed=3), root / "market")
+    result = train_central(root / "market", root / "central", ModelConfig(adapter_layers=0),
+                           TrainConfig(epochs=5, batch_size=512, lr=0.006, threads=2), ExampleConfig())
+    return root / "market", result

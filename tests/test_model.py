@@ -71,7 +71,9 @@ def test_trained_adapters_match_running_the_whole_backbone_with_them(backbone, t
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         expected = encoder.projection(masked_mean(hidden, tokens["attention_mask"])) + \
             encoder.numeric(torch.zeros(len(TEXTS), 2))
-    torch.testing.assert_close(ours, expected, atol=2e-3, rtol=0)  # float16 cache storage; a layer run twice: 1.5e-2
+    # float16 cache storage, and the thread count other tests set changes the rounding: up to 2.2e-3 seen; a
+    # layer run twice (the bug this catches) is off by 1.5e-2
+    torch.testing.assert_close(ours, expected, atol=4e-3, rtol=0)
 
 
 def test_fresh_adapter_is_the_identity():

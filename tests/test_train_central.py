@@ -8,11 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedcvr.cli import app
-from fedcvr.shared.data.examples import ExampleConfig
-from fedcvr.shared.model.config import ModelConfig, TrainConfig
 from fedcvr.shared.model.folder import load_model_folder
-from fedcvr.simulations.central import cosine_lr, train_central
-from fedcvr.simulations.synth import SynthConfig, generate_marketplace
+from fedcvr.simulations.central import cosine_lr
 
 
 def test_cli_trains_and_writes_a_model_folder(tiny_market, tiny_bert, tmp_path):
@@ -55,12 +52,10 @@ def test_cosine_schedule():
 
 
 @pytest.mark.slow
-def test_model_approaches_the_oracle_and_beats_popularity(tmp_path):
+def test_model_approaches_the_oracle_and_beats_popularity(quality_market):
     """A smaller version of the default marketplace, the packaged MiniLM with frozen embeddings (adapter.layers =
     0, for speed): the model's test CTCVR AUC must reach 85% of the ground-truth oracle's and beat popularity."""
-    generate_marketplace(SynthConfig(merchants=3, items=600, shoppers=2000, events=80_000, seed=3), tmp_path / "m")
-    result = train_central(tmp_path / "m", tmp_path / "out", ModelConfig(adapter_layers=0),
-                           TrainConfig(epochs=5, batch_size=512, lr=0.006, threads=2), ExampleConfig())
+    _, result = quality_market
     test = result.metrics["test"]
     model, popularity, oracle = (test[k]["ctcvr.auc"] for k in ("model", "popularity", "oracle"))
     assert model >= 0.85 * oracle, (model, oracle)
