@@ -36,6 +36,7 @@ from typing import Any
 
 import pandas as pd
 
+from fedcvr.simulations.benchmarks.common import machine
 from fedcvr.simulations.launcher import flatten
 
 SETTINGS = ("centralized", "local-only", "fedavg", "fedprox", "fedadam")
@@ -370,20 +371,6 @@ class LoadSampler:
         if not self.samples:
             return None
         return {"mean": sum(self.samples) / len(self.samples), "max": max(self.samples), "samples": len(self.samples)}
-
-
-def machine() -> dict[str, Any]:
-    import os
-    import platform
-
-    import torch
-
-    from fedcvr.simulations.benchmarks.common import cpu_model
-
-    return {"platform": platform.platform(), "cpu": cpu_model(), "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def describe(experiment: Experiment, out: Path, data_root: Path) -> Path:

@@ -85,11 +85,11 @@ def load_backbone(encoder: str) -> Backbone:
     path = resolve_encoder_path(encoder)
     key = (path.resolve(), _backbone_key(path))
     if key not in _LOADED:
-        _LOADED[key] = _load_backbone(encoder, path)
+        _LOADED[key] = _load_backbone(encoder, path, key[1])
     return _LOADED[key]
 
 
-def _load_backbone(encoder: str, path: Path) -> Backbone:
+def _load_backbone(encoder: str, path: Path, key: str) -> Backbone:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -113,7 +113,7 @@ def _load_backbone(encoder: str, path: Path) -> Backbone:
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return Backbone(model=model, tokenizer=tokenizer, path=path, key=_backbone_key(path))
+    return Backbone(model=model, tokenizer=tokenizer, path=path, key=key)
 
 
 def check_adapter_layers(backbone: Backbone, adapter_layers: int) -> None:

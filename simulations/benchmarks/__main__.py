@@ -61,8 +61,8 @@ def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str
         rows.append(("scale: peak MB per merchant (fit)", f"{m['slope']:.1f} MB (R^2 {m['r2']:.3f})", "flat", ""))
     if "gpu" in results:
         r = results["gpu"]
-        dp = next((v for k, v in r.get("speedup", {}).items() if k != "plain"), float("nan"))
-        rows.append(("GPU / CPU step speed-up", f"{r['speedup']['plain']:.1f}x plain, {dp:.1f}x DP"
+        rows.append(("GPU / CPU step speed-up", f"{r['speedup']['plain']:.1f}x plain, "
+                     f"{r['speedup'][r['grad_sample_mode']]:.1f}x DP ({r['grad_sample_mode']})"
                      if r.get("measured") else f"not measured: {r['reason']}", "", ""))
     return rows
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del node
     cpu, gpu = per_device["cpu"]["median_s"], per_device["cuda"]["median_s"]
     result.update({"measured": True, "merchant": args.merchant, "adapter_layers": args.adapter_layers,
-                   "batch_size": args.batch_size, "devices": per_device,
+                   "batch_size": args.batch_size, "devices": per_device, "grad_sample_mode": mode,
                    "speedup": {step: cpu[step] / gpu[step] for step in ("plain", mode)}})
     path = write_result(out / "gpu.json", result)
     print_table([
