@@ -189,8 +189,9 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
     initial = ArrayRecord(trainable_state(model))
     resumed = _resume_from(config, initial)  # before waiting for nodes: a bad checkpoint fails at once
     nodes = wait_for_nodes(grid, config.min_nodes, config.round_timeout)
-    log(INFO, "Training with %d node(s), strategy %s, %d round(s)%s", len(nodes), config.strategy,
-        config.num_server_rounds, ", secure aggregation (SecAgg+)" if config.secagg.enabled else "")
+    log(INFO, "Training with %d node(s), strategy %s, %d round(s), aggregation %s%s", len(nodes), config.strategy,
+        config.num_server_rounds, config.aggregation,
+        ", secure aggregation (SecAgg+)" if config.secagg.enabled else "")
     log(INFO, "One update carries %d trainable weights (%.2f MB); the frozen encoder never travels",
         sum(p.numel() for p in model.trainable_parameters()), initial.count_bytes() / 1e6)
     done = resumed.round if resumed else 0
@@ -198,7 +199,9 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
     book = RoundBook(config.out_dir, offset=done)
     strategy = make_strategy(config.strategy, book, fraction_train=config.fraction_train,
                              fraction_evaluate=config.fraction_evaluate, min_nodes=config.min_nodes,
-                             proximal_mu=config.proximal_mu, server_lr=config.server_lr, seed=config.seed)
+                             proximal_mu=config.proximal_mu, server_lr=config.server_lr, seed=config.seed,
+                             aggregation=config.aggregation, aggregation_trim=config.aggregation_trim,
+                             reject_norm_factor=config.reject_norm_factor, round_timeout=config.round_timeout)
     if resumed:
         initial = ArrayRecord(resumed.arrays)
         book.rows = list(resumed.history)

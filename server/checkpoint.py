@@ -4,6 +4,7 @@ A checkpoint is the folder `<out-dir>/checkpoint/`:
   checkpoint.json             round done, strategy, federation id, planned rounds, the metrics history so far
   weights.safetensors         the global trainable weights after that round
   server-optimizer.safetensors  the server optimiser's moments (FedAdam's m_t, v_t); absent for FedAvg/FedProx
+  SHA256SUMS                  SHA-256 digests of the files above, checked before resuming
 
 It is written to a temporary folder and then renamed over the old one, so a run killed mid-write leaves the
 previous checkpoint whole. Resume with `--run-config "resume='<out-dir>'"` (the run folder or its checkpoint/).
@@ -24,6 +25,8 @@ import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
+
+from fedcvr.shared.integrity import verify_digests, write_digests
 
 FOLDER = "checkpoint"
 META = "checkpoint.json"
@@ -62,6 +65,7 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> Path:
             "federation": checkpoint.federation, "planned-rounds": checkpoint.planned_rounds,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "history": checkpoint.history}
     (staging / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_digests(staging, (META, WEIGHTS, OPTIMIZER))
     old = out_dir / f".{FOLDER}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -86,6 +90,7 @@ def checkpoint_folder(path: Path) -> Path:
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read the checkpoint at `path` (a run folder or its checkpoint/ folder); CheckpointError names what is wrong."""
     folder = checkpoint_folder(path)
+    verify_digests(folder, (META, WEIGHTS), error=CheckpointError)
     try:
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:

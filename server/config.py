@@ -14,6 +14,9 @@ Keys (defaults in `[tool.flwr.app.config]` of pyproject.toml; override with `flw
   server-lr           FedAdam's server learning rate eta, > 0 (used with strategy = "fedadam")
   resume              a stopped run's out-dir (or its checkpoint/ folder) to continue from; "" starts afresh
   secagg, secagg-*    secure aggregation (SecAgg+), see SecAggConfig
+  aggregation         mean | median | trimmed-mean: how the kept updates are combined (see server/robust.py)
+  aggregation-trim    trimmed-mean's share dropped at each end per coordinate, 0 < t < 0.5
+  reject-norm-factor  reject an update whose change is above this factor x the round's median; 0 = no norm check
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcvr.shared.secagg import MIN_NODES
+
+from .robust import METHODS as AGGREGATIONS
 
 
 class ConfigError(ValueError):
@@ -49,10 +54,10 @@ def _float(run_config: Mapping[str, object], key: str, low: float, high: float |
     value = _get(run_config, key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"run config `{key}` = {value!r} is invalid: {fix}.")
-    value = float(value)
-    if not value > low or (high is not None and value > high):
+    number = float(value)
+    if not number > low or (high is not None and number > high):
         raise ConfigError(f"run config `{key}` = {value!r} is invalid: {fix}.")
-    return value
+    return number
 
 
 def _folder(run_config: Mapping[str, object], key: str, what: str, empty: str) -> Path | None:
@@ -69,10 +74,10 @@ def _folder(run_config: Mapping[str, object], key: str, what: str, empty: str) -
     return path
 
 
-def _non_negative(run_config: Mapping[str, object], key: str, default: float) -> float:
+def _non_negative(run_config: Mapping[str, object], key: str, default: float, zero: str = "0 = automatic") -> float:
     value = run_config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be a number >= 0 (0 = automatic).")
+        raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be a number >= 0 ({zero}).")
     return float(value)
 
 
@@ -139,13 +144,21 @@ class SecAggConfig:
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 # Keys added with federated training; older run configs without them get these values.
 TRAINING_DEFAULTS = {"strategy": "fedavg", "fraction-train": 1.0, "local-epochs": 1, "proximal-mu": 0.01,
-                     "server-lr": 0.1, "resume": ""}
+                     "server-lr": 0.1, "resume": "", "aggregation": "mean", "aggregation-trim": 0.2,
+                     "reject-norm-factor": 10.0}
 
 
 def _strategy(run_config: Mapping[str, object]) -> str:
     value = _get(run_config, "strategy")
     if value not in STRATEGIES:
         raise ConfigError(f"run config `strategy` = {value!r} is invalid: use one of {', '.join(STRATEGIES)}.")
+    return str(value)
+
+
+def _aggregation(run_config: Mapping[str, object]) -> str:
+    value = _get(run_config, "aggregation")
+    if value not in AGGREGATIONS:
+        raise ConfigError(f"run config `aggregation` = {value!r} is invalid: use one of {', '.join(AGGREGATIONS)}.")
     return str(value)
 
 
@@ -166,6 +179,9 @@ class ServerConfig:
     server_lr: float = 0.1
     resume: Path | None = None
     secagg: SecAggConfig = SecAggConfig()
+    aggregation: str = "mean"
+    aggregation_trim: float = 0.2
+    reject_norm_factor: float = 10.0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
@@ -189,7 +205,16 @@ class ServerConfig:
             server_lr=_float(run_config, "server-lr", 0.0, None, "server-lr must be a number > 0, e.g. 0.1"),
             resume=_folder(run_config, "resume", "the out-dir of a stopped run", "to start afresh"),
             secagg=SecAggConfig.from_run_config(run_config),
+            aggregation=_aggregation(run_config),
+            aggregation_trim=_float(run_config, "aggregation-trim", 0.0, 0.4999,
+                                    "aggregation-trim must be a share with 0 < t < 0.5, e.g. 0.2"),
+            reject_norm_factor=_non_negative(run_config, "reject-norm-factor", 10.0, "0 = no norm check"),
         )
+        if config.secagg.enabled and config.aggregation != "mean":
+            raise ConfigError(
+                f"run config `aggregation` = '{config.aggregation}' cannot be combined with `secagg` = true: under "
+                "secure aggregation the coordinator sees only the sum of the updates, never one update. Set "
+                "aggregation = 'mean', or secagg = false.")
         if config.secagg.enabled and config.min_nodes < MIN_NODES:
             raise ConfigError(
                 f"run config `secagg` = true needs at least {MIN_NODES} merchant nodes in every round, but "

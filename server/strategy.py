@@ -6,6 +6,12 @@ Aggregation is Flower's own (weighted by each node's `num-examples`). On top of 
 - bytes sent (global weights x nodes asked) and received (the nodes' weights) are counted;
 - time: the round's wall time (`seconds`), the nodes' own training time (`client-train-seconds`, summed, and
   `client-train-seconds-max`) and the aggregation's (`aggregate-seconds`); the rest is evaluation and overhead;
+- screening (`robust.py`): each update is checked against the global weights sent; one with other arrays or
+  shapes, NaN/Inf values, or a change far above the round's median is rejected, logged with its node id and
+  left out; the round goes on with the others. Nodes that replied with an error or not at all within
+  round-timeout are logged and listed (`failed`) too;
+- aggregation `mean` (Flower's, weighted by examples), `median` or `trimmed-mean` (`robust.combine`), under
+  every strategy (FedAdam's server step then works on the robust aggregate);
 - one line per round goes to `<out-dir>/rounds.jsonl` and a table to the log.
 """
 
@@ -15,17 +21,19 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedcvr.client.node import merge_evaluations
+
+from .robust import combine, screen_updates
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 TABLE_METRICS = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ctcvr.logloss", "ndcg@10")
@@ -64,11 +72,14 @@ class RoundBook:
         self.current: dict[str, Any] = {}
         self.started = time.perf_counter()
         self.arrays: ArrayRecord | None = None  # the global weights after the latest round
+        self.sent: dict[str, np.ndarray] = {}  # the global weights this round's training started from
+        self.asked: list[int] = []  # the nodes asked to train this round
         self.on_round: Callable[[dict[str, Any]], None] | None = None  # e.g. write a checkpoint
 
     def start(self, server_round: int) -> None:
         self.current = {"round": server_round, "bytes-sent": 0, "bytes-received": 0,
-                        "nodes-declined": 0, "declined": []}
+                        "nodes-declined": 0, "declined": [], "nodes-failed": 0, "failed": [],
+                        "nodes-rejected": 0, "rejected": []}
         self.started = time.perf_counter()
 
     def finish(self, metrics: MetricRecord | None) -> dict[str, Any]:
@@ -95,20 +106,88 @@ def format_row(row: dict[str, Any]) -> str:
     parts.append(f"sent {row['bytes-sent'] / 1e6:.2f} MB, received {row['bytes-received'] / 1e6:.2f} MB")
     if row.get("nodes-declined"):
         parts.append(f"{row['nodes-declined']} node(s) declined")
+    if row.get("nodes-failed"):
+        parts.append(f"{row['nodes-failed']} node(s) failed")
+    if row.get("nodes-rejected"):
+        parts.append(f"{row['nodes-rejected']} update(s) rejected")
     return " | ".join(parts)
 
 
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord as named numpy arrays."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+class RobustAggregation(FedAvg):
+    """FedAvg's aggregation step with the combination named by `aggregation` (`robust.combine`). It sits below
+    FedAdam and FedProx in the class order, so their own steps work on its result."""
+
+    aggregation = "mean"
+    aggregation_trim = 0.2
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        if self.aggregation == "mean":
+            return super().aggregate_train(server_round, replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        updates = [record_arrays(c[self.arrayrecord_key]) for c in contents]
+        weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
+        combined = combine(updates, weights, self.aggregation, self.aggregation_trim)
+        arrays = ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in combined.items()})
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+def screen_replies(book: RoundBook, replies: list[Message], norm_factor: float, round_timeout: float) -> list[Message]:
+    """The replies to aggregate: error replies pass through (Flower logs and skips them); updates that fail the
+    screening (`robust.screen_updates`) are dropped. Failures and rejections are logged with the node's id and
+    booked in the round's row."""
+    server_round = book.current.get("round", 0)
+    for reply in replies:
+        if reply.has_error():
+            reason = reply.error.reason or f"error code {reply.error.code}"
+            book.current["failed"].append({"node": int(reply.metadata.src_node_id), "reason": reason})
+    good = [r for r in replies if not r.has_error()]
+    secure = any("bytes-received" in r.content["metrics"] for r in good)
+    if not secure:  # a secure round answers with one reply for all its nodes
+        replied = {int(r.metadata.src_node_id) for r in replies}
+        for node in book.asked:
+            if node not in replied:
+                book.current["failed"].append(
+                    {"node": node, "reason": f"no reply within round-timeout = {round_timeout:g} s"})
+    for failure in book.current["failed"]:
+        log(WARNING, "Round %d: node %s failed: %s", server_round, failure["node"], failure["reason"])
+    book.current["nodes-failed"] = len(book.current["failed"])
+    if not good or not book.sent:
+        return replies
+    screening = screen_updates(book.sent, [record_arrays(r.content["arrays"]) for r in good],
+                               0.0 if secure else norm_factor)
+    for index, reason in screening.rejected:
+        node = int(good[index].metadata.src_node_id)
+        log(WARNING, "Round %d: update of node %s rejected: %s", server_round, node, reason)
+        book.current["rejected"].append({"node": node, "reason": reason})
+    book.current["nodes-rejected"] = len(screening.rejected)
+    kept = [good[i] for i in screening.kept]
+    return kept + [r for r in replies if r.has_error()]
+
+
 def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction_evaluate: float, min_nodes: int,
-                  proximal_mu: float, server_lr: float, seed: int = 0):
+                  proximal_mu: float, server_lr: float, seed: int = 0, aggregation: str = "mean",
+                  aggregation_trim: float = 0.2, reject_norm_factor: float = 0.0, round_timeout: float = 600.0):
     """The named Flower strategy with fedcvr's hooks.
 
     Rounds are numbered across a resumed run: `book.offset` rounds were done before, so Flower's round r is
     round r + offset everywhere (the nodes' `server-round`, FedAdam's bias correction, the log). Flower samples
     nodes with Python's `random`, which is seeded from `seed` and the round before each sampling, so a resumed
-    run asks the same nodes as an uninterrupted one."""
-    base = STRATEGIES[name]
+    run asks the same nodes as an uninterrupted one.
 
-    class Tracked(base):  # type: ignore[misc, valid-type]
+    Every training reply is screened (`screen_replies`) before aggregation; `aggregation` chooses the
+    combination (`RobustAggregation`)."""
+    base = STRATEGIES[name]
+    bases = (RobustAggregation,) if base is FedAvg else (base, RobustAggregation)
+
+    class Tracked(*bases):  # type: ignore[misc, valid-type]
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                             grid: Grid) -> Iterable[Message]:
             server_round += book.offset
@@ -116,6 +195,8 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
             random.seed(seed * 1_000_003 + server_round)
             messages = list(super().configure_train(server_round, arrays, config, grid))
             book.current["bytes-sent"] += arrays.count_bytes() * len(messages)
+            book.sent = record_arrays(arrays)
+            book.asked = [int(m.metadata.dst_node_id) for m in messages]
             return messages
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -129,6 +210,7 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
                     book.current["bytes-sent"] = int(reply.content["metrics"]["bytes-sent"])
                 else:
                     book.current["bytes-received"] += reply.content["arrays"].count_bytes()
+            replies = screen_replies(book, replies, reject_norm_factor, round_timeout)
             started = time.perf_counter()
             arrays, metrics = super().aggregate_train(server_round + book.offset, replies)
             book.current["aggregate-seconds"] = time.perf_counter() - started
@@ -173,4 +255,6 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
     if name == "fedadam":
         kwargs["eta"] = server_lr
     Tracked.__name__ = f"Fedcvr{base.__name__}"
-    return Tracked(**kwargs)
+    strategy = Tracked(**kwargs)
+    strategy.aggregation, strategy.aggregation_trim = aggregation, aggregation_trim
+    return strategy

@@ -12,13 +12,17 @@ An experiment config (TOML, examples in `simulations/experiments/`):
     partition = "natural"         # or "dirichlet": re-partition by category into `clients` with `alpha`
     min-shoppers = 0              # keep only merchant folders with at least this many shoppers
     max-shoppers = 0              # cut larger folders to a random sample of this many shoppers (0 = keep all)
+    audit-epsilons = ["none", 8, 1]  # privacy audit runs (membership inference, `audit.py`); [] = none
+    audit-merchant = ""           # the merchant folder audited ("" = the first in sorted order)
+    audit-max-members = 2000      # members (and as many non-members) at most
     [run-config]                  # any app run config key, e.g. local-epochs = 2
 
 Each run (setting, ε, seed) writes `<out>/runs/<run-id>/result.json`; a run with that file is finished and is
 skipped when the grid runs again (an interrupted grid resumes). Federated settings run the app's real ServerApp
 and ClientApp logic in this process (`inprocess.py`); local-only trains each merchant alone with the same node
 code (`local_only.py`); centralized trains on the union of the merchants (`central.py`; no DP, so it runs once
-per seed as the reference line). The tidy table `<out>/results.parquet` and `.csv` has one row per run x round x
+per seed as the reference line); audit runs attack one merchant's local training (`audit.py`) once per audit
+budget and seed. The tidy table `<out>/results.parquet` and `.csv` has one row per run x round x
 metric: run_id, setting, epsilon, seed, data, round, split, merchant ("all" or a merchant), metric, value.
 With DP, each merchant's row `delta` holds the δ at which its ε holds.
 """
@@ -40,6 +44,9 @@ from fedcvr.simulations.benchmarks.common import machine
 from fedcvr.simulations.launcher import flatten
 
 SETTINGS = ("centralized", "local-only", "fedavg", "fedprox", "fedadam")
+AUDIT = "audit"
+AUDIT_METRICS = ("mia.loss.auc", "mia.loss.tpr@1%fpr", "mia.lr.auc", "mia.lr.tpr@1%fpr", "members", "non-members",
+                 "max-epsilon", "delta")
 FEDERATED = ("fedavg", "fedprox", "fedadam")
 RESULT = "result.json"
 TABLE_COLUMNS = ["run_id", "setting", "epsilon", "seed", "data", "round", "split", "merchant", "metric", "value"]
@@ -80,6 +87,9 @@ class Experiment:
     clients: int = 5
     min_shoppers: int = 0
     max_shoppers: int = 0
+    audit_epsilons: tuple[float | None, ...] = ()
+    audit_merchant: str = ""
+    audit_max_members: int = 2000
 
     @classmethod
     def from_toml(cls, path: Path) -> Experiment:
@@ -95,7 +105,7 @@ class Experiment:
             return ExperimentError(f"{path}: `{key}` = {table.get(key)!r} is invalid: {fix}")
 
         keys = {"name", "data", "settings", "epsilons", "seeds", "rounds", "run-config", "partition", "alpha",
-                "clients", "min-shoppers", "max-shoppers"}
+                "clients", "min-shoppers", "max-shoppers", "audit-epsilons", "audit-merchant", "audit-max-members"}
         unknown = set(table) - keys
         if unknown:
             raise ExperimentError(f"{path}: unknown key(s) {sorted(unknown)}: the keys are {', '.join(sorted(keys))}")
@@ -121,14 +131,29 @@ class Experiment:
         settings = table.get("settings", list(SETTINGS))
         if not isinstance(settings, list) or not settings or any(s not in SETTINGS for s in settings):
             raise bad("settings", f"a non-empty list of {', '.join(SETTINGS)}")
-        epsilons: list[float | None] = []
-        for value in table.get("epsilons", ["none"]):
-            if value == "none":
-                epsilons.append(None)
-            elif isinstance(value, int | float) and not isinstance(value, bool) and value > 0 and math.isfinite(value):
-                epsilons.append(float(value))
-            else:
-                raise bad("epsilons", 'a list of numbers > 0 and "none" (no DP), e.g. ["none", 8, 4, 2, 1]')
+        def budgets(key: str, default: list) -> list[float | None]:
+            values = table.get(key, default)
+            if not isinstance(values, list):
+                raise bad(key, 'a list of numbers > 0 and "none" (no DP), e.g. ["none", 8, 4, 2, 1]')
+            out: list[float | None] = []
+            for value in values:
+                if value == "none":
+                    out.append(None)
+                elif (isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+                      and math.isfinite(value)):
+                    out.append(float(value))
+                else:
+                    raise bad(key, 'a list of numbers > 0 and "none" (no DP), e.g. ["none", 8, 4, 2, 1]')
+            return out
+
+        epsilons = budgets("epsilons", ["none"])
+        audit_epsilons = budgets("audit-epsilons", [])
+        audit_merchant = table.get("audit-merchant", "")
+        if not isinstance(audit_merchant, str):
+            raise bad("audit-merchant", 'the name of a merchant folder of the data set, or "" for the first')
+        audit_max_members = table.get("audit-max-members", 2000)
+        if isinstance(audit_max_members, bool) or not isinstance(audit_max_members, int) or audit_max_members < 10:
+            raise bad("audit-max-members", "a whole number >= 10 (members of the audit, and as many non-members)")
         seeds = table.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or any(not isinstance(s, int) or isinstance(s, bool)
                                                            for s in seeds):
@@ -144,7 +169,8 @@ class Experiment:
             raise bad("run-config", "a table of app run config keys")
         return cls(str(table.get("name", path.stem)), data, tuple(settings), tuple(dict.fromkeys(epsilons)),
                    tuple(dict.fromkeys(seeds)), rounds, flatten(run_config), path, partition, float(alpha), clients,
-                   min_shoppers, max_shoppers)
+                   min_shoppers, max_shoppers, tuple(dict.fromkeys(audit_epsilons)), audit_merchant,
+                   audit_max_members)
 
     def runs(self) -> list[Run]:
         """The grid, seed by seed and budget by budget, so that a partly run grid already holds whole curves;
@@ -157,6 +183,8 @@ class Experiment:
                         out.append(Run(setting, epsilon, seed))
             if None not in self.epsilons and "centralized" in self.settings:
                 out.append(Run("centralized", None, seed))
+        for seed in self.seeds:
+            out += [Run(AUDIT, epsilon, seed) for epsilon in self.audit_epsilons]
         return out
 
     def data_root(self, out: Path) -> Path:
@@ -297,6 +325,25 @@ def run_centralized(experiment: Experiment, run: Run, run_config: dict[str, Any]
     return _rows(run, experiment.data, 0, "test", "all", test, FINAL)
 
 
+def audited_folder(experiment: Experiment, folders: list[Path]) -> Path:
+    """The merchant folder of the privacy audit: `audit-merchant`, or the first in sorted order."""
+    if not experiment.audit_merchant:
+        return folders[0]
+    for folder in folders:
+        if folder.name == experiment.audit_merchant:
+            return folder
+    raise ExperimentError(f"{experiment.source}: `audit-merchant` = {experiment.audit_merchant!r} is not a merchant "
+                          f"of the data set; its merchants are {', '.join(f.name for f in folders)}")
+
+
+def run_audit(experiment: Experiment, run: Run, run_config: dict[str, Any], folders: list[Path]) -> list[dict]:
+    from fedcvr.simulations.audit import audit_merchant
+
+    result = audit_merchant(audited_folder(experiment, folders), run_config, seed=run.seed,
+                            max_members=experiment.audit_max_members)
+    return _rows(run, experiment.data, experiment.rounds, "train", result.merchant, result.metrics(), AUDIT_METRICS)
+
+
 def run_grid(experiment: Experiment, out: Path, on_run: Callable[[Run, str], None] | None = None) -> pd.DataFrame:
     """Run every run of the grid that has no result yet, then write and return the tidy table."""
     from fedcvr.shared.data.loader import merchant_folders
@@ -305,6 +352,8 @@ def run_grid(experiment: Experiment, out: Path, on_run: Callable[[Run, str], Non
     data_root = experiment.data_root(out)
     folders = merchant_folders(data_root)
     describe(experiment, out, data_root)
+    if experiment.audit_epsilons:
+        audited_folder(experiment, folders)  # a bad audit-merchant fails before any run
     for run in experiment.runs():
         run_dir = out / "runs" / run.run_id
         if (run_dir / RESULT).is_file():
@@ -321,6 +370,8 @@ def run_grid(experiment: Experiment, out: Path, on_run: Callable[[Run, str], Non
                 rows = run_federated(experiment, run, run_config, folders)
             elif run.setting == "local-only":
                 rows = run_local_only(experiment, run, run_config, folders)
+            elif run.setting == AUDIT:
+                rows = run_audit(experiment, run, run_config, folders)
             else:
                 rows = run_centralized(experiment, run, run_config, data_root)
         seconds = time.perf_counter() - started
@@ -387,6 +438,8 @@ def describe(experiment: Experiment, out: Path, data_root: Path) -> Path:
         "alpha": experiment.alpha if experiment.partition == "dirichlet" else None,
         "clients": experiment.clients if experiment.partition == "dirichlet" else None,
         "min_shoppers": experiment.min_shoppers, "max_shoppers": experiment.max_shoppers,
+        "audit_epsilons": [e if e is not None else "none" for e in experiment.audit_epsilons],
+        "audit_merchant": experiment.audit_merchant, "audit_max_members": experiment.audit_max_members,
         "run_config": experiment.run_config, "sessions": sessions},
         indent=2) + "\n")
     return path

@@ -3,7 +3,8 @@ Grid that hands each message to the ClientApp of its node directly (no Flower pr
 
 For research grids, where starting Flower for every run would cost more than the run. Every node keeps its own
 Context (state: privacy ledger, SecAgg+ keys) across messages, as a SuperNode does; messages are deep-copied on
-the way, as a real transport would.
+the way, as a real transport would. A ClientApp that raises answers with an error reply naming the exception, as
+Flower's runtime does, so the round goes on with the other nodes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcvr.client import node as node_module
@@ -43,8 +45,16 @@ class InProcessGrid:
         for message in messages:
             self._next += 1
             message.metadata.__dict__["_message_id"] = f"m{self._next}"  # what the SuperLink would set
-            replies.append(client_app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id]))
+            replies.append(self.deliver(message))
         return replies
+
+    def deliver(self, message: Message) -> Message:
+        """The node's reply to one message (an error reply when its ClientApp raised)."""
+        try:
+            return client_app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id])
+        except Exception as err:  # what Flower's runtime does with an exception of a ClientApp
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"),
+                           reply_to=message)
 
 
 @contextmanager

@@ -8,7 +8,14 @@ import pytest
 from typer.testing import CliRunner
 
 from fedcvr.cli import app
-from fedcvr.simulations.experiment import TABLE_COLUMNS, Experiment, ExperimentError, Run, run_grid
+from fedcvr.simulations.experiment import (
+    TABLE_COLUMNS,
+    Experiment,
+    ExperimentError,
+    Run,
+    audited_folder,
+    run_grid,
+)
 
 TINY = """
 name = "tiny"
@@ -17,6 +24,8 @@ settings = ["local-only", "fedavg", "fedadam"]
 epsilons = ["none", 8]
 seeds = [0]
 rounds = 1
+audit-epsilons = [8]
+audit-max-members = 50
 
 [run-config]
 model.encoder = "{bert}"
@@ -44,6 +53,10 @@ def test_grid_expansion_and_run_ids(tmp_path):
     only_dp = Experiment.from_toml(write(tmp_path, 'settings = ["centralized", "fedavg"]\nepsilons = [8]\n'))
     assert [run.run_id for run in only_dp.runs()] == ["fedavg-eps8-seed0", "centralized-epsnone-seed0"]
     assert Run("fedprox", 2.0, 3).run_id == "fedprox-eps2-seed3"
+    audited = Experiment.from_toml(write(tmp_path, 'settings = ["fedavg"]\nseeds = [0, 1]\n'
+                                                   'audit-epsilons = ["none", 1]\n'))
+    assert [run.run_id for run in audited.runs()][-4:] == ["audit-epsnone-seed0", "audit-eps1-seed0",
+                                                           "audit-epsnone-seed1", "audit-eps1-seed1"]
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -54,6 +67,9 @@ def test_grid_expansion_and_run_ids(tmp_path):
     ("rounds = 0", "`rounds`"),
     ("round = 3", "unknown key"),
     ("rounds = [", "not valid TOML"),
+    ("audit-epsilons = [0]", "`audit-epsilons`"),
+    ("audit-max-members = 5", "`audit-max-members`"),
+    ("audit-merchant = 3", "`audit-merchant`"),
 ])
 def test_bad_configs_name_the_field(tmp_path, text, needle):
     with pytest.raises(ExperimentError, match=needle):
@@ -106,6 +122,11 @@ def test_a_grid_runs_into_a_tidy_table_and_resumes(tmp_path, tiny_market, tiny_b
     assert finished["machine"]["cpus"] >= 1 and finished["machine"]["cpu"] and finished["finished"]
     assert finished["load"]["samples"] >= 1 and finished["load"]["max"] >= finished["load"]["mean"] >= 0
     assert f"- machine: {finished['machine']['cpu']}" in report
+    # the privacy audit ran on the first merchant and has its section
+    audit = table[(table.run_id == "audit-eps8-seed0") & (table.metric != "wall-seconds")]
+    assert set(audit.merchant) == {"merchant-01"} and set(audit.split) == {"train"}
+    assert 0 <= audit[audit.metric == "mia.lr.auc"]["value"].iloc[0] <= 1
+    assert "## Privacy audit: membership inference" in report and "| ε 8 | merchant-01 | 1 | " in report
 
 
 def test_report_names_every_machine_the_runs_ran_on(tmp_path):
@@ -274,6 +295,7 @@ def test_the_online_retail_reference_uses_countries_with_20_customers(tmp_path, 
     assert max(customers.values()) == experiment.max_shoppers  # the United Kingdom, cut down
     imported = {p.name for p in (tmp_path / "data-online-retail").iterdir() if p.is_dir()}
     assert len(imported) > len(customers)  # the small countries were left out
+    assert audited_folder(experiment, sorted(root.iterdir())).name == "germany"
 
 
 def test_the_ordering_check_says_where_and_how_much_utility_fell():

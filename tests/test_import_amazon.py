@@ -15,6 +15,7 @@ from fedcvr.cli import app
 from fedcvr.shared.data.importers.amazon import import_amazon, parse_price
 from fedcvr.shared.data.importers.report import ImportInputError
 from fedcvr.shared.data.loader import load_merchant, merchant_folders
+from fedcvr.shared.data.pseudonym import merchant_key, pseudonym
 
 
 def flat(text: str) -> str:
@@ -100,7 +101,9 @@ def test_2018_counts_fields_and_default_partitions(tmp_path, files_2018):
     assert report.partitions == {"home": 2, "office-products": 1, "unknown": 1}
     events, items = load_all(tmp_path / "out")
     assert set(events.event) == {"purchase"}
-    assert set(zip(events.user_id, events.item_id)) == {("U1", "A1"), ("U2", "A2"), ("U1", "A5"), ("U2", "A1")}
+    hidden = {(pseudonym(user, merchant_key(tmp_path / "out" / folder)), item) for user, item, folder in
+              [("U1", "A1", "home"), ("U2", "A2", "office-products"), ("U1", "A5", "unknown"), ("U2", "A1", "home")]}
+    assert set(zip(events.user_id, events.item_id)) == hidden
     assert events.timestamp.min() == pd.Timestamp("2017-07-14 02:40:00")
     item = items.set_index("item_id")
     assert list(item.index.sort_values()) == ["A1", "A2", "A5"]  # A3 (no title), A4 (no review) are not written
@@ -131,7 +134,8 @@ def test_2023_fields_join_via_parent_asin(tmp_path, files_2023):
     assert report.partitions == {"home": 2, "office-products": 1}
     events, items = load_all(tmp_path / "out")
     first = events.sort_values("timestamp").iloc[0]
-    assert (first.user_id, first.item_id, first.timestamp) == ("X1", "P1", pd.Timestamp("2020-09-13 12:26:40"))
+    assert (first.user_id, first.item_id, first.timestamp) == (
+        pseudonym("X1", merchant_key(tmp_path / "out" / first.partition)), "P1", pd.Timestamp("2020-09-13 12:26:40"))
     item = items.set_index("item_id")
     assert item.loc["P1", "title"] == "Lamp" and item.loc["P1", "description"] == "Bright LED lamp"
     assert item.loc["P1", "brand"] == "Lumen"  # store wins over details["Brand"]

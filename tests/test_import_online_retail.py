@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from fedcvr.cli import app
 from fedcvr.shared.data.importers.online_retail import import_online_retail
 from fedcvr.shared.data.loader import load_merchant, merchant_folders
+from fedcvr.shared.data.pseudonym import KEY_FILE, merchant_key, pseudonym
+from fedcvr.shared.data.writer import safe_folder_name
 
 SOURCE = Path(__file__).resolve().parents[1].parent / "shared/data/online-retail/online_retail.parquet"
 NON_PRODUCT = {"POST", "DOT", "M", "D", "C2", "CRUK", "BANK CHARGES", "AMAZONFEE", "PADS", "S", "B", "ADJUST",
@@ -77,7 +79,10 @@ def check_tiny(report, out: Path) -> None:
     assert report.rows_read - sum(report.dropped.values()) == report.events
     assert (report.users, report.items, report.events) == (2, 2, 3)
     events, items = load_all(out)
-    assert set(zip(events.user_id, events.item_id, events.session_id, events.country)) == EXPECTED_EVENTS
+    # shopper ids are written as pseudonyms under each country folder's own key
+    expected = {(pseudonym(user, merchant_key(out / country)), item, invoice, country)
+                for user, item, invoice, country in EXPECTED_EVENTS}
+    assert set(zip(events.user_id, events.item_id, events.session_id, events.country)) == expected
     assert set(events.event) == {"purchase"}
     assert events.timestamp.min() == pd.Timestamp("2011-01-01 09:00")
     by_id = items.drop_duplicates("item_id").set_index("item_id")
@@ -193,14 +198,20 @@ def test_full_data_set_matches_independent_rules(full_import):
     report, out = full_import
     events, items = load_all(out)  # every folder validates
     expected = expected_from_rules(pd.read_parquet(SOURCE))
-    assert events.user_id.nunique() == expected.customer.nunique() == report.users
+    assert expected.customer.nunique() == report.users
+    folders = expected.Country.map(safe_folder_name)
+    keys = {folder: merchant_key(out / folder) for folder in folders.unique()}
+    hidden = {(pseudonym(c, keys[f]), f) for c, f in zip(expected.customer, folders)}
+    assert set(zip(events.user_id, events.country)) == hidden
+    assert events.user_id.str.fullmatch(r"[0-9a-f]{32}").all()
+    assert not set(events.user_id) & set(expected.customer)
+    assert all((out / folder / KEY_FILE).stat().st_mode & 0o777 == 0o600 for folder in keys)
     assert events.item_id.nunique() == expected.item.nunique() == report.items
     assert events.country.nunique() == expected.Country.nunique() == len(report.partitions)
     assert len(events) == len(expected) == report.events
     assert report.rows_read == 541_909
     assert report.rows_read - sum(report.dropped.values()) == report.events
     assert not events.session_id.str.upper().str.startswith("C").any()
-    assert not events.user_id.str.contains(r"\.").any()
     for merchant in merchant_folders(out):
         data = load_merchant(merchant)
         assert set(data.items.item_id) == set(data.events.item_id)

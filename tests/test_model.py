@@ -123,7 +123,8 @@ def test_only_trainable_weights_are_saved_and_the_backbone_never_is(backbone, tm
 def test_model_folder_round_trip_and_refusals(backbone, tiny_bert, tmp_path):
     model = ConversionModel(backbone, ModelConfig(encoder=str(tiny_bert), adapter_layers=1, dim=8))
     folder = save_model_folder(tmp_path / "m", model, backbone, {"train": {}})
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "encoder.json", "weights.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["SHA256SUMS", "config.json", "encoder.json",
+                                                        "weights.safetensors"]
     loaded, _, settings = load_model_folder(folder)
     assert settings["model"]["dim"] == 8
     assert all(torch.equal(a, b) for a, b in zip(trainable_state(loaded).values(), trainable_state(model).values()))

@@ -21,6 +21,7 @@ from fedcvr.cli import app
 from fedcvr.client.item_index import INDEX_DIR, INDEX_FILE
 from fedcvr.client.recommender import Filters, History, Recommender, UnknownItems, open_recommender
 from fedcvr.shared.data.loader import load_merchant
+from fedcvr.shared.integrity import write_digests
 from fedcvr.shared.model.config import ModelConfig
 from fedcvr.shared.model.errors import ModelConfigError
 from fedcvr.shared.model.esmm import initial_model
@@ -159,6 +160,9 @@ def test_bad_model_folders_are_refused_with_the_reason(model_dir, shop, tmp_path
     shutil.copytree(model_dir, other)
     reference = json.loads((other / ENCODER).read_text())
     (other / ENCODER).write_text(json.dumps({**reference, "key": "0123456789abcdef"}))
+    with pytest.raises(ModelConfigError, match="encoder.json does not match its SHA-256 digest"):
+        open_recommender(other, shop)
+    write_digests(other, ("weights.safetensors", "config.json", ENCODER))  # as if written with that encoder
     with pytest.raises(ModelConfigError, match="trained with the encoder"):
         open_recommender(other, shop)
 

@@ -159,7 +159,15 @@ def _as_text(frame: pd.DataFrame, column: str, check: _Checker) -> pd.Series | N
 
 
 def _blank(series: pd.Series) -> pd.Series:
+    """Missing or whitespace-only values of a text column (str or None only, as `_as_text` returns)."""
     return series.isna() | (series.astype(str).str.strip() == "")
+
+
+def _blank_raw(series: pd.Series) -> pd.Series:
+    """Missing or whitespace-only values of a column as read, whatever its values' types (bytes included)."""
+    return series.astype(object).map(
+        lambda v: v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip())
+    ).astype(bool)
 
 
 def _missing_columns(frame: pd.DataFrame, required: tuple[str, ...], check: _Checker, table: str) -> list[str]:
@@ -212,7 +220,7 @@ def _validate_items(frame: pd.DataFrame, check: _Checker) -> pd.DataFrame | None
     if "price" in frame.columns:
         raw = frame["price"]
         price = pd.to_numeric(raw, errors="coerce")
-        unparsable = price.isna() & ~_blank(raw.astype(object))
+        unparsable = price.isna() & ~_blank_raw(raw)
         if unparsable.any():
             check.add("price", "has values that are not numbers",
                       "write prices as plain numbers with a dot for decimals (e.g. 12.99), no currency signs",
@@ -306,7 +314,7 @@ def _validate_events(frame: pd.DataFrame, check: _Checker, item_ids: set[str] | 
     if "position" in frame.columns:
         raw = frame["position"]
         number = pd.to_numeric(raw, errors="coerce")
-        blank = _blank(raw.astype(object))
+        blank = _blank_raw(raw)
         bad = (~blank) & (number.isna() | (number < 0) | (number.fillna(0) % 1 != 0))
         if bad.any():
             check.add("position", "has values that are not whole numbers >= 0",
@@ -331,7 +339,9 @@ def _readable_item_ids(path: Path) -> set[str] | None:
     if not (pd.api.types.is_integer_dtype(ids) or pd.api.types.is_string_dtype(ids)
             or pd.api.types.is_object_dtype(ids)):
         return None
-    return set(ids.dropna().astype(str).str.strip())
+    if pd.api.types.is_integer_dtype(ids):
+        return set(ids.astype("int64").astype(str))
+    return {v.strip() for v in ids.dropna() if isinstance(v, str)}
 
 
 def load_merchant(folder: str | Path) -> MerchantData:

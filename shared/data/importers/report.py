@@ -13,6 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Te
 from rich.table import Table
 
 from ..loader import is_merchant_folder
+from ..pseudonym import merchant_key, pseudonymise
 from ..writer import safe_folder_name, write_merchant
 
 ITEM_COLUMNS = ("item_id", "title", "description", "category", "brand", "price")
@@ -58,8 +59,9 @@ def write_partitions(out: Path, items: pd.DataFrame, events: pd.DataFrame, repor
     """Write one merchant folder per value of `events["partition"]` under `out`.
 
     Folder names are `safe_folder_name(partition)`; values that give the same name share one folder. A folder's
-    items table holds exactly the items its events refer to. Fills the report's users, items, events and
-    partitions (folder name -> events).
+    items table holds exactly the items its events refer to. Shopper ids are written as pseudonyms under the
+    folder's own key (`pseudonym.py`): no raw id reaches a written table. Fills the report's users, items, events
+    and partitions (folder name -> events).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -75,7 +77,9 @@ def write_partitions(out: Path, items: pd.DataFrame, events: pd.DataFrame, repor
         part = part.sort_values("timestamp", kind="stable")
         part_items = items.loc[pd.unique(part["item_id"]), list(ITEM_COLUMNS)].reset_index(drop=True)
         columns = [c for c in EVENT_COLUMNS if c in part.columns]
-        write_merchant(out / str(folder), part_items, part[columns].reset_index(drop=True))
+        written = part[columns].reset_index(drop=True)
+        written["user_id"] = pseudonymise(written["user_id"], merchant_key(out / str(folder)))
+        write_merchant(out / str(folder), part_items, written)
         report.partitions[str(folder)] = len(part)
         if progress is not None:
             progress.advance(task)
