@@ -16,6 +16,8 @@ An experiment config (TOML, examples in `simulations/experiments/`):
     audit-merchant = ""           # the merchant folder audited ("" = the first in sorted order)
     audit-max-members = 2000      # members (and as many non-members) at most
     [run-config]                  # any app run config key, e.g. local-epochs = 2
+    [audit-run-config]            # run config keys for the audit runs only (on top of [run-config]), e.g. more
+                                  # local epochs to give the attacks a model that fits its examples closely
 
 Each run (setting, ε, seed) writes `<out>/runs/<run-id>/result.json`; a run with that file is finished and is
 skipped when the grid runs again (an interrupted grid resumes). Federated settings run the app's real ServerApp
@@ -90,6 +92,7 @@ class Experiment:
     audit_epsilons: tuple[float | None, ...] = ()
     audit_merchant: str = ""
     audit_max_members: int = 2000
+    audit_run_config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_toml(cls, path: Path) -> Experiment:
@@ -105,7 +108,8 @@ class Experiment:
             return ExperimentError(f"{path}: `{key}` = {table.get(key)!r} is invalid: {fix}")
 
         keys = {"name", "data", "settings", "epsilons", "seeds", "rounds", "run-config", "partition", "alpha",
-                "clients", "min-shoppers", "max-shoppers", "audit-epsilons", "audit-merchant", "audit-max-members"}
+                "clients", "min-shoppers", "max-shoppers", "audit-epsilons", "audit-merchant", "audit-max-members",
+                "audit-run-config"}
         unknown = set(table) - keys
         if unknown:
             raise ExperimentError(f"{path}: unknown key(s) {sorted(unknown)}: the keys are {', '.join(sorted(keys))}")
@@ -167,10 +171,13 @@ class Experiment:
         run_config = table.get("run-config", {})
         if not isinstance(run_config, dict):
             raise bad("run-config", "a table of app run config keys")
+        audit_run_config = table.get("audit-run-config", {})
+        if not isinstance(audit_run_config, dict):
+            raise bad("audit-run-config", "a table of app run config keys for the audit runs")
         return cls(str(table.get("name", path.stem)), data, tuple(settings), tuple(dict.fromkeys(epsilons)),
                    tuple(dict.fromkeys(seeds)), rounds, flatten(run_config), path, partition, float(alpha), clients,
                    min_shoppers, max_shoppers, tuple(dict.fromkeys(audit_epsilons)), audit_merchant,
-                   audit_max_members)
+                   audit_max_members, flatten(audit_run_config))
 
     def runs(self) -> list[Run]:
         """The grid, seed by seed and budget by budget, so that a partly run grid already holds whole curves;
@@ -236,7 +243,8 @@ def run_config_of(experiment: Experiment, run: Run, data_root: Path, run_dir: Pa
     from fedcvr.shared.data.loader import merchant_folders
     from fedcvr.simulations import launcher
 
-    overrides = {**experiment.run_config, "data-root": str(data_root), "out-dir": str(run_dir),
+    extra = experiment.audit_run_config if run.setting == AUDIT else {}
+    overrides = {**experiment.run_config, **extra, "data-root": str(data_root), "out-dir": str(run_dir),
                  "num-server-rounds": experiment.rounds, "seed": run.seed, "train.seed": run.seed,
                  "min-nodes": len(merchant_folders(data_root)), "dp.enabled": run.epsilon is not None}
     if run.setting in FEDERATED:
@@ -440,6 +448,7 @@ def describe(experiment: Experiment, out: Path, data_root: Path) -> Path:
         "min_shoppers": experiment.min_shoppers, "max_shoppers": experiment.max_shoppers,
         "audit_epsilons": [e if e is not None else "none" for e in experiment.audit_epsilons],
         "audit_merchant": experiment.audit_merchant, "audit_max_members": experiment.audit_max_members,
+        "audit_run_config": experiment.audit_run_config,
         "run_config": experiment.run_config, "sessions": sessions},
         indent=2) + "\n")
     return path

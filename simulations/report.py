@@ -397,10 +397,12 @@ def null_auc_std(n: int, m: int) -> float:
     return math.sqrt((n + m + 1) / (12 * n * m))
 
 
-def audit_lines(audits: pd.DataFrame) -> list[str]:
+def audit_lines(audits: pd.DataFrame, overrides: dict | None = None) -> list[str]:
     """The report's privacy-audit section: the table and what it shows against the expectation."""
+    extra = f" and, for the audit, {overrides}" if overrides else ""
     lines = ["", "## Privacy audit: membership inference", "",
-             "One merchant trains alone on half of its training examples (the members) with this grid's settings; "
+             "One merchant trains alone on half of its training examples (the members) with this grid's settings"
+             f"{extra}; "
              "an attacker who holds the model and an example guesses whether the example was trained on. Loss "
              "attack: a lower loss means member. LR attack: the loss under the initial model minus the loss under "
              "the trained one (a likelihood ratio against a reference model, no shadow models). AUC 0.5 and TPR "
@@ -517,7 +519,7 @@ def write_report(results: Path) -> Path:
         lines += ["", "## Cost per round", "", "![cost](cost.png)", "", _markdown(costs, 2)]
     audits = audit_table(table)
     if not audits.empty:
-        lines += audit_lines(audits)
+        lines += audit_lines(audits, meta.get("audit_run_config"))
     path = results / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -313,3 +313,18 @@ def test_the_ordering_check_says_where_and_how_much_utility_fell():
                         "smaller than the spread over seeds (std up to 0.0300): noise, not an effect.")
     assert lines[1] == "- fedprox: more ε never lowered the mean test CTCVR AUC (the expected ordering)."
     assert "one seed so far, so the spread is unknown" in lines[2] and "from ε 1 to no DP" in lines[2]
+
+
+def test_audit_runs_get_their_own_run_config(tmp_path, tiny_market):
+    from fedcvr.simulations.experiment import run_config_of
+
+    experiment = Experiment.from_toml(write(tmp_path, 'settings = ["fedavg"]\naudit-epsilons = [8]\n'
+                                                      "[run-config]\nlocal-epochs = 2\n"
+                                                      "[audit-run-config]\nlocal-epochs = 30\ntrain.batch-size = 64\n"))
+    assert experiment.audit_run_config == {"local-epochs": 30, "train.batch-size": 64}
+    audit, fedavg = (run_config_of(experiment, Run(setting, 8.0, 0), tiny_market, tmp_path / "run")
+                     for setting in ("audit", "fedavg"))
+    assert (audit["local-epochs"], audit["train.batch-size"]) == (30, 64)
+    assert fedavg["local-epochs"] == 2 and fedavg["train.batch-size"] != 64
+    with pytest.raises(ExperimentError, match="`audit-run-config`"):
+        Experiment.from_toml(write(tmp_path, "audit-run-config = 3\n"))
