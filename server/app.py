@@ -201,7 +201,8 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
                              fraction_evaluate=config.fraction_evaluate, min_nodes=config.min_nodes,
                              proximal_mu=config.proximal_mu, server_lr=config.server_lr, seed=config.seed,
                              aggregation=config.aggregation, aggregation_trim=config.aggregation_trim,
-                             reject_norm_factor=config.reject_norm_factor, round_timeout=config.round_timeout)
+                             reject_norm_factor=config.reject_norm_factor, round_timeout=config.round_timeout,
+                             secure=config.secagg.enabled)
     if resumed:
         initial = ArrayRecord(resumed.arrays)
         book.rows = list(resumed.history)

@@ -139,7 +139,8 @@ class RobustAggregation(FedAvg):
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
-def screen_replies(book: RoundBook, replies: list[Message], norm_factor: float, round_timeout: float) -> list[Message]:
+def screen_replies(book: RoundBook, replies: list[Message], norm_factor: float, round_timeout: float,
+                   secure: bool = False) -> list[Message]:
     """The replies to aggregate: error replies pass through (Flower logs and skips them); updates that fail the
     screening (`robust.screen_updates`) are dropped. Failures and rejections are logged with the node's id and
     booked in the round's row."""
@@ -149,8 +150,8 @@ def screen_replies(book: RoundBook, replies: list[Message], norm_factor: float, 
             reason = reply.error.reason or f"error code {reply.error.code}"
             book.current["failed"].append({"node": int(reply.metadata.src_node_id), "reason": reason})
     good = [r for r in replies if not r.has_error()]
-    secure = any("bytes-received" in r.content["metrics"] for r in good)
-    if not secure:  # a secure round answers with one reply for all its nodes
+    secure = secure or any("bytes-received" in r.content["metrics"] for r in good)
+    if not secure:  # a secure round answers with one reply for all its nodes and names its drop-outs itself
         replied = {int(r.metadata.src_node_id) for r in replies}
         for node in book.asked:
             if node not in replied:
@@ -174,7 +175,8 @@ def screen_replies(book: RoundBook, replies: list[Message], norm_factor: float, 
 
 def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction_evaluate: float, min_nodes: int,
                   proximal_mu: float, server_lr: float, seed: int = 0, aggregation: str = "mean",
-                  aggregation_trim: float = 0.2, reject_norm_factor: float = 0.0, round_timeout: float = 600.0):
+                  aggregation_trim: float = 0.2, reject_norm_factor: float = 0.0, round_timeout: float = 600.0,
+                  secure: bool = False):
     """The named Flower strategy with fedcvr's hooks.
 
     Rounds are numbered across a resumed run: `book.offset` rounds were done before, so Flower's round r is
@@ -210,7 +212,7 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
                     book.current["bytes-sent"] = int(reply.content["metrics"]["bytes-sent"])
                 else:
                     book.current["bytes-received"] += reply.content["arrays"].count_bytes()
-            replies = screen_replies(book, replies, reject_norm_factor, round_timeout)
+            replies = screen_replies(book, replies, reject_norm_factor, round_timeout, secure)
             started = time.perf_counter()
             arrays, metrics = super().aggregate_train(server_round + book.offset, replies)
             book.current["aggregate-seconds"] = time.perf_counter() - started

@@ -399,7 +399,8 @@ def null_auc_std(n: int, m: int) -> float:
 
 def audit_lines(audits: pd.DataFrame, overrides: dict | None = None) -> list[str]:
     """The report's privacy-audit section: the table and what it shows against the expectation."""
-    extra = f" and, for the audit, {overrides}" if overrides else ""
+    extra = (" and, for the audit, " + ", ".join(f"{key} = {value}" for key, value in overrides.items())
+             if overrides else "")
     lines = ["", "## Privacy audit: membership inference", "",
              "One merchant trains alone on half of its training examples (the members) with this grid's settings"
              f"{extra}; "

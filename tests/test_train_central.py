@@ -21,7 +21,7 @@ def test_cli_trains_and_writes_a_model_folder(tiny_market, tiny_bert, tmp_path):
     for split in ("train split", "validation split", "test split"):
         assert split in result.output
     assert "popularity" in result.output and "oracle" in result.output and "ndcg@10" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "encoder.json", "metrics.json",
+    assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS", "config.json", "encoder.json", "metrics.json",
                                                      "weights.safetensors"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["splits"]["test"]) == {"model", "popularity", "oracle"}
