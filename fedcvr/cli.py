@@ -868,18 +868,24 @@ def experiment_command(
                                                 "simulations/experiments/synthetic-default.toml.")],
     out: Annotated[Path, typer.Option("--out", help="Results folder: runs/<run-id>/, results.parquet, "
                                                     "results.csv.")] = ...,
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", help="Run only the runs of this setting (centralized, local-only, fedavg, fedprox, fedadam or "
+                       "audit); repeat for several. The table still collects every finished run.")] = None,
 ) -> None:
     """Run a grid of settings x privacy budgets x seeds into a tidy table; finished runs are skipped, so an
     interrupted grid resumes where it stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedcvr.simulations.experiment import Experiment, ExperimentError, run_grid
+    from fedcvr.simulations.experiment import AUDIT, SETTINGS, Experiment, ExperimentError, run_grid
 
     try:
         experiment = Experiment.from_toml(config.expanduser())
     except ExperimentError as err:
         _fail(str(err))
-    runs = experiment.runs()
+    unknown = sorted(set(only or ()) - {*SETTINGS, AUDIT})
+    if unknown:
+        _fail(f"--only {unknown[0]}: not a setting; use one of {', '.join((*SETTINGS, AUDIT))}")
+    runs = [run for run in experiment.runs() if not only or run.setting in only]
     console.print(f"Experiment {experiment.name}: {len(runs)} run(s) ({', '.join(experiment.settings)} x "
                   f"{len(experiment.epsilons)} ε x {len(experiment.seeds)} seed(s)), {experiment.rounds} round(s) each",
                   highlight=False)
@@ -893,7 +899,7 @@ def experiment_command(
                 bar.advance(task)
                 err_console.print(f"{run.run_id}: {status}", highlight=False)
 
-        table = run_grid(experiment, out.expanduser().resolve(), on_run)
+        table = run_grid(experiment, out.expanduser().resolve(), on_run, only=set(only) if only else None)
     console.print(f"[green]done:[/] {table['run_id'].nunique()} run(s), {len(table):,} rows in "
                   f"{out / 'results.parquet'} and results.csv", highlight=False)
 

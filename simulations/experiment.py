@@ -352,8 +352,10 @@ def run_audit(experiment: Experiment, run: Run, run_config: dict[str, Any], fold
     return _rows(run, experiment.data, experiment.rounds, "train", result.merchant, result.metrics(), AUDIT_METRICS)
 
 
-def run_grid(experiment: Experiment, out: Path, on_run: Callable[[Run, str], None] | None = None) -> pd.DataFrame:
-    """Run every run of the grid that has no result yet, then write and return the tidy table."""
+def run_grid(experiment: Experiment, out: Path, on_run: Callable[[Run, str], None] | None = None,
+             only: set[str] | None = None) -> pd.DataFrame:
+    """Run every run of the grid that has no result yet (of the settings in `only`, when given), then write and
+    return the tidy table of every finished run."""
     from fedcvr.shared.data.loader import merchant_folders
 
     out.mkdir(parents=True, exist_ok=True)
@@ -363,6 +365,8 @@ def run_grid(experiment: Experiment, out: Path, on_run: Callable[[Run, str], Non
     if experiment.audit_epsilons:
         audited_folder(experiment, folders)  # a bad audit-merchant fails before any run
     for run in experiment.runs():
+        if only is not None and run.setting not in only:
+            continue
         run_dir = out / "runs" / run.run_id
         if (run_dir / RESULT).is_file():
             if on_run:

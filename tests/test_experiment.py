@@ -328,3 +328,17 @@ def test_audit_runs_get_their_own_run_config(tmp_path, tiny_market):
     assert fedavg["local-epochs"] == 2 and fedavg["train.batch-size"] != 64
     with pytest.raises(ExperimentError, match="`audit-run-config`"):
         Experiment.from_toml(write(tmp_path, "audit-run-config = 3\n"))
+
+
+def test_only_runs_the_named_settings_and_refuses_unknown_ones(tmp_path, tiny_market):
+    experiment = Experiment.from_toml(write(tmp_path, f'data = "{tiny_market}"\nsettings = ["fedavg"]\n'
+                                                      'epsilons = ["none"]\naudit-epsilons = [8]\n'))
+    seen = []
+    table = run_grid(experiment, tmp_path / "out", lambda run, status: seen.append((run.run_id, status)),
+                     only={"centralized"})
+    assert seen == [] and table.empty  # nothing of that setting in the grid: nothing ran
+    described = json.loads((tmp_path / "out" / "experiment.json").read_text())
+    assert described["settings"] == ["fedavg"] and described["audit_epsilons"] == [8.0]  # the whole grid
+    result = CliRunner().invoke(app, ["experiment", str(tmp_path / "experiment.toml"), "--out",
+                                      str(tmp_path / "out"), "--only", "fedsgd"])
+    assert result.exit_code == 2 and "--only fedsgd: not a setting" in result.output
