@@ -228,6 +228,13 @@ def _grouped_auc(y: np.ndarray, p: np.ndarray, users: np.ndarray) -> tuple[float
     return float(np.sum(n_u[both] * auc_u)), int(n_u[both].sum()), int(both.sum())
 
 
+def auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    """ROC AUC of scores `p` for binary labels `y` (ties count half; sklearn's value); None without both classes."""
+    total, weight, groups = _grouped_auc(np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64),
+                                         np.zeros(len(y), dtype=np.int64))
+    return total / weight if groups else None
+
+
 def _task_sums(task: str, y: np.ndarray, p: np.ndarray, users: np.ndarray, bins: int) -> dict[str, SumValue]:
     positive = y == 1
     auc_bin = _logit_bins(p, bins)

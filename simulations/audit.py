@@ -64,19 +64,10 @@ def split_members(n: int, seed: int, max_members: int = 0) -> tuple[np.ndarray, 
 
 def membership_auc(members: np.ndarray, non_members: np.ndarray) -> float:
     """P(score of a random member > score of a random non-member), ties counted half (Mann-Whitney U / n m)."""
-    scores = np.concatenate([members, non_members])
-    ranks = _average_ranks(scores)
-    n, m = len(members), len(non_members)
-    return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * m))
+    from fedcvr.shared.metrics import auc
 
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.arange(1, len(values) + 1)
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
+    labels = np.r_[np.ones(len(members)), np.zeros(len(non_members))]
+    return float(auc(labels, np.concatenate([members, non_members])))
 
 
 def tpr_at_fpr(members: np.ndarray, non_members: np.ndarray, fpr: float = FPR) -> float:
