@@ -118,6 +118,16 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
+def in_dtypes(record: ArrayRecord, like: dict[str, np.ndarray]) -> ArrayRecord:
+    """`record` with each array in the dtype of the same-named array in `like` (the weights sent this round).
+    FedAdam's step mixes float64 scalars into float32 weights and NumPy promotes the result to float64, which would
+    double every later round's download for no gain: the nodes' models are float32."""
+    if all(name not in like or array.dtype == str(like[name].dtype) for name, array in record.items()):
+        return record
+    return ArrayRecord({name: Array(np.asarray(array.numpy(), dtype=like[name].dtype) if name in like
+                                    else array.numpy()) for name, array in record.items()})
+
+
 class RobustAggregation(FedAvg):
     """FedAvg's aggregation step with the combination named by `aggregation` (`robust.combine`). It sits below
     FedAdam and FedProx in the class order, so their own steps work on its result."""
@@ -219,6 +229,7 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
             if metrics is not None:
                 book.current.update(dict(metrics))
             if arrays is not None:
+                arrays = in_dtypes(arrays, book.sent)
                 book.arrays = arrays
             return arrays, metrics
 
