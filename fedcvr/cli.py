@@ -871,9 +871,12 @@ def experiment_command(
     only: Annotated[list[str] | None, typer.Option(
         "--only", help="Run only the runs of this setting (centralized, local-only, fedavg, fedprox, fedadam or "
                        "audit); repeat for several. The table still collects every finished run.")] = None,
+    report: Annotated[bool, typer.Option(
+        "--report/--no-report", help="Write OUT/report.md and its plots (`fedcvr report OUT`) when the runs are "
+                                     "done.")] = True,
 ) -> None:
-    """Run a grid of settings x privacy budgets x seeds into a tidy table; finished runs are skipped, so an
-    interrupted grid resumes where it stopped."""
+    """Run a grid of settings x privacy budgets x seeds into a tidy table, then write its report; finished runs
+    are skipped, so an interrupted grid resumes where it stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedcvr.simulations.experiment import AUDIT, SETTINGS, Experiment, ExperimentError, run_grid
@@ -902,6 +905,18 @@ def experiment_command(
         table = run_grid(experiment, out.expanduser().resolve(), on_run, only=set(only) if only else None)
     console.print(f"[green]done:[/] {table['run_id'].nunique()} run(s), {len(table):,} rows in "
                   f"{out / 'results.parquet'} and results.csv", highlight=False)
+    if report and not table.empty:
+        _write_report(out)
+
+
+def _write_report(results: Path) -> None:
+    from fedcvr.simulations.report import ReportError, write_report
+
+    try:
+        path = write_report(results.expanduser().resolve())
+    except ReportError as err:
+        _fail(str(err))
+    console.print(f"[green]wrote[/] {path} and its plots", highlight=False)
 
 
 @app.command("report")
@@ -910,13 +925,7 @@ def report_command(
 ) -> None:
     """Write RESULTS/report.md with PNG plots: privacy-utility curves, convergence, per-merchant gain of
     federating over training alone, and bytes and time per round."""
-    from fedcvr.simulations.report import ReportError, write_report
-
-    try:
-        path = write_report(results.expanduser().resolve())
-    except ReportError as err:
-        _fail(str(err))
-    console.print(f"[green]wrote[/] {path} and its plots", highlight=False)
+    _write_report(results)
 
 
 ModelDirOption = Annotated[Path, typer.Option(

@@ -127,6 +127,15 @@ def test_a_grid_runs_into_a_tidy_table_and_resumes(tmp_path, tiny_market, tiny_b
     assert set(audit.merchant) == {"merchant-01"} and set(audit.split) == {"train"}
     assert 0 <= audit[audit.metric == "mia.lr.auc"]["value"].iloc[0] <= 1
     assert "## Privacy audit: membership inference" in report and "| ε 8 | merchant-01 | 1 | " in report
+    # one command regenerates the report: `fedcvr experiment` runs what is missing (nothing here), then writes it
+    (tmp_path / "out" / "report.md").unlink()
+    config = tmp_path / "experiment.toml"
+    result = CliRunner().invoke(app, ["experiment", str(config), "--out", str(tmp_path / "out"), "--no-report"])
+    assert result.exit_code == 0, result.output
+    assert "skipped (finished earlier)" in result.output and not (tmp_path / "out" / "report.md").exists()
+    result = CliRunner().invoke(app, ["experiment", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "report.md" in result.output and "(privacy_utility.png)" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_report_names_every_machine_the_runs_ran_on(tmp_path):
@@ -342,3 +351,23 @@ def test_only_runs_the_named_settings_and_refuses_unknown_ones(tmp_path, tiny_ma
     result = CliRunner().invoke(app, ["experiment", str(tmp_path / "experiment.toml"), "--out",
                                       str(tmp_path / "out"), "--only", "fedsgd"])
     assert result.exit_code == 2 and "--only fedsgd: not a setting" in result.output
+
+
+def test_cost_table_times_rounds_on_runs_that_had_the_machine_alone():
+    import pandas as pd
+
+    from fedcvr.simulations.report import cost_table
+
+    rows = []
+    for run_id, setting, eps, seconds in (("a0", "fedavg", 8.0, 50.0), ("a1", "fedavg", 8.0, 400.0),
+                                          ("b0", "fedavg", 1.0, 300.0), ("c0", "fedadam", 8.0, 60.0)):
+        for metric, value in (("seconds", seconds), ("bytes-sent", 2e6), ("bytes-received", 1e6)):
+            rows.append({"run_id": run_id, "setting": setting, "epsilon": eps, "split": "validation",
+                         "merchant": "all", "round": 1, "metric": metric, "value": value})
+    costs = cost_table(pd.DataFrame(rows), busy={"a1", "b0"}).set_index(["setting", "ε"])
+    assert costs.loc[("fedavg", "8"), "s / round"] == 50.0  # a1 shared the machine; a0 had it alone
+    assert costs.loc[("fedavg", "8"), "timed"] == "1 run(s)"
+    assert costs.loc[("fedavg", "1"), "s / round"] == 300.0  # only a shared run: kept, and said so
+    assert costs.loc[("fedavg", "1"), "timed"] == "1 run(s), machine shared: slower"
+    assert costs.loc[("fedadam", "8"), "MB sent / round"] == 2.0 and costs.loc[("fedadam", "8"), "timed"] == "1 run(s)"
+    assert list(costs.index.get_level_values(0)) == ["fedavg", "fedavg", "fedadam"]  # setting order, large ε first
