@@ -121,6 +121,44 @@ def data_validate(
     console.print(f"[green]ok:[/] {len(folders)} merchant folder(s) match the data contract.")
 
 
+@data_app.command("pseudonymise")
+def data_pseudonymise(
+    folder: Path = typer.Argument(..., help="A merchant folder (items + events tables) or a marketplace folder "
+                                            "with one sub-folder per merchant."),
+    force: bool = typer.Option(False, "--force", help="Hash the ids even when they all look like pseudonyms "
+                                                      "already (32 hex digits)."),
+) -> None:
+    """Replace the shopper ids (events' user_id) of data you wrote yourself by keyed pseudonyms, in place: each
+    merchant folder's own key (pseudonym.key, made when missing) and HMAC-SHA256, as the importers do. Every other
+    column is kept."""
+    from fedcvr.shared.data.loader import merchant_folders
+    from fedcvr.shared.data.pseudonym import PseudonymiseError, pseudonymise_folder
+
+    try:
+        folders = merchant_folders(folder)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    table = Table(title="Shopper ids pseudonymised")
+    for column in ("merchant", "table", "rows", "shoppers", "key"):
+        table.add_column(column, justify="right" if column in ("rows", "shoppers") else "left")
+    failures = []
+    for merchant in folders:
+        try:
+            done = pseudonymise_folder(merchant, force=force)
+        except PseudonymiseError as err:
+            failures.append(str(err))
+            continue
+        table.add_row(merchant.name, done.table.name, f"{done.rows:,}", f"{done.shoppers:,}",
+                      "created (keep it private; back it up)" if done.key_created else "reused")
+    if table.row_count:
+        console.print(table)
+    for failure in failures:
+        err_console.print(failure, highlight=False, markup=False, soft_wrap=True)
+    if failures:
+        _fail(f"{len(failures)} of {len(folders)} merchant folder(s) not pseudonymised; see above. The others are "
+              "done.")
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Option(..., "--out", help="Folder to write the marketplace into (one sub-folder per merchant)."),
