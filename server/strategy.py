@@ -149,6 +149,11 @@ class RobustAggregation(FedAvg):
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
+def declined(reply: Message) -> bool:
+    """True for the error reply of a node that declined the round (no training data: `client/app.py`)."""
+    return reply.has_error() and "declined" in (reply.error.reason or "")
+
+
 def screen_replies(book: RoundBook, replies: list[Message], norm_factor: float, round_timeout: float,
                    secure: bool = False) -> list[Message]:
     """The replies to aggregate: error replies pass through (Flower logs and skips them); updates that fail the
@@ -156,7 +161,7 @@ def screen_replies(book: RoundBook, replies: list[Message], norm_factor: float, 
     booked in the round's row."""
     server_round = book.current.get("round", 0)
     for reply in replies:
-        if reply.has_error():
+        if reply.has_error() and not declined(reply):  # a node without training data declines; it did not fail
             reason = reply.error.reason or f"error code {reply.error.code}"
             book.current["failed"].append({"node": int(reply.metadata.src_node_id), "reason": reason})
     good = [r for r in replies if not r.has_error()]
@@ -215,8 +220,9 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
             replies = list(replies)
             for reply in replies:
                 if reply.has_error():
-                    book.current["nodes-declined"] += int("declined" in (reply.error.reason or ""))
-                    book.current["declined"].append(reply.error.reason)
+                    if declined(reply):  # other error replies are booked in `failed` (screen_replies)
+                        book.current["nodes-declined"] += 1
+                        book.current["declined"].append(reply.error.reason)
                 elif "bytes-received" in reply.content["metrics"]:  # a secure round measured its own traffic
                     book.current["bytes-received"] += int(reply.content["metrics"]["bytes-received"])
                     book.current["bytes-sent"] = int(reply.content["metrics"]["bytes-sent"])

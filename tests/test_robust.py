@@ -273,3 +273,22 @@ def test_nan_update_raising_node_and_silent_node_are_named_and_the_round_goes_on
     assert f"node {FIRST_NODE_ID + 2} failed: RuntimeError: disk full" in caplog.text
     assert f"node {FIRST_NODE_ID + 3} failed: no reply within round-timeout" in caplog.text
     assert f"update of node {broken} rejected: array" in caplog.text
+
+
+def test_a_declining_node_is_not_booked_as_failed():
+    """A node with no training example (or no privacy budget left) declines the round: booked in `declined`, not in
+    `failed`; a node whose ClientApp raised is a failure."""
+    from types import SimpleNamespace
+
+    from fedcvr.server.strategy import RoundBook, screen_replies
+
+    def error_reply(node: int, reason: str):
+        return SimpleNamespace(has_error=lambda: True, error=SimpleNamespace(reason=reason, code=0),
+                               metadata=SimpleNamespace(src_node_id=node))
+
+    book = RoundBook(None)
+    book.start(1)
+    book.asked = [1, 2]
+    replies = [error_reply(1, "declined to train: the training split is empty"), error_reply(2, "RuntimeError: x")]
+    assert screen_replies(book, replies, 10.0, 60.0) == replies  # error replies pass through to Flower
+    assert book.current["failed"] == [{"node": 2, "reason": "RuntimeError: x"}] and book.current["nodes-failed"] == 1
