@@ -212,6 +212,67 @@ def gain_tables(gains: pd.DataFrame, setting: str) -> tuple[pd.DataFrame, pd.Dat
     return out[0], out[1]
 
 
+def _eps_order(labels) -> list[str]:
+    """ε labels with no DP first, then from the largest ε to the smallest."""
+    return sorted(set(labels), key=lambda e: -math.inf if e == NO_DP else -float(e))
+
+
+def findings(auc: pd.DataFrame, gains: pd.DataFrame) -> list[str]:
+    """The report's answers in numbers, each from the tables below it: what privacy costs each setting, whether
+    federating beats each merchant training alone, and whether the small merchants gain most."""
+    curve = auc[auc.setting != "centralized"]
+    name = lambda e: NO_DP if e == NO_DP else f"ε {e}"  # noqa: E731
+    lines = []
+    costs = []
+    for setting in [s for s in SETTING_ORDER if s in set(curve.setting)]:
+        rows = curve[curve.setting == setting].set_index("eps")["mean"]
+        budgets = [e for e in _eps_order(rows.index) if e != NO_DP]
+        if NO_DP not in rows.index or not budgets:
+            continue
+        base = rows[NO_DP]
+        ends = dict.fromkeys([budgets[0], budgets[-1]])
+        costs.append(f"{setting} {base:.4f} without DP, " + ", ".join(
+            f"{rows[e]:.4f} at {name(e)} ({rows[e] - base:+.4f})" for e in ends))
+    if costs:
+        lines.append("- What privacy costs (test CTCVR AUC, mean over seeds): " + "; ".join(costs) + ".")
+    central = auc[auc.setting == "centralized"]["mean"]
+    plain = curve[(curve.eps == NO_DP) & curve.setting.isin(SETTING_ORDER[2:])]
+    if len(central) and len(plain):
+        best = plain.loc[plain["mean"].idxmax()]
+        lines.append(f"- Centralized training on the union of the data (no DP, no federation; the upper line): "
+                     f"{central.iloc[0]:.4f}; the best federated setting without DP, {best['setting']}, reaches "
+                     f"{best['mean']:.4f} ({best['mean'] / central.iloc[0]:.1%} of it).")
+    federated = curve[curve.setting.isin([s for s in SETTING_ORDER[2:]])]
+    alone = curve[curve.setting == "local-only"].set_index("eps")["mean"]
+    versus = []
+    for eps in _eps_order(federated["eps"]):
+        cell = federated[federated.eps == eps]
+        if eps not in alone.index or cell.empty:
+            continue
+        best = cell.loc[cell["mean"].idxmax()]
+        versus.append(f"{name(eps)} {best['mean'] - alone[eps]:+.4f} ({best['setting']})")
+    if versus:
+        lines.append("- Federated against each merchant alone (test CTCVR AUC over all merchants' test splits, the "
+                     "best federated setting minus local-only): " + ", ".join(versus) + ".")
+    if not gains.empty:
+        per_merchant = gains.groupby("merchant").agg(size=("train_examples", "first"), gain=("gain", "mean"))
+        per_merchant = per_merchant.sort_values("size")
+        if len(per_merchant) >= 3:
+            rho = float(per_merchant["size"].rank().corr(per_merchant["gain"].rank()))
+            small, large = per_merchant.iloc[0], per_merchant.iloc[-1]
+            verdict = ("the smaller the merchant, the more it gains" if rho <= -0.5 else
+                       "the larger the merchant, the more it gains" if rho >= 0.5 else
+                       "no clear relation between a merchant's size and its gain")
+            lines.append(
+                f"- Who gains (federated minus alone, per merchant, mean over the federated settings, ε and seeds): "
+                f"{verdict} (rank correlation of training examples and gain {rho:+.2f} over {len(per_merchant)} "
+                f"merchants); the smallest, {small.name} ({int(small['size']):,} training examples), "
+                f"{small['gain']:+.4f}; the largest, {large.name} ({int(large['size']):,}), {large['gain']:+.4f}.")
+    if lines and (auc["count"] < 2).any():
+        lines.append("- Some of these cells have one seed so far: their spread is unknown.")
+    return lines
+
+
 def merchant_table(table: pd.DataFrame) -> pd.DataFrame:
     """Per merchant (largest first): its training examples and its test CTCVR AUC alone, without DP (mean over
     seeds), as the data the federation is made of."""
@@ -528,6 +589,9 @@ def write_report(results: Path) -> Path:
         f"(runs what is missing, then writes this report; `fedcvr report {_shown(results)}` rewrites the report "
         f"alone)", "",
     ]
+    answers = findings(auc, gains)
+    if answers:
+        lines += ["## Findings", "", *answers, ""]
     merchants = merchant_table(table)
     if not merchants.empty:
         lines += ["## Clients", "", "One client per merchant folder; training examples = the training split of "
