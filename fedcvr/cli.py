@@ -940,7 +940,11 @@ def experiment_command(
                 bar.advance(task)
                 err_console.print(f"{run.run_id}: {status}", highlight=False)
 
-        table = run_grid(experiment, out.expanduser().resolve(), on_run, only=set(only) if only else None)
+        def on_progress(run, text: str) -> None:
+            bar.update(task, now=f"{run.run_id}: {text}")
+
+        table = run_grid(experiment, out.expanduser().resolve(), on_run, only=set(only) if only else None,
+                         on_progress=on_progress)
     console.print(f"[green]done:[/] {table['run_id'].nunique()} run(s), {len(table):,} rows in "
                   f"{out / 'results.parquet'} and results.csv", highlight=False)
     if report and not table.empty:

@@ -180,10 +180,12 @@ def _resume_from(config: ServerConfig, initial: ArrayRecord) -> Checkpoint | Non
     return checkpoint
 
 
-def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Context | None = None) -> dict:
+def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Context | None = None,
+                 on_round: Callable[[dict], None] | None = None) -> dict:
     """Federated training: rounds of the chosen strategy (a checkpoint after each), a final test evaluation,
     push-back of the model. With `resume`, continue from the stopped run's last checkpoint. With `secagg`, each
-    round's training runs under SecAgg+ (`secagg.py`); everything else is the same."""
+    round's training runs under SecAgg+ (`secagg.py`); everything else is the same. `on_round` gets each round's
+    row (as written to rounds.jsonl) once the round is done."""
     context = context or Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     model, backbone = initial_model(ModelConfig.from_run_config(run_config), config.seed)
     initial = ArrayRecord(trainable_state(model))
@@ -219,6 +221,15 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
                 optimizer=strategy.optimizer_state(), history=book.rows))
 
         book.on_round = write_checkpoint
+    if on_round is not None:
+        then = book.on_round
+
+        def after_round(row: dict) -> None:
+            if then is not None:
+                then(row)
+            on_round(row)
+
+        book.on_round = after_round
     train_grid = SecAggGrid(grid, config.secagg, context) if config.secagg.enabled else grid
     result = strategy.start(grid=train_grid, initial_arrays=initial, num_rounds=config.num_server_rounds - done,
                             timeout=config.round_timeout,

@@ -10,7 +10,7 @@ Flower's runtime does, so the round goes on with the other nodes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -68,15 +68,17 @@ def server_identity():
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def run_federation(run_config: Mapping[str, Any], nodes: int) -> dict:
+def run_federation(run_config: Mapping[str, Any], nodes: int,
+                   on_round: Callable[[dict], None] | None = None) -> dict:
     """One federated run (the app's ServerApp logic) over `nodes` merchants of `data-root`; returns the summary
-    and writes into the run config's `out-dir` what a Flower run writes."""
+    and writes into the run config's `out-dir` what a Flower run writes. `on_round` gets each finished round's
+    row."""
     kept = node_module.NODES_KEPT["count"]
     node_module.NODES_KEPT["count"] = nodes
     try:
         with server_identity():
             return run_training(InProcessGrid(run_config, nodes), dict(run_config),
-                                ServerConfig.from_run_config(run_config))
+                                ServerConfig.from_run_config(run_config), on_round=on_round)
     finally:
         node_module.NODES_KEPT["count"] = kept
         node_module._NODES.clear()
