@@ -468,8 +468,11 @@ def test_flwr_run_simulation_end_to_end(marketplace, tmp_path):
     summary = json.loads((out_dir / "summary.json").read_text())
     assert len(summary["rounds"]) == 1 and summary["rounds"][0]["nodes-trained"] == 2, log
     assert 0 < summary["rounds"][0]["max-epsilon"] <= 8.0 * 1.0001
-    assert any("the training split is empty" in reason for reason in summary["rounds"][0]["declined"])
-    assert summary["rounds"][0]["nodes-declined"] == 1 and summary["rounds"][0]["nodes-failed"] == 0
+    # its node cannot build a training split at all: a failure with the reason (a decline is a node that has its
+    # data but no budget or no example this round)
+    failed = summary["rounds"][0]["failed"]
+    assert len(failed) == 1 and "the training split is empty" in failed[0]["reason"], failed
+    assert summary["rounds"][0]["nodes-failed"] == 1 and summary["rounds"][0]["nodes-declined"] == 0
     saved = list(summary["saved_by_nodes"].values())
     assert sorted(v for v in saved if not v.startswith("error")) == [summary["model_version"]] * 2
     for shop in ("shop-a", "shop-b"):
