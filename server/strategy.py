@@ -150,7 +150,8 @@ class RobustAggregation(FedAvg):
 
 
 def declined(reply: Message) -> bool:
-    """True for the error reply of a node that declined the round (no training data: `client/app.py`)."""
+    """True for the error reply of a node that declined the round (privacy budget spent, or no training example
+    this round: `client/app.py`); a node that raised instead is a failure."""
     return reply.has_error() and "declined" in (reply.error.reason or "")
 
 
@@ -161,7 +162,7 @@ def screen_replies(book: RoundBook, replies: list[Message], norm_factor: float, 
     booked in the round's row."""
     server_round = book.current.get("round", 0)
     for reply in replies:
-        if reply.has_error() and not declined(reply):  # a node without training data declines; it did not fail
+        if reply.has_error() and not declined(reply):  # a node that declines did not fail
             reason = reply.error.reason or f"error code {reply.error.code}"
             book.current["failed"].append({"node": int(reply.metadata.src_node_id), "reason": reason})
     good = [r for r in replies if not r.has_error()]
