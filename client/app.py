@@ -89,7 +89,8 @@ def evaluate(message: Message, context: Context) -> Message:
     try:
         node = node_for(resolve_data_dir(context.node_config, context.run_config), context.run_config)
         split = str(message.content["config"].get("split", "validation"))
-        record = node.evaluate(message.content["arrays"].to_torch_state_dict(), split)
+        rank = bool(message.content["config"].get("rank", True))
+        record = node.evaluate(message.content["arrays"].to_torch_state_dict(), split, rank=rank)
     except _EXPECTED as err:
         return _error(message, context, err)
     return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=message)

@@ -105,11 +105,13 @@ class MerchantNode:
         """Examples in the local training split (the weight of this node's update under secure aggregation)."""
         return len(self.prepared.splits["train"])
 
-    def evaluate(self, arrays: Mapping[str, torch.Tensor], split: str = "validation") -> dict:
-        """Metric sums of the given weights on one local split (a Flower MetricRecord's content)."""
+    def evaluate(self, arrays: Mapping[str, torch.Tensor], split: str = "validation", rank: bool = True) -> dict:
+        """Metric sums of the given weights on one local split (a Flower MetricRecord's content); with `rank`
+        also the full-catalog ranking sums (NDCG@10, HR@10, MRR)."""
         self.load(arrays)
         data = self.prepared.splits[split]
-        record = model_sums(self.model, self.side, data, self.prepared.candidates, self.device).to_record()
+        record = model_sums(self.model, self.side, data, self.prepared.candidates, self.device,
+                            rank=rank).to_record()
         record["num-examples"] = len(data)
         return record
 

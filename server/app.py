@@ -234,7 +234,7 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
     result = strategy.start(grid=train_grid, initial_arrays=initial, num_rounds=config.num_server_rounds - done,
                             timeout=config.round_timeout,
                             train_config=ConfigRecord({"federation-id": federation}),
-                            evaluate_config=ConfigRecord({"split": "validation"}))
+                            evaluate_config=ConfigRecord({"split": "validation", "rank": config.rank_validation}))
     final = result.arrays if result.arrays is not None else initial
     test_messages = strategy.configure_evaluate(config.num_server_rounds - done, final,
                                                 ConfigRecord({"split": "test"}), grid)

@@ -17,6 +17,9 @@ Keys (defaults in `[tool.flwr.app.config]` of pyproject.toml; override with `flw
   aggregation         mean | median | trimmed-mean: how the kept updates are combined (see server/robust.py)
   aggregation-trim    trimmed-mean's share dropped at each end per coordinate, 0 < t < 0.5
   reject-norm-factor  reject an update whose change is above this factor x the round's median; 0 = no norm check
+  rank-validation     true: each round's validation also ranks every purchase against its merchant's whole catalog
+                      (NDCG@10, HR@10, MRR in the round log); false: AUCs and losses only, which is much cheaper on
+                      large catalogs (the final test evaluation always ranks)
 """
 
 from __future__ import annotations
@@ -148,6 +151,13 @@ TRAINING_DEFAULTS = {"strategy": "fedavg", "fraction-train": 1.0, "local-epochs"
                      "reject-norm-factor": 10.0}
 
 
+def _flag(run_config: Mapping[str, object], key: str, default: bool) -> bool:
+    value = run_config.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be true or false.")
+    return value
+
+
 def _strategy(run_config: Mapping[str, object]) -> str:
     value = _get(run_config, "strategy")
     if value not in STRATEGIES:
@@ -182,6 +192,7 @@ class ServerConfig:
     aggregation: str = "mean"
     aggregation_trim: float = 0.2
     reject_norm_factor: float = 10.0
+    rank_validation: bool = True
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
@@ -209,6 +220,7 @@ class ServerConfig:
             aggregation_trim=_float(run_config, "aggregation-trim", 0.0, 0.4999,
                                     "aggregation-trim must be a share with 0 < t < 0.5, e.g. 0.2"),
             reject_norm_factor=_non_negative(run_config, "reject-norm-factor", 10.0, "0 = no norm check"),
+            rank_validation=_flag(run_config, "rank-validation", True),
         )
         if config.secagg.enabled and config.aggregation != "mean":
             raise ConfigError(

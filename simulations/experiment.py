@@ -326,7 +326,7 @@ def run_federated(experiment: Experiment, run: Run, run_config: dict[str, Any], 
 def run_local_only(experiment: Experiment, run: Run, run_config: dict[str, Any], folders: list[Path],
                    progress: Progress = _quiet) -> list[dict]:
     from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
-    from fedcvr.simulations.local_only import initial_weights, test_metrics, train_alone
+    from fedcvr.simulations.local_only import initial_weights, train_alone
 
     start, settings = initial_weights(run_config), NodeSettings.from_run_config(run_config)
     rows, sums = [], []
@@ -337,9 +337,10 @@ def run_local_only(experiment: Experiment, run: Run, run_config: dict[str, Any],
         weights, epsilon = train_alone(node, start,
                                        lambda r, where=where: progress(f"{where}: round {r}/{settings.rounds}"))
         size = len(node.prepared.splits["train"])
-        metrics = {**test_metrics(node, weights), "train-examples": size, "max-epsilon": epsilon,
+        test_sums = node.evaluate(weights, "test")
+        sums.append(test_sums)
+        metrics = {**merge_evaluations([test_sums]), "train-examples": size, "max-epsilon": epsilon,
                    "delta": merchant_delta(settings, size)}
-        sums.append(node.evaluate(weights, "test"))
         rows += _rows(run, experiment.data, experiment.rounds, "test", folder.name, metrics,
                       (*FINAL, "train-examples", "max-epsilon", "delta"))
     rows += _rows(run, experiment.data, experiment.rounds, "test", "all", merge_evaluations(sums), FINAL)

@@ -96,3 +96,15 @@ def test_the_suite_summarises_every_figure_against_its_target():
     assert rows["re-encode: full forward / cached prefix"] == ("40.0x", ">= 3", "yes")
     assert rows["scale: s/round per merchant (fit)"][2] == "yes"
     assert rows["GPU / CPU step speed-up"][0].startswith("not measured")
+
+
+def test_ranking_benchmark_scores_the_same_both_ways_and_times_them(tmp_path, tiny_bert, capsys):
+    from fedcvr.simulations.benchmarks import ranking
+
+    result = ranking.main(["--catalog", "40", "--shoppers", "3", "--repeats", "2", "--encoder", str(tiny_bert),
+                           "--out", str(tmp_path)])
+    assert result["max_score_difference"] < 1e-5
+    assert all(v > 0 for v in result["pairs_per_second"].values())
+    assert result["speedup"] == result["pairs_per_second"]["together"] / result["pairs_per_second"]["per_pair"]
+    assert json.loads((tmp_path / "ranking.json").read_text())["catalog"] == 40
+    assert "together (score_candidates)" in capsys.readouterr().out

@@ -32,6 +32,7 @@ def test_fedavg_with_dp_trains_reports_epsilon_and_pushes_the_model_back(tiny_ma
     assert [r["round"] for r in rounds] == [1, 2]
     assert 0 < rounds[0]["max-epsilon"] < rounds[1]["max-epsilon"] <= 8.0 * 1.0001
     assert all(0 < r["ctcvr.auc"] < 1 and r["bytes-sent"] > 0 and r["bytes-received"] > 0 for r in rounds)
+    assert all(0 <= r["ndcg@10"] <= 1 for r in rounds)  # rank-validation = true by default
     # the round's time: the nodes' training (summed over the 3 nodes, and the slowest) and the aggregation
     assert all(0 < r["client-train-seconds-max"] <= r["client-train-seconds"] < r["seconds"] for r in rounds)
     assert all(0 <= r["aggregate-seconds"] < r["seconds"] for r in rounds)
@@ -87,3 +88,13 @@ def test_other_strategies_run(tiny_market, tiny_bert, tmp_path, server_identity,
     # the weights sent stay float32: FedAdam's float64 arithmetic does not double the second round's download
     first, second = (row["bytes-sent"] for row in summary["rounds"])
     assert first == second > 0
+
+
+def test_rank_validation_false_skips_ranking_in_rounds_not_in_the_final_test(tiny_market, tiny_bert, tmp_path,
+                                                                            server_identity):
+    grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run",
+                                  **{"num-server-rounds": 1, "dp.enabled": False, "rank-validation": False})
+    summary = run_training(grid, run_config, ServerConfig.from_run_config(run_config))
+    row = summary["rounds"][0]
+    assert 0 < row["ctcvr.auc"] < 1 and "ndcg@10" not in row
+    assert 0 <= summary["test"]["ndcg@10"] <= 1

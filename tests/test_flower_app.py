@@ -226,6 +226,7 @@ def test_server_config_out_dir(tmp_path):
     ("fraction-evaluate", 0.0, "0 < f <= 1"),
     ("seed", "x", "seed must be a whole number"),
     ("out-dir", "runs/out", "relative path"),
+    ("rank-validation", "no", "it must be true or false"),
 ])
 def test_server_config_errors_name_key_value_and_fix(key, value, needle):
     with pytest.raises(ConfigError) as err:

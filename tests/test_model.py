@@ -175,6 +175,28 @@ def test_score_shapes_and_attention_over_real_history_only(backbone):
     assert torch.isfinite(ctr).all() and torch.isfinite(cvr).all()
 
 
+def test_scoring_candidates_equals_scoring_each_pair(backbone):
+    """Full-catalog ranking scores n shoppers x k candidates at once; it must give what `score` gives for each
+    (shopper, candidate) pair at an unknown position, including a shopper without history."""
+    torch.manual_seed(1)
+    model = ConversionModel(backbone, ModelConfig(adapter_layers=0, dim=8, attention_hidden=6, head_hidden=5)).eval()
+    items = torch.randn(30, 8)
+    inputs = batch_inputs(4, 7, 30)
+    candidates = torch.tensor([3, 0, 29, 11, 11, 17])
+    n, k = 4, len(candidates)
+    with torch.no_grad():
+        fast = model.score_candidates(items, inputs, candidates)
+        pairs = ScoreInputs(target=candidates.repeat(n), history=inputs.history.repeat_interleave(k, 0),
+                            history_mask=inputs.history_mask.repeat_interleave(k, 0),
+                            events=inputs.events.repeat_interleave(k, 0),
+                            age_hours=inputs.age_hours.repeat_interleave(k, 0),
+                            position=torch.zeros(n * k, dtype=torch.long))
+        ctr, cvr, _ = model.score(items, pairs)
+    assert fast.shape == (n, k)
+    torch.testing.assert_close(fast, (torch.sigmoid(ctr) * torch.sigmoid(cvr)).view(n, k), rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast[:, 3], fast[:, 4])  # the same candidate twice scores the same
+
+
 def test_user_tower_and_head_support_per_sample_gradients(backbone):
     """Opacus computes per-sample gradients of the tower and head: they equal one-sample-at-a-time autograd."""
     from opacus import GradSampleModule

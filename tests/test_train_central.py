@@ -26,6 +26,11 @@ def test_cli_trains_and_writes_a_model_folder(tiny_market, tiny_bert, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["splits"]["test"]) == {"model", "popularity", "oracle"}
     assert len(metrics["history"]) <= 2 and 0.0 < metrics["splits"]["test"]["model"]["ctcvr.auc"] < 1.0
+    # the held-out splits are ranked against the whole catalog; the training split is not (most of the cost)
+    for split in ("validation", "test"):
+        assert 0.0 <= metrics["splits"][split]["model"]["ndcg@10"] <= 1.0
+    assert "ndcg@10" not in metrics["splits"]["train"]["model"]
+    assert "ndcg@10" not in metrics["splits"]["train"]["popularity"]
     settings = json.loads((out / "config.json").read_text())
     assert settings["merchants"] == ["merchant-01", "merchant-02"] and settings["model"]["adapter_layers"] == 1
     model, _, _ = load_model_folder(out)

@@ -103,6 +103,19 @@ class ConversionModel(nn.Module):
         ctr, cvr = self.head(user, target, batch.position)
         return ctr, cvr, weights
 
+    def score_candidates(self, items: torch.Tensor, batch: ScoreInputs, candidates: torch.Tensor) -> torch.Tensor:
+        """items (U, D), n shoppers' `batch` (its target and position unused), candidates (k,) rows of items ->
+        pCTCVR (n, k) of every candidate for every shopper at an unknown position: `score` of each (shopper,
+        candidate) pair, computed without repeating a shopper's history k times."""
+        targets = items[candidates]  # (k, D)
+        user = self.user_tower.against(items[batch.history.clamp(min=0)], batch.events.clamp(min=0),
+                                       recency_bucket(batch.age_hours), batch.history_mask, targets)  # (n, k, D)
+        n, k, dim = user.shape
+        flat_targets = targets[None].expand(n, k, dim).reshape(n * k, dim)
+        ctr, cvr = self.head(user.reshape(n * k, dim), flat_targets,
+                             torch.zeros(n * k, dtype=torch.long, device=items.device))
+        return (torch.sigmoid(ctr) * torch.sigmoid(cvr)).view(n, k)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

@@ -43,3 +43,31 @@ class UserTower(nn.Module):
         interest = (weights[..., None] * behaviour).sum(1) / count  # (B, D)
         long_term = self.long_term((behaviour * mask[..., None]).sum(1) / count)  # (B, D)
         return self.out(torch.cat([interest, long_term], -1)), weights
+
+    def against(self, history: torch.Tensor, events: torch.Tensor, recency: torch.Tensor, mask: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+        """The user vectors of n shoppers against each of k candidate targets, (n, k, D): what `forward` gives for
+        every (shopper, candidate) pair, but with the candidate-free parts (behaviour, the long-term interest, the
+        attention's terms in the behaviour alone) computed once per shopper and the attention's behaviour x target
+        term as one matrix product. history (n, L, D), events / recency / mask (n, L), targets (k, D)."""
+        behaviour = history + self.event(events) + self.recency(recency)  # (n, L, D)
+        first, second = self.attention[0], self.attention[2]
+        w_b, w_q, w_diff, w_prod = first.weight.split(behaviour.shape[-1], dim=1)  # each (H, D)
+        # W [b, q, b - q, b * q] + c = (W_b + W_diff) b + (W_q - W_diff) q + W_prod (b * q) + c
+        per_shopper = behaviour @ (w_b + w_diff).T + first.bias  # (n, L, H)
+        per_target = targets @ (w_q - w_diff).T  # (k, H)
+        n, length, dim = behaviour.shape
+        hidden = w_prod.shape[0]
+        # (b * q) W_prod^T summed over d, as one (k, D) @ (D, n L H) product with columns b[n, l, :] * W_prod[h, :];
+        # laid out (k, n, L, H) so that the sums and the ReLU below run in place
+        crossed = targets @ (behaviour[:, :, None, :] * w_prod[None, None]).reshape(n * length * hidden, dim).T
+        pre = crossed.view(-1, n, length, hidden).add_(per_shopper[None]).add_(per_target[:, None, None, :]).relu_()
+        scores = pre @ second.weight[0] + second.bias[0]  # (k, n, L)
+        weights = torch.sigmoid(scores) * mask[None]
+        count = mask.sum(1, keepdim=True).clamp(min=1)  # (n, 1)
+        interest = torch.einsum("knl,nld->nkd", weights, behaviour) / count[:, :, None]  # (n, k, D)
+        long_term = self.long_term((behaviour * mask[..., None]).sum(1) / count)  # (n, D)
+        linear, norm = self.out[0], self.out[1]
+        w_interest, w_long = linear.weight.split(dim, dim=1)
+        user = interest @ w_interest.T + (long_term @ w_long.T + linear.bias)[:, None, :]
+        return norm(user)

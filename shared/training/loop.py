@@ -136,20 +136,9 @@ def rank_purchases(model: ConversionModel, item_embeddings: torch.Tensor, data: 
         per_step = max(1, RANK_PAIRS // max(len(pool), 1))
         for start in range(0, len(bought), per_step):
             rows = bought[start:start + per_step]
-            base = _inputs(data, rows, device)
-            n, k = len(rows), len(pool)
-            expand = ScoreInputs(
-                target=pool.repeat(n),
-                history=base.history.repeat_interleave(k, 0),
-                history_mask=base.history_mask.repeat_interleave(k, 0),
-                events=base.events.repeat_interleave(k, 0),
-                age_hours=base.age_hours.repeat_interleave(k, 0),
-                position=torch.zeros(n * k, dtype=torch.long, device=device),
-            )
-            ctr, cvr, _ = model.score(item_embeddings, expand)
-            scores = (torch.sigmoid(ctr) * torch.sigmoid(cvr)).view(n, k).cpu().numpy()
+            scores = model.score_candidates(item_embeddings, _inputs(data, rows, device), pool).cpu().numpy()
             target_col = np.searchsorted(candidates[int(merchant)], data.item[rows])
-            ranks.append(metrics.rank_of(scores[np.arange(n), target_col], scores))
+            ranks.append(metrics.rank_of(scores[np.arange(len(rows)), target_col], scores))
     return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
 
@@ -163,9 +152,10 @@ def evaluation_sums(data: TrainingSet, p_ctr: np.ndarray, p_ctcvr: np.ndarray,
 
 
 def model_sums(model: ConversionModel, side: ItemSide, data: TrainingSet, candidates: dict[int, np.ndarray],
-               device: torch.device, embeddings: torch.Tensor | None = None) -> metrics.MetricSums:
-    """Metric sums of the model on `data`: predictions and full-catalog ranks (catalog embeddings computed here
-    unless given)."""
+               device: torch.device, embeddings: torch.Tensor | None = None, rank: bool = True) -> metrics.MetricSums:
+    """Metric sums of the model on `data`: predictions and, with `rank`, full-catalog ranks (catalog embeddings
+    computed here unless given)."""
     embeddings = embed_catalog(model, side, device) if embeddings is None else embeddings
     p_ctr, p_ctcvr = predict(model, embeddings, data, device)
-    return evaluation_sums(data, p_ctr, p_ctcvr, rank_purchases(model, embeddings, data, candidates, device))
+    ranks = rank_purchases(model, embeddings, data, candidates, device) if rank else None
+    return evaluation_sums(data, p_ctr, p_ctcvr, ranks)

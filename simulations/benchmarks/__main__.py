@@ -3,7 +3,8 @@ against their targets, written with the machine's description to `<out>/benchmar
 
     python -m fedcvr.simulations.benchmarks [--out runs/bench] [--only dp_overhead encoder ...]
 
-The benchmarks (each also runs alone, see its module): dp_overhead, encoder, communication, serving, scale, gpu.
+The benchmarks (each also runs alone, see its module): dp_overhead, encoder, communication, serving, scale,
+ranking, gpu.
 Each measures its figures side by side in one run, so the ratios hold on a busy machine; the whole suite takes
 about an hour on 2 CPU cores (the serving benchmark's 100k-item index is built once and kept in `<out>`).
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from fedcvr.simulations.benchmarks.common import machine, print_table, write_result
 
-ORDER = ("dp_overhead", "encoder", "communication", "serving", "scale", "gpu")
+ORDER = ("dp_overhead", "encoder", "communication", "serving", "scale", "ranking", "gpu")
 
 
 def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
@@ -59,6 +60,11 @@ def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str
         rows.append(("scale: s/round per merchant (fit)", f"{t['slope']:.3f} s (R^2 {t['r2']:.3f})", "linear",
                      "yes" if t["r2"] >= 0.98 else "NO"))
         rows.append(("scale: peak MB per merchant (fit)", f"{m['slope']:.1f} MB (R^2 {m['r2']:.3f})", "flat", ""))
+    if "ranking" in results:
+        r = results["ranking"]
+        rows.append(("full-catalog ranking: pairs/s together / each pair alone",
+                     f"{r['pairs_per_second']['together']:,.0f} / {r['pairs_per_second']['per_pair']:,.0f} "
+                     f"({r['speedup']:.1f}x)", "", ""))
     if "gpu" in results:
         r = results["gpu"]
         rows.append(("GPU / CPU step speed-up", f"{r['speedup']['plain']:.1f}x plain, "
