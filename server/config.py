@@ -77,6 +77,13 @@ def _folder(run_config: Mapping[str, object], key: str, what: str, empty: str) -
     return path
 
 
+def _flag(run_config: Mapping[str, object], key: str, default: bool) -> bool:
+    value = run_config.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be true or false.")
+    return value
+
+
 def _non_negative(run_config: Mapping[str, object], key: str, default: float, zero: str = "0 = automatic") -> float:
     value = run_config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
@@ -110,9 +117,7 @@ class SecAggConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> SecAggConfig:
         defaults = cls()
-        enabled = run_config.get("secagg", False)
-        if not isinstance(enabled, bool):
-            raise ConfigError(f"run config `secagg` = {enabled!r} is invalid: it must be true or false.")
+        enabled = _flag(run_config, "secagg", False)
 
         def number(key: str, default: float | int) -> float | int:
             value = run_config.get(key, default)
@@ -149,13 +154,6 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 TRAINING_DEFAULTS = {"strategy": "fedavg", "fraction-train": 1.0, "local-epochs": 1, "proximal-mu": 0.01,
                      "server-lr": 0.1, "resume": "", "aggregation": "mean", "aggregation-trim": 0.2,
                      "reject-norm-factor": 10.0}
-
-
-def _flag(run_config: Mapping[str, object], key: str, default: bool) -> bool:
-    value = run_config.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be true or false.")
-    return value
 
 
 def _strategy(run_config: Mapping[str, object]) -> str:

@@ -186,12 +186,7 @@ def test_scoring_candidates_equals_scoring_each_pair(backbone):
     n, k = 4, len(candidates)
     with torch.no_grad():
         fast = model.score_candidates(items, inputs, candidates)
-        pairs = ScoreInputs(target=candidates.repeat(n), history=inputs.history.repeat_interleave(k, 0),
-                            history_mask=inputs.history_mask.repeat_interleave(k, 0),
-                            events=inputs.events.repeat_interleave(k, 0),
-                            age_hours=inputs.age_hours.repeat_interleave(k, 0),
-                            position=torch.zeros(n * k, dtype=torch.long))
-        ctr, cvr, _ = model.score(items, pairs)
+        ctr, cvr, _ = model.score(items, inputs.paired_with(candidates))
     assert fast.shape == (n, k)
     torch.testing.assert_close(fast, (torch.sigmoid(ctr) * torch.sigmoid(cvr)).view(n, k), rtol=1e-5, atol=1e-6)
     assert torch.equal(fast[:, 3], fast[:, 4])  # the same candidate twice scores the same

@@ -77,6 +77,16 @@ class ScoreInputs:
     age_hours: torch.Tensor
     position: torch.Tensor
 
+    def paired_with(self, candidates: torch.Tensor) -> ScoreInputs:
+        """The n x k (shopper, candidate) pairs as n k examples at an unknown position, shopper-major: each
+        shopper's history repeated once per candidate (what `ConversionModel.score_candidates` avoids)."""
+        n, k = len(self.history), len(candidates)
+        return ScoreInputs(target=candidates.repeat(n), history=self.history.repeat_interleave(k, 0),
+                           history_mask=self.history_mask.repeat_interleave(k, 0),
+                           events=self.events.repeat_interleave(k, 0),
+                           age_hours=self.age_hours.repeat_interleave(k, 0),
+                           position=torch.zeros(n * k, dtype=torch.long, device=candidates.device))
+
 
 class ConversionModel(nn.Module):
     """Item encoder + user tower + ESMM head. Only adapter, projection, tower and head weights train."""
@@ -96,10 +106,7 @@ class ConversionModel(nn.Module):
     def score(self, items: torch.Tensor, batch: ScoreInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """items (U, D) -> ctr logit (B,), cvr logit (B,), attention over the history (B, L)."""
         target = items[batch.target]
-        history = items[batch.history.clamp(min=0)]
-        events = batch.events.clamp(min=0)
-        user, weights = self.user_tower(history, events, recency_bucket(batch.age_hours), batch.history_mask,
-                                        target)
+        user, weights = self.user_tower(*self._behaviour_inputs(items, batch), target)
         ctr, cvr = self.head(user, target, batch.position)
         return ctr, cvr, weights
 
@@ -108,13 +115,19 @@ class ConversionModel(nn.Module):
         pCTCVR (n, k) of every candidate for every shopper at an unknown position: `score` of each (shopper,
         candidate) pair, computed without repeating a shopper's history k times."""
         targets = items[candidates]  # (k, D)
-        user = self.user_tower.against(items[batch.history.clamp(min=0)], batch.events.clamp(min=0),
-                                       recency_bucket(batch.age_hours), batch.history_mask, targets)  # (n, k, D)
+        user = self.user_tower.against(*self._behaviour_inputs(items, batch), targets)  # (n, k, D)
         n, k, dim = user.shape
         flat_targets = targets[None].expand(n, k, dim).reshape(n * k, dim)
         ctr, cvr = self.head(user.reshape(n * k, dim), flat_targets,
                              torch.zeros(n * k, dtype=torch.long, device=items.device))
         return (torch.sigmoid(ctr) * torch.sigmoid(cvr)).view(n, k)
+
+    @staticmethod
+    def _behaviour_inputs(items: torch.Tensor, batch: ScoreInputs
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The user tower's history (B, L, D), event codes, recency buckets and mask (B, L) of a batch."""
+        return (items[batch.history.clamp(min=0)], batch.events.clamp(min=0), recency_bucket(batch.age_hours),
+                batch.history_mask)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

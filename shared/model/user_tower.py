@@ -33,7 +33,7 @@ class UserTower(nn.Module):
 
     def forward(self, history: torch.Tensor, events: torch.Tensor, recency: torch.Tensor, mask: torch.Tensor,
                 target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        behaviour = history + self.event(events) + self.recency(recency)  # (B, L, D)
+        behaviour = self._behaviour(history, events, recency)  # (B, L, D)
         query = target[:, None, :].expand_as(behaviour)
         scores = self.attention(torch.cat([behaviour, query, behaviour - query, behaviour * query], -1))[..., 0]
         # DIN keeps the weights unnormalised (no softmax), so that how much of the history matches the target
@@ -41,8 +41,15 @@ class UserTower(nn.Module):
         weights = torch.sigmoid(scores) * mask  # (B, L), 0 at padding
         count = mask.sum(1, keepdim=True).clamp(min=1)
         interest = (weights[..., None] * behaviour).sum(1) / count  # (B, D)
-        long_term = self.long_term((behaviour * mask[..., None]).sum(1) / count)  # (B, D)
-        return self.out(torch.cat([interest, long_term], -1)), weights
+        return self.out(torch.cat([interest, self._long_term(behaviour, mask, count)], -1)), weights
+
+    def _behaviour(self, history: torch.Tensor, events: torch.Tensor, recency: torch.Tensor) -> torch.Tensor:
+        """Each behaviour's item with its event type and recency, (B, L, D)."""
+        return history + self.event(events) + self.recency(recency)
+
+    def _long_term(self, behaviour: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """The pooled long-term interest, (B, D): the mean behaviour over the real history, projected."""
+        return self.long_term((behaviour * mask[..., None]).sum(1) / count)
 
     def against(self, history: torch.Tensor, events: torch.Tensor, recency: torch.Tensor, mask: torch.Tensor,
                 targets: torch.Tensor) -> torch.Tensor:
@@ -50,7 +57,7 @@ class UserTower(nn.Module):
         every (shopper, candidate) pair, but with the candidate-free parts (behaviour, the long-term interest, the
         attention's terms in the behaviour alone) computed once per shopper and the attention's behaviour x target
         term as one matrix product. history (n, L, D), events / recency / mask (n, L), targets (k, D)."""
-        behaviour = history + self.event(events) + self.recency(recency)  # (n, L, D)
+        behaviour = self._behaviour(history, events, recency)  # (n, L, D)
         first, second = self.attention[0], self.attention[2]
         w_b, w_q, w_diff, w_prod = first.weight.split(behaviour.shape[-1], dim=1)  # each (H, D)
         # W [b, q, b - q, b * q] + c = (W_b + W_diff) b + (W_q - W_diff) q + W_prod (b * q) + c
@@ -66,7 +73,7 @@ class UserTower(nn.Module):
         weights = torch.sigmoid(scores) * mask[None]
         count = mask.sum(1, keepdim=True).clamp(min=1)  # (n, 1)
         interest = torch.einsum("knl,nld->nkd", weights, behaviour) / count[:, :, None]  # (n, k, D)
-        long_term = self.long_term((behaviour * mask[..., None]).sum(1) / count)  # (n, D)
+        long_term = self._long_term(behaviour, mask, count)  # (n, D)
         linear, norm = self.out[0], self.out[1]
         w_interest, w_long = linear.weight.split(dim, dim=1)
         user = interest @ w_interest.T + (long_term @ w_long.T + linear.bias)[:, None, :]

@@ -44,11 +44,7 @@ def measure(catalog: int, shoppers: int, repeats: int, history: int = 30, encode
                         age_hours=torch.rand(shoppers, history, generator=generator) * 500,
                         position=torch.zeros(shoppers, dtype=torch.long))
     candidates = torch.arange(catalog)
-    pairs = ScoreInputs(target=candidates.repeat(shoppers), history=batch.history.repeat_interleave(catalog, 0),
-                        history_mask=mask.repeat_interleave(catalog, 0),
-                        events=batch.events.repeat_interleave(catalog, 0),
-                        age_hours=batch.age_hours.repeat_interleave(catalog, 0),
-                        position=torch.zeros(shoppers * catalog, dtype=torch.long))
+    pairs = batch.paired_with(candidates)
 
     def per_pair() -> torch.Tensor:
         ctr, cvr, _ = model.score(items, pairs)
