@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedcvr.simulations.heterogeneity import overlap_of_results
+
 NO_DP = "no DP"
 SETTING_ORDER = ("centralized", "local-only", "fedavg", "fedprox", "fedadam")
 COLOR = {"centralized": "black", "local-only": "tab:blue", "fedavg": "tab:orange", "fedprox": "tab:green",
@@ -217,9 +219,10 @@ def _eps_order(labels) -> list[str]:
     return sorted(set(labels), key=lambda e: -math.inf if e == NO_DP else -float(e))
 
 
-def findings(auc: pd.DataFrame, gains: pd.DataFrame) -> list[str]:
+def findings(auc: pd.DataFrame, gains: pd.DataFrame, overlap: pd.DataFrame | None = None) -> list[str]:
     """The report's answers in numbers, each from the tables below it: what privacy costs each setting, whether
-    federating beats each merchant training alone, and whether the small merchants gain most."""
+    federating beats each merchant training alone, whether the small merchants gain most and (with the clients'
+    overlap, `heterogeneity.client_overlap`) whether the merchants most like the others gain most."""
     curve = auc[auc.setting != "centralized"]
     name = lambda e: NO_DP if e == NO_DP else f"ε {e}"  # noqa: E731
     lines = []
@@ -268,20 +271,52 @@ def findings(auc: pd.DataFrame, gains: pd.DataFrame) -> list[str]:
                 f"{verdict} (rank correlation of training examples and gain {rho:+.2f} over {len(per_merchant)} "
                 f"merchants); the smallest, {small.name} ({int(small['size']):,} training examples), "
                 f"{small['gain']:+.4f}; the largest, {large.name} ({int(large['size']):,}), {large['gain']:+.4f}.")
+    if not gains.empty and overlap is not None:
+        lines += alike_lines(gains, overlap)
     if lines and (auc["count"] < 2).any():
         lines.append("- Some of these cells have one seed so far: their spread is unknown.")
     return lines
 
 
-def merchant_table(table: pd.DataFrame) -> pd.DataFrame:
+def alike_lines(gains: pd.DataFrame, overlap: pd.DataFrame) -> list[str]:
+    """Whether the merchants whose best sellers are also the others' gain most from federating (rank correlation
+    over the merchants of their best sellers shared and their mean gain); nothing where it is undefined."""
+    top = overlap.attrs.get("top", "N")
+    shared = overlap.set_index("merchant")["best sellers shared"].astype(float)
+    per_merchant = gains.groupby("merchant").agg(gain=("gain", "mean"), size=("train_examples", "first"))
+    per_merchant = per_merchant.join(shared, how="inner").dropna(subset=["gain", "best sellers shared"])
+    if len(per_merchant) < 3 or per_merchant["best sellers shared"].nunique() < 2:
+        return []
+    rho = float(per_merchant["best sellers shared"].rank().corr(per_merchant["gain"].rank()))
+    tied = float(per_merchant["best sellers shared"].rank().corr(per_merchant["size"].rank()))
+    verdict = ("the more a merchant's best sellers are also the others', the more it gains" if rho >= 0.5 else
+               "the less a merchant's best sellers are also the others', the more it gains" if rho <= -0.5 else
+               "no clear relation between how far a merchant's best sellers are the others' and its gain")
+    ordered = per_merchant.sort_values("best sellers shared")
+    least, most = ordered.iloc[0], ordered.iloc[-1]
+    return [f"- Who gains, by how alike the merchants are (best sellers shared: the mean share of a merchant's "
+            f"top {top} items by purchases that are also in another merchant's top {top}; gain as above): "
+            f"{verdict} (rank correlation {rho:+.2f} over {len(per_merchant)} merchants); the least alike, "
+            f"{least.name} ({least['best sellers shared']:.1%} shared), {least['gain']:+.4f}; the most alike, "
+            f"{most.name} ({most['best sellers shared']:.1%}), {most['gain']:+.4f}."
+            + (f" Here size and alikeness go together (rank correlation {tied:+.2f}): these merchants cannot tell "
+               "the two apart." if abs(tied) >= 0.5 else "")]
+
+
+def merchant_table(table: pd.DataFrame, overlap: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per merchant (largest first): its training examples and its test CTCVR AUC alone, without DP (mean over
-    seeds), as the data the federation is made of."""
+    seeds), as the data the federation is made of; with `overlap`, also its catalog and how much of it and of its
+    best sellers the other merchants share."""
     test = table[(table.split == "test") & (table.merchant != "all")]
     size = test[test.metric == "train-examples"].groupby("merchant")["value"].max()
     alone = test[(test.setting == "local-only") & test.epsilon.isna() & (test.metric == "ctcvr.auc")]
     out = pd.DataFrame({"training examples": size.astype(int)})
     out["share of all"] = out["training examples"] / out["training examples"].sum()
     out["CTCVR AUC alone (no DP)"] = alone.groupby("merchant")["value"].mean().reindex(out.index)
+    if overlap is not None and not overlap.empty:
+        columns = ["catalog items", "catalog shared", "catalog Jaccard", "best sellers shared"]
+        out = out.join(overlap.set_index("merchant")[columns])
+        out["catalog items"] = out["catalog items"].astype("Int64")
     return out.sort_values("training examples", ascending=False).reset_index()
 
 
@@ -383,6 +418,8 @@ def _markdown(frame: pd.DataFrame, digits: int = 4) -> str:
     for column in cells.columns:
         if pd.api.types.is_float_dtype(cells[column]):
             cells[column] = cells[column].map(lambda v: "" if pd.isna(v) else f"{v:.{digits}f}")
+        else:
+            cells[column] = cells[column].astype(object).map(lambda v: "" if v is pd.NA else v)
     lines = ["| " + " | ".join(map(str, cells.columns)) + " |", "|" + " --- |" * len(cells.columns)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in cells.itertuples(index=False)]
     return "\n".join(lines)
@@ -589,13 +626,23 @@ def write_report(results: Path) -> Path:
         f"(runs what is missing, then writes this report; `fedcvr report {_shown(results)}` rewrites the report "
         f"alone)", "",
     ]
-    answers = findings(auc, gains)
+    overlap = overlap_of_results(results, meta.get("data_root"))
+    answers = findings(auc, gains, overlap)
     if answers:
         lines += ["## Findings", "", *answers, ""]
-    merchants = merchant_table(table)
+    merchants = merchant_table(table, overlap)
     if not merchants.empty:
         lines += ["## Clients", "", "One client per merchant folder; training examples = the training split of "
-                  "its examples (split by time, the oldest part).", "", _markdown(merchants), ""]
+                  "its examples (split by time, the oldest part)."]
+        if overlap is not None:
+            lines.append("")
+            top = overlap.attrs.get("top", "N")
+            lines += ["How alike the clients are (items are the same where their item ids are; "
+                      "simulations/heterogeneity.py): catalog shared = the share of its catalog that some other "
+                      "merchant also sells; catalog Jaccard = |own ∩ other| / |own ∪ other| of the catalogs, mean "
+                      f"over the other merchants; best sellers shared = |own top {top} ∩ other's top {top}| / {top} "
+                      f"of the items by purchases, mean over the other merchants."]
+        lines += ["", _markdown(merchants), ""]
     lines += [
         "## Privacy-utility", "", "![privacy-utility](privacy_utility.png)", "",
         "Test metrics of the final model over all merchants' test splits (metric sums pooled over merchants, then "

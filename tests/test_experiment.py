@@ -202,6 +202,11 @@ def test_report_plots_and_tables(tmp_path):
                  "epsilon": None, "seed": 0, "data": "synthetic", "round": 0, "split": "test", "merchant": "all",
                  "metric": "ctcvr.auc", "value": 0.8})
     pd.DataFrame(rows).to_parquet(tmp_path / "results.parquet", index=False)
+    (tmp_path / "clients.json").write_text(json.dumps({"top": 50, "merchants": [
+        {"merchant": "m1", "shoppers": 90, "catalog items": 1200, "items bought": 800, "catalog shared": 0.5,
+         "catalog Jaccard": 0.25, "best sellers shared": 0.1},
+        {"merchant": "m2", "shoppers": 9, "catalog items": 300, "items bought": 200, "catalog shared": 0.9,
+         "catalog Jaccard": 0.25, "best sellers shared": 0.3}]}))
     report = write_report(tmp_path).read_text()
     for image in ("privacy_utility.png", "convergence.png", "merchant_gain.png", "cost.png"):
         assert (tmp_path / image).stat().st_size > 10_000 and f"({image})" in report
@@ -209,7 +214,9 @@ def test_report_plots_and_tables(tmp_path):
     assert "local-only: more ε never lowered the mean test NDCG@10" in report
     assert "| m2 | 500 | 0.2000 |" in report and "| m1 | 10000 | 0.1000 |" in report  # fedavg gains, small first
     assert "| merchant | training examples | no DP | ε 8 | ε 1 |" in report  # gains per ε, no DP first
-    assert "| m1 | 10000 | 0.9524 | 0.6000 |" in report  # clients: largest first, share, AUC alone without DP
+    # clients: largest first, share, AUC alone without DP, then how alike (clients.json)
+    assert "| m1 | 10000 | 0.9524 | 0.6000 | 1200 | 0.5000 | 0.2500 | 0.1000 |" in report
+    assert "best sellers shared = |own top 50 ∩ other's top 50| / 50" in report
     # the findings: fedavg 0.705 without DP (mean of seeds 0.70, 0.71), 0.625 at ε 1; federated beats alone by
     # 0.10 at every ε; centralized 0.8
     assert "## Findings" in report
@@ -234,6 +241,30 @@ def test_findings_say_who_gains():
                                "train_examples": sizes[m], "gain": g} for m, g in gains_of.items()])
         [line] = findings(auc, gains)
         assert verdict in line and f"the smallest, s (100 training examples), {gains_of['s']:+.4f}" in line
+
+
+def test_findings_say_whether_the_merchants_most_like_the_others_gain_most():
+    import pandas as pd
+
+    from fedcvr.simulations.report import findings
+
+    auc = pd.DataFrame({"setting": ["fedavg"], "eps": ["no DP"], "mean": [0.7], "std": [0.01], "count": [2],
+                        "epsilon": [None]})
+    gains = pd.DataFrame([{"setting": "fedavg", "epsilon": None, "seed": 0, "merchant": m, "train_examples": 100,
+                           "gain": g} for m, g in (("uk", -0.08), ("fr", 0.0), ("de", 0.01), ("be", 0.03))])
+    overlap = pd.DataFrame({"merchant": ["uk", "fr", "de", "be"], "best sellers shared": [0.15, 0.45, 0.4, 0.5]})
+    overlap.attrs["top"] = 50
+    line = findings(auc, gains, overlap)[-1]
+    assert "the more a merchant's best sellers are also the others', the more it gains" in line
+    assert "(rank correlation +0.80 over 4 merchants)" in line
+    assert "the least alike, uk (15.0% shared), -0.0800; the most alike, be (50.0%), +0.0300" in line
+    assert "cannot tell the two apart" not in line  # all of size 100
+    assert "top 50 items" in line
+    gains["train_examples"] = gains["merchant"].map({"uk": 400, "fr": 300, "de": 200, "be": 100})
+    assert "size and alikeness go together (rank correlation -0.80): these merchants cannot tell the two apart" \
+        in findings(auc, gains, overlap)[-1]
+    overlap["best sellers shared"] = 0.4  # all alike: nothing to say
+    assert not any("how alike" in line for line in findings(auc, gains, overlap))
 
 
 def test_cli_report_without_results(tmp_path):
