@@ -330,8 +330,17 @@ def plot_merchant_gain(gains: pd.DataFrame, path: Path) -> bool:
         group = gains[gains.setting == setting]
         mean = group.groupby("merchant").agg(gain=("gain", "mean"), size=("train_examples", "first"))
         axis.scatter(mean["size"], mean["gain"], label=setting, s=40, color=COLOR.get(setting))
+    means = gains.groupby(["merchant", "setting"]).agg(gain=("gain", "mean"), size=("train_examples", "first"))
+    merchants = means.groupby("merchant").agg(top=("gain", "max"), bottom=("gain", "min"), size=("size", "first"))
+    if len(merchants) <= 12:  # few enough to name each: above its points, or below them for every other one
+        for k, (name, point) in enumerate(merchants.sort_values("size").iterrows()):
+            above = k % 2 == 0
+            axis.annotate(str(name), (point["size"], point["top"] if above else point["bottom"]),
+                          textcoords="offset points", xytext=(0, 8 if above else -8), ha="center",
+                          va="bottom" if above else "top", fontsize="small", color="dimgrey")
     axis.axhline(0.0, color="grey", linewidth=1)
     axis.set_xscale("log")
+    axis.margins(x=0.1, y=0.12)  # room for the names
     axis.set_xlabel("merchant's training examples")
     axis.set_ylabel("test CTCVR AUC: federated − alone\n(mean over ε and seeds)")
     axis.set_title("Who gains from federating?")
