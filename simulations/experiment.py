@@ -387,7 +387,9 @@ def run_grid(experiment: Experiment, out: Path, on_run: Callable[[Run, str], Non
     out.mkdir(parents=True, exist_ok=True)
     data_root = experiment.data_root(out)
     folders = merchant_folders(data_root)
-    describe(experiment, out, data_root)
+    prints = data_fingerprint(folders)
+    check_data(out, prints)
+    describe(experiment, out, data_root, prints)
     if experiment.audit_epsilons:
         audited_folder(experiment, folders)  # a bad audit-merchant fails before any run
     for run in experiment.runs():
@@ -463,8 +465,41 @@ class LoadSampler:
         return {"mean": sum(self.samples) / len(self.samples), "max": max(self.samples), "samples": len(self.samples)}
 
 
-def describe(experiment: Experiment, out: Path, data_root: Path) -> Path:
-    """`<out>/experiment.json`: the grid, the data, the machine, for the report (one entry per session)."""
+def data_fingerprint(folders: list[Path]) -> dict[str, dict[str, int]]:
+    """Per merchant folder: its events, shoppers and items. The runs of a grid must all read the same data; a
+    resumed grid whose data no longer matches the fingerprint of its finished runs is refused (`check_data`)."""
+    from fedcvr.shared.data.loader import load_merchant
+
+    prints = {}
+    for folder in folders:
+        if (folder / "events.parquet").is_file() and (folder / "items.parquet").is_file():
+            users = pd.read_parquet(folder / "events.parquet", columns=["user_id"])["user_id"]
+            items = len(pd.read_parquet(folder / "items.parquet", columns=["item_id"]))
+        else:
+            data = load_merchant(folder)
+            users, items = data.events["user_id"], len(data.items)
+        prints[folder.name] = {"events": len(users), "shoppers": int(users.nunique()), "items": items}
+    return prints
+
+
+def check_data(out: Path, prints: dict[str, dict[str, int]]) -> None:
+    """Refuse to add runs to `out` when its finished runs read other data than `prints` (see `data_fingerprint`)."""
+    path = out / "experiment.json"
+    known = json.loads(path.read_text()).get("data_fingerprint") if path.is_file() else None
+    if not known or known == prints or not any((out / "runs").glob(f"*/{RESULT}")):
+        return
+    changed = [f"{name}: {known.get(name)} then, {prints.get(name)} now"
+               for name in sorted(set(known) | set(prints)) if known.get(name) != prints.get(name)]
+    raise ExperimentError(
+        f"{path}: the finished runs in {out / 'runs'} read other data than the grid prepares now "
+        f"({'; '.join(changed)}), and one grid's runs must all read the same data. Fix: give another --out to run "
+        f"the grid on the data as it is now, or delete {out / 'runs'} to rerun every run on it.")
+
+
+def describe(experiment: Experiment, out: Path, data_root: Path,
+             prints: dict[str, dict[str, int]] | None = None) -> Path:
+    """`<out>/experiment.json`: the grid, the data (and its `data_fingerprint`), the machine, for the report (one
+    entry per session)."""
     path = out / "experiment.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
     sessions = known.get("sessions", [])
@@ -480,7 +515,8 @@ def describe(experiment: Experiment, out: Path, data_root: Path) -> Path:
         "audit_epsilons": [e if e is not None else "none" for e in experiment.audit_epsilons],
         "audit_merchant": experiment.audit_merchant, "audit_max_members": experiment.audit_max_members,
         "audit_run_config": experiment.audit_run_config,
-        "run_config": experiment.run_config, "sessions": sessions},
+        "run_config": experiment.run_config, "data_fingerprint": prints or known.get("data_fingerprint"),
+        "sessions": sessions},
         indent=2) + "\n")
     return path
 

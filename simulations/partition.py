@@ -2,8 +2,9 @@
 the folders with enough shoppers, at most so many shoppers per folder, or a Dirichlet(alpha) re-partition by category.
 
 `cap_shoppers`: a folder with more than `max_shoppers` distinct shoppers keeps a random sample of that many (drawn
-with a fixed seed from the sorted shopper ids) with all their events, and its whole catalog; smaller folders are
-linked as they are. Shoppers are the privacy unit, so a shopper is kept or left out whole.
+with a fixed seed from its shoppers ordered by their events, `shopper_order`: never by their ids, which are
+pseudonyms made anew at each import) with all their events, and its whole catalog; smaller folders are linked as
+they are. Shoppers are the privacy unit, so a shopper is kept or left out whole.
 
 `dirichlet_partition`: all merchants' items and events are pooled; for every category c, client shares
 p_c ~ Dirichlet(alpha x 1) are drawn and each item of c goes to client k with probability p_c[k]; an item's
@@ -14,6 +15,7 @@ merchants).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,25 @@ def select_merchants(root: Path, min_shoppers: int, out: Path) -> Path:
     return out
 
 
+def shopper_order(events: pd.DataFrame) -> np.ndarray:
+    """The shoppers of one merchant's events in an order set by their events alone, never by their ids: by the time
+    of their first event, ties broken by a SHA-256 digest of all their events (time, item, event type and session,
+    sorted). Shopper ids are pseudonyms under a key made anew at each import, so an order by id would draw other
+    shoppers from each import of the same file."""
+    line = (events["timestamp"].astype(str) + "\x1f" + events["item_id"].astype(str) + "\x1f"
+            + events["event"].astype(str))
+    if "session_id" in events.columns:
+        line = line + "\x1f" + events["session_id"].astype("string").fillna("").astype(str)
+    frame = pd.DataFrame({"user": events["user_id"].astype(str).to_numpy(), "line": line.to_numpy(),
+                          "t": events["timestamp"].to_numpy()})
+    grouped = frame.groupby("user", sort=False)
+    order = pd.DataFrame({
+        "first": grouped["t"].min(),
+        "digest": grouped["line"].agg(lambda lines: hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()),
+    })
+    return order.sort_values(["first", "digest"], kind="stable").index.to_numpy()
+
+
 def cap_shoppers(root: Path, max_shoppers: int, out: Path, seed: int = 0) -> Path:
     """A marketplace folder `out` holding every merchant folder of `root`, those with more than `max_shoppers`
     shoppers cut down to a random `max_shoppers` of them (see the module text); returns `out`."""
@@ -54,7 +75,7 @@ def cap_shoppers(root: Path, max_shoppers: int, out: Path, seed: int = 0) -> Pat
         if target.exists():
             continue
         data = load_merchant(folder)
-        shoppers = np.sort(data.events["user_id"].astype(str).unique())
+        shoppers = shopper_order(data.events)
         if len(shoppers) <= max_shoppers:
             target.symlink_to(folder.resolve(), target_is_directory=True)
             continue

@@ -278,6 +278,24 @@ def findings(auc: pd.DataFrame, gains: pd.DataFrame, overlap: pd.DataFrame | Non
     return lines
 
 
+def data_mismatch(table: pd.DataFrame) -> list[str]:
+    """The runs of a grid must all have seen the same data. A merchant whose training examples differ between runs
+    had other data in some of them (a re-import, another cut): one line naming the merchants and runs, else none."""
+    sizes = table[(table.metric == "train-examples") & (table.merchant != "all")]
+    found = []
+    for merchant, group in sizes.groupby("merchant", sort=True):
+        runs = group.groupby("value")["run_id"].agg(lambda ids: sorted(set(ids)))
+        if len(runs) > 1:
+            found.append(f"{merchant}: " + "; ".join(
+                f"{int(value):,} training examples in {len(ids)} run(s) ({', '.join(ids[:2])}"
+                f"{', ...' if len(ids) > 2 else ''})" for value, ids in runs.items()))
+    if not found:
+        return []
+    return ["- THE RUNS DID NOT ALL SEE THE SAME DATA, so their comparisons below are not sound: " + " | ".join(found)
+            + ". Rerun the grid into a new folder (or delete its runs) so that every run reads one version of the "
+            "data."]
+
+
 def alike_lines(gains: pd.DataFrame, overlap: pd.DataFrame) -> list[str]:
     """Whether the merchants whose best sellers are also the others' gain most from federating (rank correlation
     over the merchants of their best sellers shared and their mean gain); nothing where it is undefined."""
@@ -631,6 +649,7 @@ def write_report(results: Path) -> Path:
         f"- runs finished: {table.run_id.nunique()}{_planned(meta, table.run_id.nunique())}; total wall time of "
         f"the runs: {wall / 60:.1f} min",
         *machines(results, table, meta),
+        *data_mismatch(table),
         f"- regenerate: `fedcvr experiment {_shown(meta.get('config') or 'CONFIG')} --out {_shown(results)}` "
         f"(runs what is missing, then writes this report; `fedcvr report {_shown(results)}` rewrites the report "
         f"alone)", "",

@@ -341,6 +341,64 @@ def test_max_shoppers_keeps_whole_shoppers_of_the_large_merchants(tmp_path, tiny
         cap_shoppers(tiny_market, 0, tmp_path / "zero")
 
 
+def test_max_shoppers_draws_the_same_shoppers_whatever_their_pseudonyms(tmp_path, tiny_market):
+    """Each import pseudonymises shopper ids under a new key: the cut must draw the same shoppers from every import
+    of the same data, so a grid resumed on a fresh import goes on with the same data."""
+    import numpy as np
+    import pandas as pd
+
+    from fedcvr.shared.data.loader import load_merchant, merchant_folders
+    from fedcvr.shared.data.writer import write_merchant
+    from fedcvr.simulations.partition import cap_shoppers
+
+    folder = max(merchant_folders(tiny_market), key=lambda f: load_merchant(f).events["user_id"].nunique())
+    data = load_merchant(folder)
+    shoppers = data.events["user_id"].astype(str).unique()
+    kept = []
+    for key in (1, 2):  # two imports: the same shoppers under unrelated pseudonyms, sorted differently
+        names = dict(zip(shoppers, (f"p{n:06d}" for n in np.random.default_rng(key).permutation(len(shoppers)))))
+        events = data.events.assign(user_id=data.events["user_id"].astype(str).map(names))
+        write_merchant(tmp_path / f"import-{key}" / folder.name, data.items, events)
+        out = cap_shoppers(tmp_path / f"import-{key}", len(shoppers) // 3, tmp_path / f"cut-{key}", seed=3)
+        cut = load_merchant(out / folder.name).events.drop(columns="user_id")
+        kept.append(cut.sort_values(list(cut.columns)).reset_index(drop=True))
+    pd.testing.assert_frame_equal(kept[0], kept[1])
+
+
+def test_a_resumed_grid_refuses_data_that_changed(tmp_path, tiny_market):
+    from fedcvr.shared.data.loader import merchant_folders
+    from fedcvr.simulations.experiment import RESULT, check_data, data_fingerprint
+
+    prints = data_fingerprint(merchant_folders(tiny_market))
+    assert all(set(p) == {"events", "shoppers", "items"} and p["events"] > 0 for p in prints.values())
+    out = tmp_path / "grid"
+    (out / "runs" / "fedavg-epsnone-seed0").mkdir(parents=True)
+    (out / "experiment.json").write_text(json.dumps({"data_fingerprint": prints}))
+    check_data(out, prints)  # same data: fine
+    changed = {**prints, "merchant-01": {**prints["merchant-01"], "events": 1}}
+    check_data(out, changed)  # no finished run yet: nothing to mix with
+    (out / "runs" / "fedavg-epsnone-seed0" / RESULT).write_text("{}")
+    with pytest.raises(ExperimentError, match="merchant-01: .* then, .* now.*another --out"):
+        check_data(out, changed)
+
+
+def test_report_says_when_runs_saw_other_data():
+    import pandas as pd
+
+    from fedcvr.simulations.report import data_mismatch
+
+    rows = [{"run_id": run, "merchant": merchant, "metric": "train-examples", "value": size}
+            for run, uk in (("fedavg-epsnone-seed0", 31_840), ("fedavg-epsnone-seed1", 37_340),
+                            ("local-only-epsnone-seed1", 37_340))
+            for merchant, size in (("germany", 34_280), ("united-kingdom", uk))]
+    table = pd.DataFrame(rows)
+    [line] = data_mismatch(table)
+    assert "germany" not in line
+    assert ("united-kingdom: 31,840 training examples in 1 run(s) (fedavg-epsnone-seed0); 37,340 training examples "
+            "in 2 run(s) (fedavg-epsnone-seed1, local-only-epsnone-seed1)") in line
+    assert data_mismatch(table[table.run_id != "fedavg-epsnone-seed0"]) == []
+
+
 def test_max_shoppers_is_checked(tmp_path):
     path = tmp_path / "bad.toml"
     for value, fix in (("-1", "a whole number >= 0"), ("true", "a whole number >= 0"), ("5", "at least min-shoppers")):
