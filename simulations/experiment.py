@@ -292,7 +292,7 @@ def run_federated(experiment: Experiment, run: Run, run_config: dict[str, Any], 
                   progress: Progress = _quiet) -> list[dict]:
     import logging
 
-    from fedcvr.client.node import MerchantNode, NodeSettings
+    from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
     from fedcvr.shared.model.folder import load_model_folder
     from fedcvr.shared.model.weights import trainable_state
     from fedcvr.simulations.inprocess import run_federation
@@ -310,14 +310,20 @@ def run_federated(experiment: Experiment, run: Run, run_config: dict[str, Any], 
     for record in summary["rounds"]:
         rows += _rows(run, experiment.data, int(record["round"]), "validation", "all", record, PER_ROUND)
     rows += _rows(run, experiment.data, experiment.rounds, "test", "all", summary["test"], FINAL)
-    model, _, _ = load_model_folder(Path(run_config["out-dir"]) / "model")
-    weights = trainable_state(model)
     settings = NodeSettings.from_run_config(run_config)
+    weights = None
     for index, folder in enumerate(folders, 1):
-        progress(f"testing the global model on {folder.name} ({index}/{len(folders)})")
         node = MerchantNode(folder, settings)
         size = len(node.prepared.splits["train"])
-        metrics = {**test_metrics(node, weights), "train-examples": size, "delta": merchant_delta(settings, size)}
+        sums = summary.get("test_sums", {}).get(index - 1)  # the node's own reply to the final test evaluation
+        if sums is None:  # the node did not answer it: evaluate the global model here
+            progress(f"testing the global model on {folder.name} ({index}/{len(folders)})")
+            if weights is None:
+                weights = trainable_state(load_model_folder(Path(run_config["out-dir"]) / "model")[0])
+            tested = test_metrics(node, weights)
+        else:
+            tested = merge_evaluations([sums])
+        metrics = {**tested, "train-examples": size, "delta": merchant_delta(settings, size)}
         rows += _rows(run, experiment.data, experiment.rounds, "test", folder.name, metrics,
                       (*FINAL, "train-examples", "delta"))
     return rows

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -27,9 +27,12 @@ FIRST_NODE_ID = 100
 
 
 class InProcessGrid:
-    """Delivers messages to the ClientApp of node `FIRST_NODE_ID + i` (the i-th merchant folder)."""
+    """Delivers messages to the ClientApp of node `FIRST_NODE_ID + i` (the i-th merchant folder). Keeps each node's
+    last reply to a test evaluation (`test_sums`: partition index -> its metric sums), so that a research grid can
+    report every merchant's test metrics without evaluating the model again."""
 
     def __init__(self, run_config: Mapping[str, Any], nodes: int):
+        self.test_sums: dict[int, dict[str, Any]] = {}
         self.contexts = {
             FIRST_NODE_ID + i: Context(run_id=1, node_id=FIRST_NODE_ID + i,
                                        node_config={"partition-id": i, "num-partitions": nodes},
@@ -45,8 +48,19 @@ class InProcessGrid:
         for message in messages:
             self._next += 1
             message.metadata.__dict__["_message_id"] = f"m{self._next}"  # what the SuperLink would set
-            replies.append(self.deliver(message))
+            reply = self.deliver(message)
+            self._keep_test_sums(message, reply)
+            replies.append(reply)
         return replies
+
+    def _keep_test_sums(self, message: Message, reply: Message) -> None:
+        if message.metadata.message_type != MessageType.EVALUATE or reply.has_error():
+            return
+        config = message.content.config_records.get("config")
+        if config is None or config.get("split") != "test" or "metrics" not in reply.content.metric_records:
+            return
+        partition = int(self.contexts[message.metadata.dst_node_id].node_config["partition-id"])
+        self.test_sums[partition] = dict(reply.content.metric_records["metrics"])
 
     def deliver(self, message: Message) -> Message:
         """The node's reply to one message (an error reply when its ClientApp raised)."""
@@ -72,13 +86,15 @@ def run_federation(run_config: Mapping[str, Any], nodes: int,
                    on_round: Callable[[dict], None] | None = None) -> dict:
     """One federated run (the app's ServerApp logic) over `nodes` merchants of `data-root`; returns the summary
     and writes into the run config's `out-dir` what a Flower run writes. `on_round` gets each finished round's
-    row."""
+    row. The summary's `test_sums` holds each node's metric sums on its test split (partition index -> sums)."""
     kept = node_module.NODES_KEPT["count"]
     node_module.NODES_KEPT["count"] = nodes
+    grid = InProcessGrid(run_config, nodes)
     try:
         with server_identity():
-            return run_training(InProcessGrid(run_config, nodes), dict(run_config),
-                                ServerConfig.from_run_config(run_config), on_round=on_round)
+            summary = run_training(grid, dict(run_config), ServerConfig.from_run_config(run_config),
+                                   on_round=on_round)
+        return {**summary, "test_sums": grid.test_sums}
     finally:
         node_module.NODES_KEPT["count"] = kept
         node_module._NODES.clear()

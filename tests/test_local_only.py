@@ -80,3 +80,28 @@ def test_inprocess_fedavg_script_reports_the_global_models_test_auc(tiny_market,
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and result["round"] == 2
     assert 0 < result["click.auc"] < 1 and 0 < result["max-epsilon"] <= 8.0 * 1.0001
+
+
+def test_inprocess_federation_keeps_each_nodes_test_sums(tiny_market, tiny_bert, tmp_path):
+    """A grid's per-merchant test rows come from the nodes' own replies to the final test evaluation: the same
+    metrics as evaluating the saved global model on each merchant's test split again, without the second pass."""
+    from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
+    from fedcvr.shared.model.folder import load_model_folder
+    from fedcvr.shared.model.weights import trainable_state
+    from fedcvr.simulations.inprocess import run_federation
+    from fedcvr.simulations.local_only import test_metrics
+
+    _, run_config = federation(tiny_market, tiny_bert, tmp_path / "run", **{"num-server-rounds": 1,
+                                                                             "dp.enabled": False})
+    folders = merchant_folders(tiny_market)
+    summary = run_federation(run_config, len(folders))
+    assert sorted(summary["test_sums"]) == list(range(len(folders)))
+    weights = trainable_state(load_model_folder(tmp_path / "run" / "model")[0])
+    settings = NodeSettings.from_run_config(run_config)
+    for index, folder in enumerate(folders):
+        again = test_metrics(MerchantNode(folder, settings), weights)
+        kept = merge_evaluations([summary["test_sums"][index]])
+        assert kept.keys() == again.keys() and "rank.n" in kept  # the final test ranks
+        assert kept == pytest.approx(again, abs=1e-9)
+    # the nodes' sums add up to the server's test metrics over all merchants
+    assert merge_evaluations(list(summary["test_sums"].values())) == pytest.approx(summary["test"], abs=1e-9)
