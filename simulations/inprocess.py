@@ -53,8 +53,8 @@ class InProcessGrid:
             replies.append(reply)
         return replies
 
-    def _keep_test_sums(self, message: Message, reply: Message) -> None:
-        if message.metadata.message_type != MessageType.EVALUATE or reply.has_error():
+    def _keep_test_sums(self, message: Message, reply: Message | None) -> None:
+        if reply is None or message.metadata.message_type != MessageType.EVALUATE or reply.has_error():
             return
         config = message.content.config_records.get("config")
         if config is None or config.get("split") != "test" or "metrics" not in reply.content.metric_records:
