@@ -75,10 +75,10 @@ def cap_shoppers(root: Path, max_shoppers: int, out: Path, seed: int = 0) -> Pat
         if target.exists():
             continue
         data = load_merchant(folder)
-        shoppers = shopper_order(data.events)
-        if len(shoppers) <= max_shoppers:
+        if data.events["user_id"].nunique() <= max_shoppers:
             target.symlink_to(folder.resolve(), target_is_directory=True)
             continue
+        shoppers = shopper_order(data.events)  # only where a sample is drawn
         kept = np.random.default_rng(seed).choice(shoppers, size=max_shoppers, replace=False)
         events = data.events[data.events["user_id"].astype(str).isin(set(kept))].reset_index(drop=True)
         staging = out / f".{folder.name}.tmp"

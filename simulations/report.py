@@ -344,11 +344,10 @@ def plot_merchant_gain(gains: pd.DataFrame, path: Path) -> bool:
     if gains.empty:
         return False
     fig, axis = plt.subplots(figsize=(7, 4.5))
-    for setting in [s for s in SETTING_ORDER if s in set(gains.setting)]:
-        group = gains[gains.setting == setting]
-        mean = group.groupby("merchant").agg(gain=("gain", "mean"), size=("train_examples", "first"))
-        axis.scatter(mean["size"], mean["gain"], label=setting, s=40, color=COLOR.get(setting))
     means = gains.groupby(["merchant", "setting"]).agg(gain=("gain", "mean"), size=("train_examples", "first"))
+    for setting in [s for s in SETTING_ORDER if s in set(gains.setting)]:
+        mean = means.xs(setting, level="setting")
+        axis.scatter(mean["size"], mean["gain"], label=setting, s=40, color=COLOR.get(setting))
     merchants = means.groupby("merchant").agg(top=("gain", "max"), bottom=("gain", "min"), size=("size", "first"))
     if len(merchants) <= 12:  # few enough to name each: above its points, or below them for every other one
         for k, (name, point) in enumerate(merchants.sort_values("size").iterrows()):
