@@ -474,18 +474,9 @@ class LoadSampler:
 def data_fingerprint(folders: list[Path]) -> dict[str, dict[str, int]]:
     """Per merchant folder: its events, shoppers and items. The runs of a grid must all read the same data; a
     resumed grid whose data no longer matches the fingerprint of its finished runs is refused (`check_data`)."""
-    from fedcvr.shared.data.loader import load_merchant
+    from fedcvr.simulations.partition import folder_counts
 
-    prints = {}
-    for folder in folders:
-        if (folder / "events.parquet").is_file() and (folder / "items.parquet").is_file():
-            users = pd.read_parquet(folder / "events.parquet", columns=["user_id"])["user_id"]
-            items = len(pd.read_parquet(folder / "items.parquet", columns=["item_id"]))
-        else:
-            data = load_merchant(folder)
-            users, items = data.events["user_id"], len(data.items)
-        prints[folder.name] = {"events": len(users), "shoppers": int(users.nunique()), "items": items}
-    return prints
+    return {folder.name: folder_counts(folder) for folder in folders}
 
 
 def check_data(out: Path, prints: dict[str, dict[str, int]]) -> None:

@@ -25,15 +25,22 @@ from fedcvr.shared.data.loader import load_merchant, merchant_folders
 from fedcvr.shared.data.writer import write_merchant
 
 
+def folder_counts(folder: Path) -> dict[str, int]:
+    """{"events", "shoppers", "items"} of one merchant folder, read from its Parquet columns where it has them
+    (without loading the whole folder)."""
+    if (folder / "events.parquet").is_file() and (folder / "items.parquet").is_file():
+        users = pd.read_parquet(folder / "events.parquet", columns=["user_id"])["user_id"]
+        items = len(pd.read_parquet(folder / "items.parquet", columns=["item_id"]))
+    else:
+        data = load_merchant(folder)
+        users, items = data.events["user_id"], len(data.items)
+    return {"events": len(users), "shoppers": int(users.nunique()), "items": items}
+
+
 def select_merchants(root: Path, min_shoppers: int, out: Path) -> Path:
     """A marketplace folder `out` of links to the merchant folders of `root` with at least `min_shoppers`
     distinct shoppers; ValueError when fewer than 2 remain."""
-    chosen = []
-    for folder in merchant_folders(root):
-        shoppers = pd.read_parquet(folder / "events.parquet", columns=["user_id"])["user_id"].nunique() \
-            if (folder / "events.parquet").is_file() else load_merchant(folder).events["user_id"].nunique()
-        if shoppers >= min_shoppers:
-            chosen.append(folder)
+    chosen = [folder for folder in merchant_folders(root) if folder_counts(folder)["shoppers"] >= min_shoppers]
     if len(chosen) < 2:
         raise ValueError(f"only {len(chosen)} merchant folder(s) of {root} have at least {min_shoppers} shoppers: "
                          "lower min-shoppers")
