@@ -313,9 +313,12 @@ def run_federated(experiment: Experiment, run: Run, run_config: dict[str, Any], 
     settings = NodeSettings.from_run_config(run_config)
     weights = None
     for index, folder in enumerate(folders, 1):
-        node = MerchantNode(folder, settings)
-        size = len(node.prepared.splits["train"])
-        sums = summary.get("test_sums", {}).get(index - 1)  # the node's own reply to the final test evaluation
+        # the node's own replies: its training examples and its sums of the final test evaluation
+        size = summary.get("train_sizes", {}).get(index - 1)
+        sums = summary.get("test_sums", {}).get(index - 1)
+        node = MerchantNode(folder, settings) if size is None or sums is None else None
+        if size is None:
+            size = node.train_size()
         if sums is None:  # the node did not answer it: evaluate the global model here
             progress(f"testing the global model on {folder.name} ({index}/{len(folders)})")
             if weights is None:

@@ -28,11 +28,13 @@ FIRST_NODE_ID = 100
 
 class InProcessGrid:
     """Delivers messages to the ClientApp of node `FIRST_NODE_ID + i` (the i-th merchant folder). Keeps each node's
-    last reply to a test evaluation (`test_sums`: partition index -> its metric sums), so that a research grid can
-    report every merchant's test metrics without evaluating the model again."""
+    last reply to a test evaluation (`test_sums`: partition index -> its metric sums) and the training examples its
+    train replies report (`train_sizes`: partition index -> examples), so that a research grid can report every
+    merchant's test metrics without building its node or evaluating the model again."""
 
     def __init__(self, run_config: Mapping[str, Any], nodes: int):
         self.test_sums: dict[int, dict[str, Any]] = {}
+        self.train_sizes: dict[int, int] = {}
         self.contexts = {
             FIRST_NODE_ID + i: Context(run_id=1, node_id=FIRST_NODE_ID + i,
                                        node_config={"partition-id": i, "num-partitions": nodes},
@@ -49,18 +51,21 @@ class InProcessGrid:
             self._next += 1
             message.metadata.__dict__["_message_id"] = f"m{self._next}"  # what the SuperLink would set
             reply = self.deliver(message)
-            self._keep_test_sums(message, reply)
+            self._keep(message, reply)
             replies.append(reply)
         return replies
 
-    def _keep_test_sums(self, message: Message, reply: Message | None) -> None:
-        if reply is None or message.metadata.message_type != MessageType.EVALUATE or reply.has_error():
-            return
-        config = message.content.config_records.get("config")
-        if config is None or config.get("split") != "test" or "metrics" not in reply.content.metric_records:
+    def _keep(self, message: Message, reply: Message | None) -> None:
+        if reply is None or reply.has_error() or "metrics" not in reply.content.metric_records:
             return
         partition = int(self.contexts[message.metadata.dst_node_id].node_config["partition-id"])
-        self.test_sums[partition] = dict(reply.content.metric_records["metrics"])
+        metrics = reply.content.metric_records["metrics"]
+        if message.metadata.message_type == MessageType.TRAIN and "train-size" in metrics:
+            self.train_sizes[partition] = int(metrics["train-size"])
+        elif message.metadata.message_type == MessageType.EVALUATE:
+            config = message.content.config_records.get("config")
+            if config is not None and config.get("split") == "test":
+                self.test_sums[partition] = dict(metrics)
 
     def deliver(self, message: Message) -> Message:
         """The node's reply to one message (an error reply when its ClientApp raised)."""
@@ -86,7 +91,8 @@ def run_federation(run_config: Mapping[str, Any], nodes: int,
                    on_round: Callable[[dict], None] | None = None) -> dict:
     """One federated run (the app's ServerApp logic) over `nodes` merchants of `data-root`; returns the summary
     and writes into the run config's `out-dir` what a Flower run writes. `on_round` gets each finished round's
-    row. The summary's `test_sums` holds each node's metric sums on its test split (partition index -> sums)."""
+    row. The summary's `test_sums` holds each node's metric sums on its test split (partition index -> sums),
+    `train_sizes` each node's training examples (partition index -> examples)."""
     kept = node_module.NODES_KEPT["count"]
     node_module.NODES_KEPT["count"] = nodes
     grid = InProcessGrid(run_config, nodes)
@@ -94,7 +100,7 @@ def run_federation(run_config: Mapping[str, Any], nodes: int,
         with server_identity():
             summary = run_training(grid, dict(run_config), ServerConfig.from_run_config(run_config),
                                    on_round=on_round)
-        return {**summary, "test_sums": grid.test_sums}
+        return {**summary, "test_sums": grid.test_sums, "train_sizes": grid.train_sizes}
     finally:
         node_module.NODES_KEPT["count"] = kept
         node_module._NODES.clear()

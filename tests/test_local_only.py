@@ -99,7 +99,9 @@ def test_inprocess_federation_keeps_each_nodes_test_sums(tiny_market, tiny_bert,
     weights = trainable_state(load_model_folder(tmp_path / "run" / "model")[0])
     settings = NodeSettings.from_run_config(run_config)
     for index, folder in enumerate(folders):
-        again = test_metrics(MerchantNode(folder, settings), weights)
+        node = MerchantNode(folder, settings)
+        assert summary["train_sizes"][index] == node.train_size()  # the examples its train replies reported
+        again = test_metrics(node, weights)
         kept = merge_evaluations([summary["test_sums"][index]])
         assert kept.keys() == again.keys() and "rank.n" in kept  # the final test ranks
         assert kept == pytest.approx(again, abs=1e-9)
