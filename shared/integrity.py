@@ -5,6 +5,8 @@ so `cd FOLDER && sha256sum -c SHA256SUMS` checks it too. A file changed, truncat
 written no longer matches its digest, and loading stops with an error that names the file instead of crashing
 in the weights reader or, worse, loading a silently wrong model. The digests guard against damage (a disk
 error, a half-finished copy), not against someone who can rewrite the folder: they could rewrite SHA256SUMS too.
+A line may only name a plain file of the folder itself (no path separator, no `..`, nothing absolute): a damaged
+or hostile `SHA256SUMS` never makes fedcvr open a file outside the folder.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def write_digests(folder: Path, names: Iterable[str]) -> Path:
     return target
 
 
+def _plain_name(name: str) -> bool:
+    """A file name of the folder itself: not empty, no separator, no `.`/`..`, no control character, no padding."""
+    return (bool(name) and name not in (".", "..") and name == name.strip()
+            and not any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name))
+
+
 def read_digests(folder: Path, error: type[Exception] = IntegrityError) -> dict[str, str]:
     """file name -> digest from `folder/SHA256SUMS`; `error` when it is missing or malformed."""
     path = Path(folder) / DIGESTS
@@ -52,6 +60,10 @@ def read_digests(folder: Path, error: type[Exception] = IntegrityError) -> dict[
         if len(parts) != 2 or len(parts[0]) != 64 or any(c not in "0123456789abcdef" for c in parts[0]):
             raise error(f"{path}, line {number}: {line[:80]!r} is not '<sha256 hex>  <file name>'; the digest "
                         "file is damaged: copy the whole folder again from where it was written.")
+        if not _plain_name(parts[1]):
+            raise error(f"{path}, line {number}: {parts[1][:80]!r} is not a plain file name of {Path(folder)} (a "
+                        "digest file lists only the folder's own files, never a path): the digest file is damaged "
+                        "or was tampered with; copy the whole folder again from where it was written.")
         digests[parts[1]] = parts[0]
     return digests
 

@@ -86,3 +86,22 @@ def test_a_damaged_checkpoint_is_refused_before_resuming(tmp_path):
     (folder / DIGESTS).unlink()
     with pytest.raises(CheckpointError, match="SHA256SUMS is missing"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("entry", ["../outside.txt", "../../outside.txt", "sub/a.bin", "/etc/hostname", ".", "..",
+                                   "a\\..\\outside.txt", "", "  a.bin", "a.bin\x00"])
+def test_entries_outside_the_folder_are_refused(tmp_path, entry):
+    """A SHA256SUMS line may only name a plain file of the folder itself: nothing outside it is read or hashed."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"weights")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the model")
+    write_digests(folder, ["a.bin"])
+    digest = file_digest(outside)
+    with (folder / DIGESTS).open("a", encoding="utf-8") as handle:
+        handle.write(f"{digest}  {entry}\n")
+    with pytest.raises(IntegrityError) as err:
+        verify_digests(folder, ["a.bin"])
+    assert "line 2" in str(err.value)
+    assert "plain file name" in str(err.value)
