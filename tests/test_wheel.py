@@ -85,6 +85,6 @@ def test_the_installed_wheel_imports_the_apps_and_runs_the_cli(wheel_env, tmp_pa
     assert Path(where[0]).is_relative_to(bin_dir.parent), where  # the wheel's copy, not the checkout's
     assert where[1:] == ["ServerApp", "ClientApp"]
     assert "Usage" in _run([str(bin_dir / "fedcvr"), "--help"], cwd=tmp_path, env=env).stdout
-    _run([str(bin_dir / "fedcvr"), "data", "synth", "--out", str(tmp_path / "market"), "--merchants", "2", "--items", "100",
-          "--shoppers", "200", "--events", "5000", "--seed", "0"], cwd=tmp_path, env=env)
+    _run([str(bin_dir / "fedcvr"), "data", "synth", "--out", str(tmp_path / "market"), "--merchants", "2",
+          "--items", "100", "--shoppers", "200", "--events", "5000", "--seed", "0"], cwd=tmp_path, env=env)
     _run([str(bin_dir / "fedcvr"), "data", "validate", str(tmp_path / "market")], cwd=tmp_path, env=env)
