@@ -68,27 +68,41 @@ class LaunchError(ValueError):
 # ---------------------------------------------------------------- the Flower App
 
 
+PACKAGED_APP = "flower-app"  # the Flower App a wheel carries inside the fedcvr package (setup.py writes it)
+
+
+def _app_problem(folder: Path) -> str | None:
+    """Why `folder` is not the fedcvr Flower App, or None when it is."""
+    pyproject = folder / "pyproject.toml"
+    if not pyproject.is_file():
+        return f"no pyproject.toml in {folder}"
+    try:
+        config = tomllib.loads(pyproject.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        return f"{pyproject} cannot be read as TOML ({err})"
+    if not isinstance(config.get("tool", {}).get("flwr", {}).get("app"), dict):
+        return f"{pyproject} has no [tool.flwr.app] section, so {folder} is not the fedcvr Flower App"
+    return None
+
+
 def find_app_dir(package_file: str | Path | None = None) -> Path:
     """The folder of the fedcvr Flower App: the one holding the pyproject.toml with `[tool.flwr.app]` next to
-    the `fedcvr` package (the repository root for an editable install)."""
+    the `fedcvr` package (the repository root for an editable install), else the copy a wheel installs inside
+    the package (`fedcvr/flower-app/`)."""
     if package_file is None:
         import fedcvr
 
         package_file = fedcvr.__file__
-    folder = Path(package_file).resolve().parent.parent
-    pyproject = folder / "pyproject.toml"
-    hint = ("`fedcvr simulate` runs the Flower App from a source checkout: install fedcvr from its repository "
-            "with `pip install -e .` (or `make install`)")
-    if not pyproject.is_file():
-        raise LaunchError(f"no pyproject.toml in {folder} (the folder above the fedcvr package). {hint}")
-    try:
-        config = tomllib.loads(pyproject.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise LaunchError(f"{pyproject} cannot be read as TOML ({err}). {hint}") from err
-    if not isinstance(config.get("tool", {}).get("flwr", {}).get("app"), dict):
-        raise LaunchError(f"{pyproject} has no [tool.flwr.app] section, so {folder} is not the fedcvr Flower App. "
-                          f"{hint}")
-    return folder
+    package = Path(package_file).resolve().parent
+    problems = []
+    for folder in (package.parent, package / PACKAGED_APP):
+        problem = _app_problem(folder)
+        if problem is None:
+            return folder
+        problems.append(problem)
+    raise LaunchError("; ".join(problems) + ". The fedcvr Flower App travels with fedcvr: install fedcvr from its "
+                      "repository (`pip install -e .` or `make install`) or from a wheel built from it "
+                      "(`pip wheel . --no-deps`), not by copying its folders.")
 
 
 def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
