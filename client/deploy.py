@@ -8,6 +8,10 @@ never connects with data that would fail at the first round. The node config it 
     model-dir   where the coordinator's final model is saved when a run ends (serve recommendations from it)
     state-dir   where the node keeps its privacy ledger (ε spent per federation), so that a restarted node
                 remembers what it has spent
+
+The SuperNode runs with `--isolation process`: `fedcvr merchant start` starts its SuperExec itself
+(`superexec_command`, through `fedcvr.shared.superexec`, which reaps the ClientApp processes that ended) and
+stops both together.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcvr.server.deploy import DeployError, parse_address
+from fedcvr.shared import superexec
 from fedcvr.shared.data.loader import MerchantData, load_merchant
 
 DEFAULT_NODE_PORT = 9094  # the SuperNode's local API for its ClientApp processes; one per node on a machine
@@ -34,6 +39,13 @@ class MerchantPlan:
     data: MerchantData
     model_dir: Path
     state_dir: Path
+    port: int = DEFAULT_NODE_PORT
+
+    def superexec_command(self, python: str, supernode_pid: int) -> list[str]:
+        """The SuperExec of this node: runs a ClientApp process per message against the SuperNode's local API
+        (plaintext on 127.0.0.1) and ends when the SuperNode (`supernode_pid`) does."""
+        return superexec.command(python, ["--insecure", "--runtime-api-address", f"127.0.0.1:{self.port}",
+                                          "--parent-pid", str(supernode_pid)])
 
 
 def _quote(path: Path) -> str:
@@ -100,10 +112,10 @@ def merchant_plan(bin_dir: Path, *, data_dir: Path, model_dir: Path, superlink: 
     node_config = " ".join([f"data-dir={_quote(data_dir)}", f"model-dir={_quote(model_dir)}",
                             f"state-dir={_quote(state_dir)}"])
     command = [str(bin_dir / "flower-supernode"), "--superlink", superlink.strip(), "--node-config", node_config,
-               "--port", str(port)]
+               "--host", "127.0.0.1", "--port", str(port), "--isolation", "process"]
     if insecure:
         command.append("--insecure")
     else:
         command += ["--root-certificates", str(check_ca(ca)), "--auth-supernode-private-key",
                     str(check_private_key(key))]
-    return MerchantPlan(command=command, data=data, model_dir=model_dir, state_dir=state_dir)
+    return MerchantPlan(command=command, data=data, model_dir=model_dir, state_dir=state_dir, port=port)

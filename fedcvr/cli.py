@@ -874,8 +874,9 @@ def merchant_start_command(
 ) -> None:
     """Validate your data, then start your node (a Flower SuperNode with TLS and node authentication).
 
-    Runs in the foreground until stopped (Ctrl-C or `kill PID`). Your data never leaves this machine: the node
-    trains locally with DP-SGD and sends only (masked) weight updates and metric sums."""
+    Runs in the foreground until stopped (Ctrl-C or `kill PID`); the node's processes end with it. Your data
+    never leaves this machine: the node trains locally with DP-SGD and sends only (masked) weight updates and
+    metric sums."""
     from fedcvr.client.deploy import merchant_plan
     from fedcvr.server.deploy import DeployError, env_for
     from fedcvr.shared.data.contract import DataValidationError
@@ -897,7 +898,22 @@ def merchant_start_command(
     console.print(f"Merchant {plan.data.name}: {len(plan.data.items):,} items, {len(plan.data.events):,} events "
                   f"validated. Connecting to {superlink}; the final model will be saved to {plan.model_dir}.",
                   highlight=False)
-    _exec(plan.command, env_for(plan.state_dir / "flwr", flwr_bin_dir()))
+    raise typer.Exit(_run_node(plan, env_for(plan.state_dir / "flwr", flwr_bin_dir())))
+
+
+def _run_node(plan, env: dict[str, str]) -> int:
+    """Run the merchant's SuperNode and its SuperExec until either ends or this process gets SIGTERM/SIGINT;
+    both end with this process, also when it is killed. The SuperNode's exit code."""
+    import sys
+
+    from fedcvr.shared.processes import ChildGroup
+
+    sys.stdout.flush()
+    with ChildGroup() as group:
+        node = group.start(plan.command, env=env)
+        group.start(plan.superexec_command(sys.executable, node.pid), env=env)
+        code = group.wait()
+    return node.returncode if node.returncode is not None and node.returncode >= 0 else code
 
 
 @app.command("experiment")

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcvr.shared.processes import die_with_parent, start_watchdog, stop_watchdog
+
 ROUNDS_FILE = "rounds.jsonl"
 HISTORY_FILE = "history.json"
 HISTORY_CSV = "history.csv"
@@ -416,6 +418,15 @@ def _run_processes(flwr_home: Path) -> set[int]:
     return {pid for pid in targets - ancestors() if alive(pid)}
 
 
+def watchdog_command(flwr_home: Path) -> list[str]:
+    """The watchdog of a run (`shared.processes.start_watchdog`): once the launching process has ended in any way,
+    SIGKILL included, it stops what the run under `flwr_home` left running (`flwr run` starts its SuperLink in a
+    session of its own, which a signal to our process group does not reach)."""
+    code = ("import sys\nfrom pathlib import Path\nfrom fedcvr.simulations.launcher import stop_processes\n"
+            "sys.stdin.buffer.read()\nstop_processes(Path(sys.argv[1]))\n")
+    return [sys.executable, "-c", code, str(flwr_home)]
+
+
 def _terminate(targets: set[int], grace: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in sorted(p for p in targets if alive(p)):
@@ -692,11 +703,13 @@ def launch(run_dir: Path, app_dir: Path, nodes: int, config_file: Path, *,
     outcome, found, offset = RunOutcome(), {}, 0
     started = time.monotonic()
     process = copier = None
+    guard = start_watchdog(watchdog_command(flwr_home))  # stops the run's processes if this one is killed
     try:
         with interrupt_on_sigterm():
             process = subprocess.Popen(flwr_run_command(bin_dir, app_dir, nodes, config_file), env=env, cwd=run_dir,
                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, errors="replace", bufsize=1)
+                                       text=True, errors="replace", bufsize=1,
+                                       preexec_fn=die_with_parent())  # noqa: PLW1509
             copier = threading.Thread(target=_copy_output, args=(process.stdout, run_dir / FLOWER_LOG, found),
                                       daemon=True)
             copier.start()
@@ -731,6 +744,7 @@ def launch(run_dir: Path, app_dir: Path, nodes: int, config_file: Path, *,
                     process.kill()
                     process.wait()
             outcome.stopped = stop_processes(flwr_home)
+            stop_watchdog(guard)
             if copier is not None:
                 copier.join(timeout=5)
             outcome.run_id = outcome.run_id or found.get("run_id")

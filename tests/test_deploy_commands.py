@@ -103,7 +103,12 @@ def test_merchant_plan_builds_the_supernode_command(keys, market, tmp_path):
     command = plan.command
     assert command[0] == str(BIN / "flower-supernode")
     pairs = Options(command)
-    assert pairs["--superlink"] == "127.0.0.1:9092" and pairs["--port"] == "9095"
+    assert pairs["--superlink"] == "127.0.0.1:9092" and pairs["--port"] == "9095" and pairs["--host"] == "127.0.0.1"
+    assert pairs["--isolation"] == "process"  # `merchant start` runs the SuperExec itself (it reaps ClientApps)
+    superexec = plan.superexec_command("/opt/env/bin/python", 4321)
+    assert superexec[:3] == ["/opt/env/bin/python", "-m", "fedcvr.shared.superexec"]
+    assert Options(superexec)["--runtime-api-address"] == "127.0.0.1:9095"
+    assert Options(superexec)["--parent-pid"] == "4321"
     assert pairs["--root-certificates"] == str((keys / "ca.pem").resolve())
     assert pairs["--auth-supernode-private-key"].endswith("merchant-01")
     assert f"data-dir='{shop.resolve()}'" in pairs["--node-config"]
@@ -206,11 +211,13 @@ def test_flower_processes_find_this_environment_first_on_path(tmp_path):
 
 @pytest.fixture
 def started(monkeypatch):
-    """`_exec` replaced: what would have been started, with its environment."""
+    """`_exec` (the SuperLink) and `_run_node` (a merchant's node) replaced: what would have been started, with
+    its environment."""
     import fedcvr.cli as cli
 
     calls: list[tuple[list[str], dict]] = []
     monkeypatch.setattr(cli, "_exec", lambda command, env: calls.append((command, env)))
+    monkeypatch.setattr(cli, "_run_node", lambda plan, env: calls.append((plan.command, env)) or 0)
     return calls
 
 

@@ -1,0 +1,185 @@
+"""Nothing fedcvr starts outlives it, and ended children are reaped (`shared/processes.py`, the watchdog of
+`fedcvr simulate`'s launcher). Processes are looked up by PID in /proc, never by name."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from test_simulate import FAKE_FLWR
+
+from fedcvr.shared import processes
+from fedcvr.simulations import launcher as sim
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (/proc, prctl)")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` now, by the parent PIDs in /proc."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and len(fields := sim._stat(int(proc.name))) > 1:
+            children.setdefault(int(fields[1]), []).append(int(proc.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def gone(pids: set[int], timeout: float = 20.0) -> set[int]:
+    """The PIDs still alive (zombies count as ended) after waiting up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(sim.alive(p) for p in pids):
+        time.sleep(0.2)
+    return {p for p in pids if sim.alive(p)}
+
+
+def kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        if sim.alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_for(check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture
+def fake_bin(tmp_path):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    flwr = folder / "flwr"
+    flwr.write_text(FAKE_FLWR.format(python=sys.executable))
+    flwr.chmod(0o755)
+    return folder
+
+
+def test_sigkill_of_the_simulate_launcher_leaves_no_process_of_its_run(tmp_path, fake_bin):
+    """`flwr run` starts its SuperLink in a session of its own (the fake does too): a SIGKILL of the launcher's
+    process group does not reach it, the launcher's watchdog stops it."""
+    run_dir = tmp_path / "run"
+    config = sim.write_run_config(run_dir / "run-config.toml", {"out-dir": str(run_dir), "num-server-rounds": 2})
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from fedcvr.simulations import launcher as sim
+        sim.launch(Path({str(run_dir)!r}), Path({str(REPO)!r}), 3, Path({str(config)!r}),
+                   bin_dir=Path({str(fake_bin)!r}))
+    """)
+    launcher = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                                env={**os.environ, "FAKE_FLWR_MODE": "hang"})
+    flwr_home = run_dir / "flwr"
+    try:
+        superlink = wait_for(lambda: [p for p, cmd in sim.processes_of(flwr_home).items() if "flower-superlink" in cmd])
+        started = descendants(launcher.pid) | set(sim.processes_of(flwr_home))
+        assert set(superlink) <= started and len(started) >= 3  # flwr run, its SuperLink, the watchdog
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=10)
+        assert gone(started) == set()
+        assert sim.processes_of(flwr_home) == {}
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        kill_all(set(sim.processes_of(flwr_home)))
+
+
+SUPERVISOR = """
+import sys
+from fedcvr.shared.processes import ChildGroup
+with ChildGroup(grace=2) as group:
+    for _ in range(2):
+        child = group.start([sys.executable, "-c", "import time; time.sleep(120)"])
+        print(child.pid, flush=True)
+    sys.exit(group.wait())
+"""
+
+
+def _supervisor() -> tuple[subprocess.Popen, set[int]]:
+    parent = subprocess.Popen([sys.executable, "-c", SUPERVISOR], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    children = {int(parent.stdout.readline()) for _ in range(2)}
+    return parent, children
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_children_of_a_child_group_end_with_it_however_it_ends(sig):
+    parent, children = _supervisor()
+    try:
+        assert children <= descendants(parent.pid)
+        os.kill(parent.pid, sig)  # the parent alone, not its process group
+        code = parent.wait(timeout=20)
+        assert gone(children) == set()
+        if sig != signal.SIGKILL:
+            assert code == 128 + sig  # it stopped its children, then exited saying why
+    finally:
+        kill_all(children)
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_when_one_child_ends_the_group_stops_the_others():
+    parent, children = _supervisor()
+    try:
+        first = min(children)
+        os.kill(first, signal.SIGKILL)
+        assert parent.wait(timeout=20) == 128 + signal.SIGKILL
+        assert gone(children) == set()
+    finally:
+        kill_all(children)
+
+
+def test_reap_dead_children_leaves_no_zombie_and_spares_the_running():
+    ended = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(3)]
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pids = {p.pid for p in ended}
+        wait_for(lambda: all(sim._stat(p)[:1] == ["Z"] for p in pids))  # ended, not waited for: zombies
+        assert set(processes.reap_dead_children()) == pids
+        assert all(not Path(f"/proc/{p}").exists() for p in pids)
+        assert sim.alive(running.pid) and processes.reap_dead_children() == []
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_the_superexec_wrapper_reaps_what_flower_starts_and_never_waits_for(tmp_path):
+    """Flower's SuperExec starts each task with `subprocess.Popen(args)` and drops it; run through
+    `fedcvr.shared.superexec` (here with a stand-in for Flower's main) none of them stays a zombie."""
+    code = textwrap.dedent("""
+        import subprocess, sys, time
+        import fedcvr.shared.superexec as wrapper
+        import flwr.supercore.cli as flower
+
+        def fake_superexec():
+            pids = [subprocess.Popen([sys.executable, "-c", "pass"]).pid for _ in range(4)]  # never waited for
+            print(*pids, flush=True)
+            time.sleep(60)
+
+        flower.flower_superexec = fake_superexec
+        wrapper.main([])
+    """)
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        started = {int(pid) for pid in process.stdout.readline().split()}
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{pid}").exists() for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(started) == 4 and descendants(process.pid) == set()  # ended and reaped: no zombie left
+        assert not any(Path(f"/proc/{pid}").exists() for pid in started)
+    finally:
+        process.kill()
+        process.wait()
