@@ -698,15 +698,25 @@ def coordinator_start_command(
     home: HomeOption = Path("coordinator"),
     keys: Annotated[Path | None, typer.Option(
         "--keys", help="The folder `fedcvr keys init` wrote (ca.pem, superlink.pem, superlink.key).")] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 = every interface.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option("--port", help="Port for merchants, `flwr` and the ServerApp.")] = 9092,
+    host: Annotated[str, typer.Option(
+        "--host", help="Address the merchants' nodes reach the Fleet API on; 0.0.0.0 = every interface.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(
+        "--port", help="The merchants' port: it serves the Fleet API alone (what `merchant start --superlink` "
+                       "names).")] = 9092,
+    control_address: Annotated[str, typer.Option(
+        "--control-address", help="HOST:PORT of the Control API (register, run, ls, stop) and the ServerApp's "
+                                  "runtime API: keep it on this machine.")] = "127.0.0.1:9093",
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="Plaintext without node authentication: only for a test on one machine.")] = False,
 ) -> None:
     """Start the SuperLink with TLS and merchant node authentication (runtime dependency installation off).
 
-    Runs in the foreground until stopped (Ctrl-C or `kill PID`); registered merchants and runs are kept in
-    HOME/state.db, so a restarted SuperLink knows its merchants."""
+    Merchants' nodes reach the Fleet API alone on HOST:PORT; the Control API, which registers and unregisters
+    nodes, and the runtime API listen on --control-address (127.0.0.1 by default), which only this machine
+    reaches. Runs in the foreground until stopped (Ctrl-C or `kill PID`); registered merchants and runs are kept
+    in HOME/state.db, so a restarted SuperLink knows its merchants."""
+    import sys
+
     from fedcvr.server import deploy
     from fedcvr.simulations.launcher import flwr_bin_dir
 
@@ -719,17 +729,23 @@ def coordinator_start_command(
         _fail(f"--port {port} is not a port number, e.g. 9092")
     home_dir = deploy.CoordinatorHome(home.expanduser().resolve())
     try:
+        control_host, control_port = deploy.parse_address(control_address, "--control-address")
         tls = None if insecure else deploy.TlsFiles.from_keys_dir(keys.expanduser())
-        address = deploy.local_address(tls.names(), port) if tls else f"127.0.0.1:{port}"
+        address = deploy.control_address(control_host, control_port, tls.names() if tls else None, port)
         home_dir.folder.mkdir(parents=True, exist_ok=True)
         deploy.write_connection(home_dir, address, tls.ca if tls else None)
     except deploy.DeployError as err:
         _fail(str(err))
     if insecure:
         _warn_insecure()
-    command = deploy.superlink_command(flwr_bin_dir(), home_dir, tls, host, port)
-    console.print(f"SuperLink on {host}:{port} ({'TLS + node authentication' if tls else 'PLAINTEXT'}); "
-                  f"database {home_dir.database}.", highlight=False)
+    if control_host not in deploy.LOOPBACK:
+        err_console.print(f"[bold yellow]WARNING:[/] the Control API listens on {address}: anyone who reaches it "
+                          "with the CA certificate can register or unregister nodes and stop runs. Keep that "
+                          "address behind a firewall that only the coordinator passes.", highlight=False)
+    command = deploy.superlink_command(sys.executable, home_dir, tls, (host, port), (control_host, control_port))
+    console.print(f"SuperLink ({'TLS + node authentication' if tls else 'PLAINTEXT'}); database "
+                  f"{home_dir.database}.\n  merchants' port (Fleet API only, open it to the merchants): {host}:{port}"
+                  f"\n  control address (Control + runtime API, this machine only): {address}", highlight=False)
     if tls:
         console.print(f"Merchants connect with --superlink {'|'.join(tls.names())}:{port} --ca {tls.ca}; register "
                       f"each merchant's key: fedcvr coordinator register merchant-NN.pub --home {home_dir.folder}",

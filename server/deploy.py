@@ -3,8 +3,14 @@
 `fedcvr coordinator start|register|run` call these, then start the command. A coordinator folder (`--home`)
 holds everything of one deployment on the coordinator's machine:
 
-    <home>/flwr/config.toml    the connection `flwr` uses to reach this SuperLink (address, CA), named "fedcvr"
+    <home>/flwr/config.toml    the connection `flwr` uses to reach this SuperLink's Control API (the control
+                               address, CA), named "fedcvr"
     <home>/state.db            the SuperLink's database: registered merchant keys and runs survive a restart
+
+The SuperLink (`server/superlink.py`) listens twice: the merchants' nodes reach the Fleet API alone on the
+merchant address (`--host`/`--port`, the one port that faces the merchants); the Control API (register, run,
+ls, stop) and the ServerApp's runtime API listen on the control address, 127.0.0.1 by default, which only the
+coordinator's machine reaches.
 
 TLS and node authentication are on unless `--insecure` is given explicitly (plaintext, no authentication: for a
 test on one machine only). Runtime dependency installation is off: nodes run the fedcvr they have installed.
@@ -12,7 +18,6 @@ test on one machine only). Runtime dependency installation is off: nodes run the
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -25,7 +30,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 CONNECTION = "fedcvr"  # the name of the SuperLink connection in <home>/flwr/config.toml
-DEFAULT_PORT = 9092
+DEFAULT_PORT = 9092  # the merchants' Fleet API
+DEFAULT_CONTROL_ADDRESS = "127.0.0.1:9093"  # the Control and runtime API: the coordinator's machine only
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 INSECURE_WARNING = ("--insecure: plaintext, no node authentication. Anyone on the network can read and change "
                     "model updates and any program can join as a merchant. Use it only for a test on one machine.")
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
@@ -117,28 +124,35 @@ class TlsFiles:
         return [str(v) for v in san.get_values_for_type(x509.IPAddress)] + san.get_values_for_type(x509.DNSName)
 
 
-def local_address(names: list[str], port: int) -> str:
-    """The address the coordinator's own `flwr` uses to reach its SuperLink: a loopback name the certificate is
-    valid for if it has one, else its first name (TLS checks the name against the certificate)."""
-    for preferred in ("127.0.0.1", "localhost", "::1"):
-        if preferred in names:
-            return f"[{preferred}]:{port}" if preferred == "::1" else f"{preferred}:{port}"
-    if not names:
-        raise DeployError("the SuperLink certificate names no host: recreate the keys with "
-                          "`fedcvr keys init DIR --superlink-host HOST ...`")
-    host = names[0]
-    try:
-        if ipaddress.ip_address(host).version == 6:
-            host = f"[{host}]"
-    except ValueError:
-        pass
-    return f"{host}:{port}"
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def superlink_command(bin_dir: Path, home: CoordinatorHome, tls: TlsFiles | None, host: str, port: int) -> list[str]:
-    """`flower-superlink` with TLS and node authentication (tls given), or plaintext (tls None = --insecure);
+def control_address(host: str, port: int, tls_names: list[str] | None, merchant_port: int) -> str:
+    """The address of the Control and runtime API as the coordinator's `flwr` and ServerApp reach it, after the
+    checks: another port than the merchants', and with TLS a host the certificate names (TLS checks the name)."""
+    if port == merchant_port:
+        raise DeployError(f"--control-address {_host_port(host, port)} uses the merchants' port {merchant_port}: "
+                          f"the Control API needs a port of its own, e.g. --control-address 127.0.0.1:{port + 1}")
+    if host in ("0.0.0.0", "::", ""):
+        raise DeployError(f"--control-address {_host_port(host, port)} would let every network reach the Control "
+                          "API, which registers and unregisters nodes without an account check: give the "
+                          f"coordinator's own address, e.g. --control-address 127.0.0.1:{port}")
+    if tls_names is not None and host not in tls_names:
+        raise DeployError(f"the SuperLink certificate names {', '.join(tls_names) or 'no host'}, not {host}, where "
+                          "the Control API listens (the coordinator's flwr and ServerApp check the name): recreate "
+                          "the keys with `fedcvr keys init DIR --superlink-host 127.0.0.1 --superlink-host "
+                          "PUBLIC-NAME ...`, or give --control-address a name the certificate has.")
+    return _host_port(host, port)
+
+
+def superlink_command(python: str, home: CoordinatorHome, tls: TlsFiles | None, merchants: tuple[str, int],
+                      control: tuple[str, int]) -> list[str]:
+    """The SuperLink (`server/superlink.py`): the Fleet API alone on `merchants` (host, port), the Control and
+    runtime API on `control`; TLS and node authentication (tls given), or plaintext (tls None = --insecure);
     runtime dependency installation off; registrations and runs kept in <home>/state.db."""
-    command = [str(bin_dir / "flower-superlink"), "--host", host, "--port", str(port),
+    command = [python, "-m", "fedcvr.server.superlink", "--merchant-address", _host_port(*merchants),
+               "--host", control[0], "--port", str(control[1]),
                "--database", str(home.database), "--disable-runtime-dependency-installation"]
     if tls is None:
         return [*command, "--insecure"]
@@ -147,8 +161,8 @@ def superlink_command(bin_dir: Path, home: CoordinatorHome, tls: TlsFiles | None
 
 
 def write_connection(home: CoordinatorHome, address: str, ca: Path | None) -> Path:
-    """Write <home>/flwr/config.toml: the connection `flwr` uses for register and run (TLS with `ca`, or
-    insecure when `ca` is None)."""
+    """Write <home>/flwr/config.toml: the connection to the Control API (`address`) that `flwr` uses for register,
+    run, ls and stop (TLS with `ca`, or insecure when `ca` is None)."""
     home.flwr_home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{address}"']
     lines.append(f'root-certificates = "{ca}"' if ca is not None else "insecure = true")
@@ -181,3 +195,18 @@ def register_command(bin_dir: Path, public_key: Path) -> list[str]:
 
 def run_command(bin_dir: Path, app_dir: Path, config_file: Path) -> list[str]:
     return [str(bin_dir / "flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(config_file)]
+
+
+def status_command(bin_dir: Path, run_id: str) -> list[str]:
+    return [str(bin_dir / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
+
+
+def stop_command(bin_dir: Path, run_id: str) -> list[str]:
+    return [str(bin_dir / "flwr"), "stop", str(run_id), CONNECTION]
+
+
+def stop_hint(home: CoordinatorHome, bin_dir: Path, run_id: str | None) -> str:
+    """The exact command that stops the run at the SuperLink, to print when fedcvr could not stop it itself."""
+    run = str(run_id) if run_id is not None else "RUN_ID"
+    listing = "" if run_id is not None else f" (find RUN_ID with `FLWR_HOME={home.flwr_home} {bin_dir / 'flwr'} ls`)"
+    return f"FLWR_HOME={home.flwr_home} {' '.join(stop_command(bin_dir, run))}{listing}"

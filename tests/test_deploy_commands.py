@@ -44,16 +44,41 @@ def keys(tmp_path_factory) -> Path:
 
 def test_superlink_command_has_tls_node_auth_and_no_dependency_installation(keys, tmp_path):
     home = deploy.CoordinatorHome(tmp_path / "home")
-    command = deploy.superlink_command(BIN, home, deploy.TlsFiles.from_keys_dir(keys), "0.0.0.0", 9092)
-    assert command[0] == str(BIN / "flower-superlink")
+    command = deploy.superlink_command("/opt/env/bin/python", home, deploy.TlsFiles.from_keys_dir(keys),
+                                       ("0.0.0.0", 9092), ("127.0.0.1", 9093))
+    assert command[:3] == ["/opt/env/bin/python", "-m", "fedcvr.server.superlink"]
     pairs = Options(command)
     assert pairs["--ssl-ca-certfile"] == str((keys / "ca.pem").resolve())
     assert pairs["--ssl-certfile"].endswith("superlink.pem") and pairs["--ssl-keyfile"].endswith("superlink.key")
-    assert pairs["--database"] == str(home.database) and pairs["--port"] == "9092"
+    assert pairs["--database"] == str(home.database)
     assert "--enable-supernode-auth" in command and "--disable-runtime-dependency-installation" in command
     assert "--insecure" not in command
-    plain = deploy.superlink_command(BIN, home, None, "127.0.0.1", 9092)
+    plain = deploy.superlink_command("python", home, None, ("127.0.0.1", 9092), ("127.0.0.1", 9093))
     assert "--insecure" in plain and "--enable-supernode-auth" not in plain
+
+
+def test_merchants_reach_the_fleet_api_alone_the_control_api_stays_on_the_coordinator(keys, tmp_path):
+    """The merchants' port is --merchant-address; Flower's --host/--port (all three APIs) is the control address."""
+    home = deploy.CoordinatorHome(tmp_path / "home")
+    command = deploy.superlink_command("python", home, deploy.TlsFiles.from_keys_dir(keys), ("0.0.0.0", 9092),
+                                       ("127.0.0.1", 9093))
+    pairs = Options(command)
+    assert pairs["--merchant-address"] == "0.0.0.0:9092"
+    assert (pairs["--host"], pairs["--port"]) == ("127.0.0.1", "9093")
+    v6 = deploy.superlink_command("python", home, None, ("::", 9092), ("::1", 9093))
+    assert Options(v6)["--merchant-address"] == "[::]:9092"
+
+
+def test_the_control_address_is_checked(keys):
+    names = deploy.TlsFiles.from_keys_dir(keys).names()
+    assert deploy.control_address("127.0.0.1", 9093, names, 9092) == "127.0.0.1:9093"
+    assert deploy.control_address("::1", 9093, None, 9092) == "[::1]:9093"
+    with pytest.raises(deploy.DeployError, match="merchants' port 9092"):
+        deploy.control_address("127.0.0.1", 9092, names, 9092)
+    with pytest.raises(deploy.DeployError, match="every network"):
+        deploy.control_address("0.0.0.0", 9093, names, 9092)
+    with pytest.raises(deploy.DeployError, match="not localhost.*--superlink-host 127.0.0.1"):
+        deploy.control_address("localhost", 9093, names, 9092)
 
 
 def test_missing_tls_files_name_the_file_and_the_fix(tmp_path):
@@ -61,18 +86,15 @@ def test_missing_tls_files_name_the_file_and_the_fix(tmp_path):
         deploy.TlsFiles.from_keys_dir(tmp_path)
 
 
-def test_the_local_connection_uses_a_name_the_certificate_is_valid_for(keys, tmp_path):
+def test_the_coordinators_connection_is_written_and_read_back(keys, tmp_path):
     tls = deploy.TlsFiles.from_keys_dir(keys)
     assert set(tls.names()) == {"127.0.0.1", "coordinator.example.com"}
-    assert deploy.local_address(tls.names(), 9092) == "127.0.0.1:9092"
-    assert deploy.local_address(["coordinator.example.com"], 9092) == "coordinator.example.com:9092"
-    assert deploy.local_address(["::1"], 9092) == "[::1]:9092"
     home = deploy.CoordinatorHome(tmp_path / "home")
     with pytest.raises(deploy.DeployError, match="coordinator start"):
         home.connection()
-    deploy.write_connection(home, "127.0.0.1:9092", tls.ca)
-    assert home.connection() == {"address": "127.0.0.1:9092", "root-certificates": str(tls.ca)}
-    deploy.write_connection(home, "127.0.0.1:9092", None)
+    deploy.write_connection(home, "127.0.0.1:9093", tls.ca)
+    assert home.connection() == {"address": "127.0.0.1:9093", "root-certificates": str(tls.ca)}
+    deploy.write_connection(home, "127.0.0.1:9093", None)
     assert home.connection()["insecure"] is True
 
 
@@ -228,8 +250,23 @@ def test_cli_coordinator_start_with_keys_writes_the_connection_and_starts_a_tls_
     (command, env), = started
     assert "--enable-supernode-auth" in command and "--insecure" not in command and "WARNING" not in result.output
     assert env["FLWR_HOME"] == str((tmp_path / "h" / "flwr").resolve())
+    pairs = Options(command)
+    assert pairs["--merchant-address"] == "0.0.0.0:9123" and (pairs["--host"], pairs["--port"]) == ("127.0.0.1", "9093")
     connection = deploy.CoordinatorHome((tmp_path / "h").resolve()).connection()
-    assert connection["address"] == "127.0.0.1:9123" and connection["root-certificates"].endswith("ca.pem")
+    assert connection["address"] == "127.0.0.1:9093" and connection["root-certificates"].endswith("ca.pem")
+    assert "Fleet API only" in result.output and "0.0.0.0:9123" in result.output
+
+
+def test_cli_coordinator_start_refuses_a_control_address_merchants_could_reach(tmp_path, keys, started):
+    for address, needle in (("0.0.0.0:9093", "every network"), ("127.0.0.1:9092", "merchants' port"),
+                            ("coordinator.example.com:9093", None)):
+        result = CliRunner().invoke(app, ["coordinator", "start", "--home", str(tmp_path / "h"), "--keys",
+                                          str(keys), "--control-address", address])
+        if needle is None:  # allowed, with a warning: it is the operator's own firewall that keeps it private
+            assert result.exit_code == 0 and "WARNING" in result.output and "register or unregister" in result.output
+        else:
+            assert result.exit_code == 2 and needle in result.output, result.output
+    assert len(started) == 1
 
 
 def test_cli_insecure_only_when_asked_and_always_with_a_warning(tmp_path, market, started):
@@ -242,3 +279,58 @@ def test_cli_insecure_only_when_asked_and_always_with_a_warning(tmp_path, market
     assert result.exit_code == 0, result.output
     assert "WARNING" in result.output and "--insecure" in started[-1][0]
     assert "--root-certificates" not in started[-1][0]
+
+
+def _ask(app_, path: str, kind: str = "http") -> tuple[list[dict], list[str]]:
+    """Send one request for `path` through an ASGI app; (what it sent back, the paths the inner app saw)."""
+    import asyncio
+
+    seen: list[str] = []
+
+    async def inner(scope, receive, send):
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app_(inner)({"type": kind, "path": path, "method": "POST", "headers": []}, receive, send))
+    return sent, seen
+
+
+@pytest.mark.parametrize("path", ["/v1/fleet/register-node", "/v1/fleet/pull-messages", "/v1/fleet/push-object"])
+def test_the_merchants_listener_passes_the_fleet_api(path):
+    from fedcvr.server.superlink import FleetOnly
+
+    sent, seen = _ask(FleetOnly, path)
+    assert seen == [path] and sent[0]["status"] == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/control/register-node", "/v1/control/unregister-node",
+                                  "/v1/control/list-nodes", "/v1/control/list-runs", "/v1/control/stop-run",
+                                  "/v1/runtime/pull-messages", "/v1/fleet/../control/register-node",
+                                  "/v1/fleet//../control/list-nodes", "//v1/control/list-runs", "/docs", "/health"])
+def test_the_merchants_listener_refuses_everything_else(path):
+    """The Control API (register, unregister, list, stop) and the runtime API are not reachable on the merchants'
+    port, also not through dot segments."""
+    from fedcvr.server.superlink import FleetOnly
+
+    sent, seen = _ask(FleetOnly, path)
+    assert seen == [] and sent[0]["status"] == 404 and b"only the Fleet API" in sent[1]["body"]
+    sent, seen = _ask(FleetOnly, path, kind="websocket")
+    assert seen == [] and sent == [{"type": "websocket.close", "code": 1008}]
+
+
+def test_the_superlink_module_needs_the_merchant_address():
+    from fedcvr.server.superlink import split_arguments
+
+    assert split_arguments(["--host", "127.0.0.1", "--merchant-address", "0.0.0.0:9092", "--port", "9093"]) == (
+        ("0.0.0.0", 9092), ["--host", "127.0.0.1", "--port", "9093"])
+    with pytest.raises(deploy.DeployError, match="--merchant-address HOST:PORT missing"):
+        split_arguments(["--host", "127.0.0.1"])
