@@ -170,6 +170,19 @@ def model_version(arrays: ArrayRecord) -> str:
     return digest.hexdigest()[:12]
 
 
+def final_arrays(result_arrays: ArrayRecord, initial: ArrayRecord, rounds: int) -> ArrayRecord:
+    """The global model after `strategy.start`: its result's arrays, or `initial` (what this start began from, the
+    checkpoint's weights on a resume) when no round aggregated an update. Flower's Result then holds an EMPTY
+    ArrayRecord, not None: taking it for the model sent empty weights to the nodes' test evaluation and failed
+    the run at the end ("the weights do not fit this model (missing: head.ctr.0.bias, ...)")."""
+    if len(result_arrays) > 0:
+        return result_arrays
+    if rounds > 0:
+        log(WARNING, "No round of %d produced an update (every node failed, declined or did not answer within "
+            "round-timeout; see the rounds above): the global model stays as it was", rounds)
+    return initial
+
+
 def _resume_from(config: ServerConfig, initial: ArrayRecord) -> Checkpoint | None:
     if config.resume is None:
         return None
@@ -235,7 +248,7 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
                             timeout=config.round_timeout,
                             train_config=ConfigRecord({"federation-id": federation}),
                             evaluate_config=ConfigRecord({"split": "validation", "rank": config.rank_validation}))
-    final = result.arrays if result.arrays is not None else initial
+    final = final_arrays(result.arrays, initial, config.num_server_rounds - done)
     test_messages = strategy.configure_evaluate(config.num_server_rounds - done, final,
                                                 ConfigRecord({"split": "test"}), grid)
     test_replies = [r for r in grid.send_and_receive(test_messages, timeout=config.round_timeout)
