@@ -798,18 +798,23 @@ def coordinator_run_command(
         "--resume", help="Continue a stopped run from its last checkpoint: the stopped run's --out folder.")] = None,
     run_config: Annotated[str, typer.Option(
         "--run-config", help="More run config overrides, \"key=value ...\" with TOML values.")] = "",
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", help="Give up after this many seconds and stop the run. (default: follow it to its end)")] = None,
 ) -> None:
     """Launch a training run on the deployment (the app's run config + these overrides) and follow it to the end.
 
-    Exit code 0 when the run finished (OUT/summary.json written), 1 when it failed, 2 for bad options."""
-    import subprocess
+    When flwr's log stream ends early the run is followed through its status and rounds; on Ctrl-C, SIGTERM or
+    --timeout the run is stopped at the SuperLink (or the exact `flwr stop` command is printed). Exit code 0 when
+    the run finished (OUT/summary.json written), 1 when it failed or was stopped, 2 for bad options."""
     import time
 
-    from fedcvr.server import deploy
+    from fedcvr.server import deploy, follow
     from fedcvr.simulations import launcher as sim
 
     if rounds is not None and rounds < 1:
         _fail(f"--rounds must be at least 1, got {rounds}")
+    if timeout is not None and not timeout > 0:
+        _fail(f"--timeout must be a number of seconds > 0, got {timeout}")
     if min_nodes < 1:
         _fail(f"--min-nodes must be at least 1, got {min_nodes}")
     home_dir = deploy.CoordinatorHome(home.expanduser().resolve())
@@ -846,21 +851,17 @@ def coordinator_run_command(
     log_path = run_dir / sim.FLOWER_LOG
     console.print(f"Run on the SuperLink at {connection.get('address')}; Flower's output goes to {log_path}",
                   highlight=False)
-    command = deploy.run_command(sim.flwr_bin_dir(), app_dir, config_file)
-    env = deploy.env_for(home_dir.flwr_home, sim.flwr_bin_dir())
-    with log_path.open("ab") as log, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                                     stderr=subprocess.STDOUT) as flwr:
-        try:
-            for line in flwr.stdout:
-                log.write(line)
-                log.flush()
-                text = sim.strip_ansi(line.decode("utf-8", "replace")).rstrip()
-                if text and not _STREAM_COPY.match(text):  # flwr streams each log line twice; once is enough
-                    console.print(text, highlight=False, markup=False)
-        except KeyboardInterrupt:
-            flwr.terminate()
-            _fail("interrupted: the run goes on at the SuperLink (`flwr ls` / `flwr stop RUN_ID` with "
-                  f"FLWR_HOME={home_dir.flwr_home} to stop it)", code=1)
+    bin_dir = sim.flwr_bin_dir()
+    env = deploy.env_for(home_dir.flwr_home, bin_dir)
+
+    def on_line(text: str) -> None:
+        if text and not _STREAM_COPY.match(text):  # flwr streams each log line twice; once is enough
+            console.print(text, highlight=False, markup=False)
+
+    ended = follow.run_to_end(deploy.run_command(bin_dir, app_dir, config_file), env, bin_dir, log_path,
+                              run_dir / sim.ROUNDS_FILE, on_line=on_line, timeout=timeout,
+                              on_note=lambda note: err_console.print(f"[yellow]note:[/] {note}", highlight=False))
+    _check_run_ended(ended, deploy.stop_hint(home_dir, bin_dir, ended.run_id), log_path)
     if not summary.is_file() or summary.stat().st_mtime < started:
         _fail(f"the run did not finish (no new {summary}); the end of {log_path}:\n{sim.tail(log_path, 25)}", code=1)
     records, _ = sim.load_history(run_dir)
@@ -868,6 +869,29 @@ def coordinator_run_command(
         console.print(sim.rounds_table(records))
     console.print(f"[green]done:[/] results in {run_dir}; the final model is in {run_dir / 'model'} and every node "
                   "saved it into its --model-dir", highlight=False)
+
+
+def _check_run_ended(ended, stop_hint: str, log_path: Path) -> None:
+    """Exit 1 with the reason unless the followed run finished: a run given up on says whether it was stopped at
+    the SuperLink, or the exact command that stops it."""
+    from fedcvr.simulations.launcher import tail
+
+    run = f"run {ended.run_id}" if ended.run_id else "the run"
+    if ended.gave_up is not None:
+        if ended.stopped:
+            _fail(f"{ended.gave_up}: stopped {run} at the SuperLink (status {ended.status or 'unknown'}); resume it "
+                  "from its last checkpoint with --resume OUT", code=1)
+        said = f" (flwr said: {ended.stop_output})" if ended.stop_output else ""
+        err_console.print(f"[bold red]error:[/] {ended.gave_up}: could not stop {run} at the SuperLink{said}; it "
+                          "may still be running. Stop it with:", highlight=False)
+        err_console.print(f"  {stop_hint}", soft_wrap=True, markup=False, highlight=False)  # one line to copy
+        raise typer.Exit(1)
+    if ended.run_id is None:
+        _fail(f"`flwr run` started no run; the end of {log_path}:\n{tail(log_path, 25)}", code=1)
+    if ended.status != "finished:completed":
+        details = f": {ended.details}" if ended.details else ""
+        _fail(f"{run} ended as {ended.status or 'unknown'}{details}; the end of {log_path}:\n{tail(log_path, 25)}",
+              code=1)
 
 
 @merchant_app.command("start")
