@@ -32,7 +32,7 @@ from fedcvr.shared.privacy import PrivacyConfigError, PrivacyLedgerError
 from fedcvr.shared.secagg import TRAIN_SIZE_ACTION, TRAIN_SIZE_KEY, is_secure_instruction
 
 from .data_source import DataSourceError, resolve_data_dir
-from .node import ledger_path, node_for, resolve_model_dir
+from .node import ledger_path, node_for, resolve_model_dir, resumed_ledger_path
 from .secagg import SecureTrainingError, secure_train
 
 SAVE_MODEL_ACTION = "save_model"
@@ -53,7 +53,8 @@ def train_once(arrays: dict, config: Mapping[str, Any], context: Context) -> tup
     node = node_for(folder, context.run_config)
     return node.train(arrays, context.state, int(config.get("server-round", 1)), float(config.get("proximal-mu", 0.0)),
                       ledger_file=ledger_path(context.node_config, context.run_config, folder),
-                      federation=str(config.get("federation-id", "")))
+                      federation=str(config.get("federation-id", "")),
+                      resumed_file=resumed_ledger_path(context.node_config, context.run_config, folder))
 
 
 def _train_for_secure_round(context: Context):

@@ -77,15 +77,16 @@ class MerchantNode:
         load_trainable_state(self.model, dict(arrays))
 
     def train(self, arrays: Mapping[str, torch.Tensor], state, server_round: int, proximal_mu: float = 0.0,
-              ledger_file: Path | None = None,
-              federation: str = "") -> tuple[dict[str, torch.Tensor] | None, dict[str, float | int], str]:
+              ledger_file: Path | None = None, federation: str = "",
+              resumed_file: Path | None = None) -> tuple[dict[str, torch.Tensor] | None, dict[str, float | int], str]:
         """One round. Returns (new weights or None when declined, metrics, reason for declining).
 
         With DP, the node's privacy ledger lives in `state` (the node's context.state) and, when `ledger_file`
-        is given, also on disk, so that what was spent survives a restarted node or a resumed run."""
+        is given, also on disk, so that what was spent survives a restarted node or a resumed run; `resumed_file`
+        is the ledger the node kept in the run this one resumes (`resumed_ledger_path`)."""
         self.load(arrays)
         s = self.settings
-        ledger = load_ledger(state, ledger_file, federation) if s.dp.enabled else None
+        ledger = load_ledger(state, ledger_file, federation, resumed_file) if s.dp.enabled else None
         started = time.perf_counter()
         result = train_round(self.model, self.side, self.prepared.splits["train"], lr=s.lr,
                              batch_size=s.train.batch_size, local_epochs=s.local_epochs, dp=s.dp, ledger=ledger,
@@ -128,25 +129,36 @@ class MerchantNode:
 
 
 LEDGER_FILE = "privacy-ledger.json"
+CHECKPOINT_FOLDER = "checkpoint"  # the coordinator's checkpoint folder inside its out-dir (server/checkpoint.py)
 
 
-def load_ledger(state, ledger_file: Path | None, federation: str) -> PrivacyLedger:
-    """The node's ledger for this federation: the one in `state`, or the one on disk when that has booked more
-    rounds (the node process restarted, or the server resumed a stopped run). A file of another federation is
-    not this run's spending and is ignored."""
+def load_ledger(state, ledger_file: Path | None, federation: str,
+                resumed_file: Path | None = None) -> PrivacyLedger:
+    """The node's ledger for this federation: of the one in `state`, the one in `ledger_file` and the one in
+    `resumed_file` (the ledger the node kept in the run this one resumes), the one that has booked the most
+    rounds (the node process restarted, or the server resumed a stopped run, perhaps into another folder). A file
+    of another federation is not this run's spending and is ignored."""
     ledger = PrivacyLedger.load(state)
-    if ledger_file is None or not ledger_file.is_file():
-        return ledger
+    for path in dict.fromkeys(p for p in (ledger_file, resumed_file) if p is not None):
+        on_disk = _ledger_on_disk(path, federation)
+        if on_disk is not None and on_disk.rounds_trained > ledger.rounds_trained:
+            ledger = on_disk
+    return ledger
+
+
+def _ledger_on_disk(path: Path, federation: str) -> PrivacyLedger | None:
+    """The ledger of `federation` in the file `path`; None when there is no such file or it is another
+    federation's."""
+    if not path.is_file():
+        return None
     try:
-        saved = json.loads(ledger_file.read_text(encoding="utf-8"))
+        saved = json.loads(path.read_text(encoding="utf-8"))
         on_disk = PrivacyLedger.from_record(saved["ledger"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PrivacyLedgerError(f"{ledger_file}: the node's privacy ledger cannot be read ({exc}); restore it "
+        raise PrivacyLedgerError(f"{path}: the node's privacy ledger cannot be read ({exc}); restore it "
                                  "from a backup, or delete it only if this federation has not trained before") \
             from exc
-    if saved.get("federation") == federation and on_disk.rounds_trained > ledger.rounds_trained:
-        return on_disk
-    return ledger
+    return on_disk if saved.get("federation") == federation else None
 
 
 def keep_ledger(ledger: PrivacyLedger, state, ledger_file: Path | None, federation: str) -> None:
@@ -205,3 +217,23 @@ def ledger_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any], f
         return resolve_model_dir(node_config, run_config, folder.name) / LEDGER_FILE
     except ValueError:
         return None
+
+
+def resumed_ledger_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any], folder: Path) -> Path | None:
+    """In simulation, the ledger file the node kept in the run this one resumes: `<resumed run>/models/<merchant>/
+    privacy-ledger.json`, where run config `resume` names the resumed run's folder or its `checkpoint/` folder.
+
+    A simulated node keeps its ledger in the run's out-dir, so a run resumed into a new out-dir would otherwise
+    start every node's spending from zero. The resumed run's own ledger files carry those of the run it resumed
+    (a node writes what it carried into its new folder in its first round there, trained or declined), so a
+    resume of a resume carries the whole federation's spending; a node that was never asked to train in a
+    resumed run leaves no file there to carry on. None when the run is no resume, or when the node config names
+    `state-dir` or `model-dir` (deployment): those folders outlive runs, so `ledger_path` already holds what the
+    node spent."""
+    resume = str(run_config.get("resume", "") or "")
+    if not resume or node_config.get("state-dir") or node_config.get("model-dir"):
+        return None
+    run = Path(resume).expanduser()
+    if run.name == CHECKPOINT_FOLDER and not (run / "models").is_dir():
+        run = run.parent
+    return run / "models" / folder.name / LEDGER_FILE
