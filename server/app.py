@@ -2,8 +2,9 @@
 
 `main` runs federated training (`run_training`): wait for `min-nodes` nodes, run the configured strategy
 (`strategy.py`) for `num-server-rounds`, evaluate the final model on the nodes' test splits, push it back to every
-node (`query.save_model`) and, with a non-empty `out-dir`, write rounds.jsonl, history.json, summary.json and the
-model folder `model/`. The federated data census (`run_census`, `query.census`: counts only, funnel rates derived
+node (`query.save_model`) and, with a non-empty `out-dir`, write rounds.jsonl, history.json, summary.json (with
+`privacy`: the worst (ε, δ) pair of any node over the run, which every node's guarantee meets) and the model folder
+`model/`. The federated data census (`run_census`, `query.census`: counts only, funnel rates derived
 at the server) stays available as plain functions.
 """
 
@@ -39,7 +40,7 @@ from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 from .checkpoint import Checkpoint, check_fits, load_checkpoint, save_checkpoint
 from .config import ServerConfig
 from .secagg import SecAggGrid
-from .strategy import RoundBook, make_strategy
+from .strategy import RoundBook, make_strategy, run_privacy
 
 CENSUS_FILE = "census.json"
 POLL_SECONDS = 1.0
@@ -259,7 +260,7 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
     version = model_version(final)
     saved = push_back(grid, final, version, config.round_timeout)
     summary = {"strategy": config.strategy, "rounds": book.rows, "test": test, "model_version": version,
-               "federation": federation, "resumed_from_round": done,
+               "privacy": run_privacy(book.rows), "federation": federation, "resumed_from_round": done,
                "saved_by_nodes": {str(k): v for k, v in saved.items()}}
     if config.out_dir is not None:
         load_trainable_state(model, final.to_torch_state_dict())

@@ -49,6 +49,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from fedcvr.shared.secagg import MAX_WEIGHT_KEY, MIN_NODES, TRAIN_SIZE_ACTION, TRAIN_SIZE_KEY, WEIGHT_NAMES_KEY
 
 from .config import SecAggConfig
+from .strategy import worst_privacy
 
 
 class SecAggError(RuntimeError):
@@ -145,16 +146,17 @@ class _Counting:
 
 
 def merge_node_metrics(node_metrics: Mapping[int, Mapping[str, Scalar]]) -> dict[str, Any]:
-    """One reply's metrics for the whole round: examples summed, loss weighted by examples, the largest ε with
-    its δ, the number of nodes; what the strategy's metric aggregation reads from a reply."""
+    """One reply's metrics for the whole round: examples summed, loss weighted by examples, the largest ε and
+    the largest δ (`strategy.worst_privacy`), the number of nodes; what the strategy's metric aggregation reads
+    from a reply."""
     rows = list(node_metrics.values())
     total = sum(int(r["num-examples"]) for r in rows)
     out: dict[str, Any] = {"num-examples": total, "nodes-trained": len(rows)}
     if total:
         out["train-loss"] = sum(float(r["train-loss"]) * int(r["num-examples"]) for r in rows) / total
-    eps = [(float(r["epsilon"]), float(r["delta"])) for r in rows if "epsilon" in r]
-    if eps:
-        out["epsilon"], out["delta"] = max(eps)
+    pair = worst_privacy([(r["epsilon"], r["delta"]) for r in rows if "epsilon" in r])
+    if pair is not None:
+        out["epsilon"], out["delta"] = pair
     return out
 
 

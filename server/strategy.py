@@ -2,7 +2,8 @@
 
 Aggregation is Flower's own (weighted by each node's `num-examples`). On top of it, per round:
 - evaluation replies carry metric sums, which are added up and finalised (`merge_evaluations`), never averaged;
-- training replies report ε spent so far with δ: the round records the largest ε across nodes;
+- training replies report ε spent so far with δ: the round records the largest ε and the largest δ across nodes
+  (`max-epsilon`, `delta`), a pair that every node's guarantee meets (not the largest ε with its own node's δ);
 - bytes sent (global weights x nodes asked) and received (the nodes' weights) are counted;
 - time: the round's wall time (`seconds`), the nodes' own training time (`client-train-seconds`, summed, and
   `client-train-seconds-max`) and the aggregation's (`aggregate-seconds`); the rest is evaluation and overhead;
@@ -40,7 +41,7 @@ TABLE_METRICS = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ctcvr.logloss", "ndcg@
 
 
 def _train_metrics(contents: list, weighted_by_key: str) -> MetricRecord:
-    """Examples summed, loss weighted by examples, the largest ε (and its δ) across nodes."""
+    """Examples summed, loss weighted by examples, the worst privacy pair across nodes (`worst_privacy`)."""
     total = sum(int(c["metrics"][weighted_by_key]) for c in contents)
     # a secure-aggregation reply stands for several nodes and says how many
     out: dict[str, Any] = {"num-examples": total,
@@ -51,11 +52,30 @@ def _train_metrics(contents: list, weighted_by_key: str) -> MetricRecord:
     seconds = [float(c["metrics"]["train-seconds"]) for c in contents if "train-seconds" in c["metrics"]]
     if seconds:  # the nodes' own training time: summed (one machine runs them in turn) and the slowest
         out["client-train-seconds"], out["client-train-seconds-max"] = sum(seconds), max(seconds)
-    eps = [(float(c["metrics"]["epsilon"]), float(c["metrics"]["delta"])) for c in contents
-           if "epsilon" in c["metrics"]]
-    if eps:
-        out["max-epsilon"], out["delta"] = max(eps)
+    pair = worst_privacy([(c["metrics"]["epsilon"], c["metrics"]["delta"]) for c in contents
+                          if "epsilon" in c["metrics"]])
+    if pair is not None:
+        out["max-epsilon"], out["delta"] = pair
     return MetricRecord(out)
+
+
+def worst_privacy(pairs: Iterable[tuple[float, float]]) -> tuple[float, float] | None:
+    """(largest ε, largest δ) over nodes' (ε, δ) pairs: each node is (ε_i, δ_i)-DP with ε_i <= max ε and
+    δ_i <= max δ, so each is (max ε, max δ)-DP, the guarantee the whole federation can state. The largest ε with its
+    own node's δ is not one: a smaller node may have trained at a larger δ. None without pairs (no DP)."""
+    pairs = [(float(eps), float(delta)) for eps, delta in pairs]
+    if not pairs:
+        return None
+    return max(eps for eps, _ in pairs), max(delta for _, delta in pairs)
+
+
+def run_privacy(rows: Iterable[dict[str, Any]]) -> dict[str, float] | None:
+    """The worst (ε, δ) pair of a whole run from its round rows: ε is cumulative on each node, so the largest
+    `max-epsilon` of any round is the largest ε any node spent (a node that declined later rounds counts too).
+    None when no round reported ε (no DP)."""
+    pair = worst_privacy((row["max-epsilon"], row["delta"]) for row in rows
+                         if row.get("max-epsilon") is not None and row.get("delta") is not None)
+    return None if pair is None else {"max-epsilon": pair[0], "delta": pair[1]}
 
 
 def _evaluate_metrics(contents: list, weighted_by_key: str) -> MetricRecord:
@@ -102,7 +122,7 @@ def format_row(row: dict[str, Any]) -> str:
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")
     if "max-epsilon" in row:
-        parts.append(f"max ε {row['max-epsilon']:.3f} (δ {row['delta']:.1e})")
+        parts.append(f"max ε {row['max-epsilon']:.3f}, max δ {row['delta']:.1e}")
     parts.append(f"sent {row['bytes-sent'] / 1e6:.2f} MB, received {row['bytes-received'] / 1e6:.2f} MB")
     if row.get("nodes-declined"):
         parts.append(f"{row['nodes-declined']} node(s) declined")

@@ -10,7 +10,8 @@ overspend (`can_train`). ε always comes from Opacus's RDP accountant; nothing h
 Keys (kebab-case, as in pyproject.toml):
   dp.enabled         train with DP-SGD (true) or without any privacy guarantee (false)
   dp.target-epsilon  ε budget for the whole run, all rounds together
-  dp.target-delta    δ of the guarantee; 0 or missing = 1 / (10 * local examples), below 1/n
+  dp.target-delta    δ of the guarantee; 0 or missing = min(1 / (10 * local examples), 1e-5) (`delta_for`); a
+                     node with n local examples declines to train at a δ >= 1 / n (`delta_refusal`)
   dp.max-grad-norm   per-sample gradient clipping norm
   dp.optimizer       the optimiser of DP rounds: "sgd" (momentum 0.9, default) or "adam". Adam divides each
                      coordinate by the root of its second moment, which under DP noise is about the noise itself,
@@ -55,6 +56,8 @@ DEFAULT_KEY = "privacy"
 # The planned noise is found by bisection to this fraction of the target ε (Opacus's default is 0.01 absolute,
 # which is 10% of a target of 0.1).
 _PLAN_TOLERANCE = 1e-3
+# The largest default δ of any node (`delta_for`), whatever its size.
+MAX_DEFAULT_DELTA = 1e-5
 
 
 class PrivacyConfigError(ValueError):
@@ -97,7 +100,7 @@ class DPConfig:
                             "(smaller is more private)")
         if self.target_delta is not None and not (_is_number(self.target_delta) and 0 < self.target_delta < 1):
             problems.append(f"dp.target-delta = {self.target_delta!r}: must be between 0 and 1, well below "
-                            "1 / local examples; set 0 for the default 1 / (10 * local examples)")
+                            "1 / local examples; set 0 for the default min(1 / (10 * local examples), 1e-5)")
         if not (_is_number(self.max_grad_norm) and 0 < self.max_grad_norm < math.inf):
             problems.append(f"dp.max-grad-norm = {self.max_grad_norm!r}: must be a number > 0, e.g. 1.0")
         if self.optimizer not in self.OPTIMIZERS:
@@ -123,17 +126,41 @@ class DPConfig:
             delta = run_config["dp.target-delta"]
             if not _is_number(delta):
                 raise PrivacyConfigError(f"dp.target-delta = {delta!r}: expected a number, e.g. dp.target-delta = "
-                                         "1e-5, or 0 for the default 1 / (10 * local examples)")
+                                         "1e-6, or 0 for the default min(1 / (10 * local examples), 1e-5)")
             values["target_delta"] = float(delta) if delta != 0 else None
         return cls(**values)
 
 
-def delta_for(n_examples: int) -> float:
-    """The default δ for a node with `n_examples` training examples: 1 / (10 n), below the 1/n a δ must beat."""
+def _check_examples(n_examples: Any) -> None:
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
         raise PrivacyConfigError(f"n_examples = {n_examples!r}: δ needs the number of local training examples, "
                                  "a whole number >= 1")
-    return 1.0 / (10 * n_examples)
+
+
+def delta_for(n_examples: int) -> float:
+    """The default δ for a node with `n_examples` training examples: min(1 / (10 n), MAX_DEFAULT_DELTA).
+
+    δ bounds the chance that the guarantee fails for any one example, so it must be small in itself, not only
+    below 1 / n: 1 / (10 n) alone gives a merchant of 3 examples δ = 0.033, which a mechanism that publishes each
+    example outright with probability 0.033 meets; 1e-5 is the common choice (Abadi et al. 2016). Capped, every
+    node's δ is at most 1e-5 and at most 1 / (10 n), so n δ <= 0.1 on every node whatever its size. Nodes of
+    10,000 examples or more keep 1 / (10 n); smaller ones train at 1e-5, which needs more noise for the same ε."""
+    _check_examples(n_examples)
+    return min(1.0 / (10 * n_examples), MAX_DEFAULT_DELTA)
+
+
+def delta_refusal(delta: float, n_examples: int) -> str:
+    """Why a node with `n_examples` training examples must not train under DP at `delta` ("" when it may).
+
+    At δ >= 1 / n the (ε, δ) guarantee holds even for a mechanism that publishes one of the n examples outright,
+    so it promises nothing: such a node declines instead of training (the round goes on with the others)."""
+    _check_examples(n_examples)
+    if delta < 1.0 / n_examples:
+        return ""
+    return (f"dp.target-delta = {delta:g} is not below 1 / {n_examples} (this node's {n_examples} training "
+            f"examples): at that δ the guarantee would allow one example to be published outright; set "
+            f"dp.target-delta to at most {delta_for(n_examples):.1e} (or 0 for the default min(1 / (10 n), "
+            f"{MAX_DEFAULT_DELTA:g}) of each node)")
 
 
 def _check_round(noise: Any, sample_rate: Any, steps: Any, error: type[Exception]) -> None:
@@ -225,13 +252,18 @@ class PrivacyLedger:
 
     def plan(self, config: DPConfig, *, sample_rate: float, steps_per_round: int, rounds: int,
              n_examples: int) -> float:
-        """The run's noise multiplier: planned (with δ = config.target_delta or delta_for(n_examples)) on the
-        first call, then kept for every later round, since re-planning each round would restart the budget."""
+        """The run's noise multiplier: planned (with δ = `run_delta`) on the first call, then kept for every
+        later round, since re-planning each round would restart the budget."""
         if self.noise_multiplier is None:
-            delta = self.delta or config.target_delta or delta_for(n_examples)
+            delta = self.run_delta(config, n_examples)
             self.noise_multiplier = plan_noise(config, sample_rate, steps_per_round, rounds, delta)
             self.delta = delta
         return self.noise_multiplier
+
+    def run_delta(self, config: DPConfig, n_examples: int) -> float:
+        """The δ of this node's guarantee: the one its first round fixed, else dp.target-delta, else
+        delta_for(n_examples)."""
+        return self.delta or config.target_delta or delta_for(n_examples)
 
     def _require_delta(self) -> float:
         if self.delta is None:

@@ -263,7 +263,7 @@ def _rows(run: Run, data: str, round_: int, split: str, merchant: str, metrics: 
 
 def merchant_delta(settings: Any, train_examples: int) -> float | None:
     """The δ of a merchant's guarantee in a run (None without DP): `dp.target-delta`, else the default
-    1 / (10 x its training examples), as its privacy ledger fixes it."""
+    min(1 / (10 x its training examples), 1e-5) (`delta_for`), as its privacy ledger fixes it."""
     from fedcvr.shared.privacy import delta_for
 
     if not settings.dp.enabled:

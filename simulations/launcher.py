@@ -10,7 +10,8 @@ Contract with the ServerApp (it writes into the run config's `out-dir`, which is
      "ctcvr.logloss": 0.05, "ndcg@10": 0.21, "max-epsilon": 1.9, "delta": 1e-05, "bytes-sent": 123456,
      "bytes-received": 123456, "nodes-trained": 3, "nodes-declined": 0}
     ("round" is a whole number from 1; any other key is optional and may be null; keys are kebab-case, and the
-    launcher also reads them spelt with _ for -, as in "max_epsilon");
+    launcher also reads them spelt with _ for -, as in "max_epsilon"; "max-epsilon" and "delta" are the largest ε
+    and the largest δ of any node so far, a pair that every node's guarantee meets);
   * at the end it writes `history.json`: a JSON list of those objects.
 The launcher reads `rounds.jsonl` while the run goes (a last line without its newline is still being written
 and is read on a later poll), and writes `history.csv` from `history.json`, or from `rounds.jsonl` when the
@@ -517,7 +518,7 @@ def write_history_csv(records: list[dict[str, Any]], path: Path) -> Path:
 
 # ---------------------------------------------------------------- formatting
 
-TABLE_COLUMNS = ("round", "ctcvr.auc", "click.auc", "ctcvr.gauc", "ctcvr.logloss", "ndcg@10", "max ε (δ)",
+TABLE_COLUMNS = ("round", "ctcvr.auc", "click.auc", "ctcvr.gauc", "ctcvr.logloss", "ndcg@10", "max ε (max δ)",
                  "MB sent / received", "seconds")
 
 
@@ -577,17 +578,31 @@ def rounds_table(records: list[dict[str, Any]], title: str = "Federated rounds")
     for record in records:
         table.add_row(*round_cells(record))
     table.caption = ("metrics of the global model on the nodes' held-out data after each round, as the ServerApp "
-                     "reports them; max ε: the largest privacy loss of any node so far, at δ; MB: 10^6 bytes of "
+                     "reports them; max ε (max δ): the largest ε and the largest δ of any node so far, so every "
+                     "node's training is (ε, δ)-DP within that pair; MB: 10^6 bytes of "
                      "model weights sent to / received from the nodes")
     return table
 
 
 def progress_text(record: Mapping[str, Any] | None) -> str:
-    """What the progress line shows after a round: its ctcvr.auc and max ε."""
+    """What the progress line shows after a round: its ctcvr.auc and the worst (ε, δ) of any node."""
     if record is None:
         return "waiting for round 1"
     return (f"ctcvr.auc {format_metric(record.get('ctcvr.auc'))}  "
-            f"max ε {format_epsilon(field_of(record, 'max_epsilon'))}")
+            f"max ε {format_epsilon(field_of(record, 'max_epsilon'), field_of(record, 'delta'))}")
+
+
+def privacy_line(records: Iterable[Mapping[str, Any]]) -> str:
+    """The run's privacy in one line: the largest ε and the largest δ of any node over all rounds (ε adds up on
+    each node, so the largest of any round is the largest spent), the pair every node's guarantee meets."""
+    epsilons = [e for r in records if (e := _number(field_of(r, "max_epsilon"))) is not None]
+    deltas = [d for r in records if (d := _number(field_of(r, "delta"))) is not None]
+    if not epsilons:
+        return "privacy: no node reported ε (DP off): no privacy guarantee"
+    if not deltas or math.isinf(max(epsilons)):
+        return f"privacy: max ε {format_epsilon(max(epsilons))}: no finite guarantee"
+    return (f"privacy: every node's training is ({max(epsilons):.2f}, {max(deltas):.3g})-DP or better for the "
+            "whole run (the largest ε and the largest δ of any node)")
 
 
 def strip_ansi(text: str) -> str:

@@ -130,10 +130,10 @@ def test_pyproject_secagg_defaults_match_the_code():
     assert SecAggConfig.from_run_config(pyproject_run_config()) == SecAggConfig()
 
 
-def test_merge_node_metrics_weights_the_loss_and_keeps_the_largest_epsilon():
+def test_merge_node_metrics_weights_the_loss_and_keeps_the_largest_epsilon_and_delta():
     merged = merge_node_metrics({1: {"num-examples": 100, "train-loss": 1.0, "epsilon": 2.0, "delta": 1e-5},
                                  2: {"num-examples": 300, "train-loss": 0.5, "epsilon": 3.0, "delta": 1e-6}})
-    assert merged == {"num-examples": 400, "nodes-trained": 2, "train-loss": 0.625, "epsilon": 3.0, "delta": 1e-6}
+    assert merged == {"num-examples": 400, "nodes-trained": 2, "train-loss": 0.625, "epsilon": 3.0, "delta": 1e-5}
 
 
 def test_federated_training_with_dp_under_secagg(tiny_market, tiny_bert, tmp_path, server_identity):

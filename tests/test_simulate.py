@@ -119,7 +119,7 @@ def test_round_cells_format_metrics_epsilon_and_megabytes():
     assert sim.round_cells(sparse) == ["4", "n/a", "n/a", "n/a", "n/a", "n/a", "∞", "1.00 / n/a", "n/a"]
     assert sim.round_cells({"round": 5, "max-epsilon": 2.0, "delta": 0.05})[6] == "2.00 (δ=0.05)"
     assert sim.progress_text(None) == "waiting for round 1"
-    assert sim.progress_text(ROUND_2) == "ctcvr.auc 0.6400  max ε 2.71"
+    assert sim.progress_text(ROUND_2) == "ctcvr.auc 0.6400  max ε 2.71 (δ=1e-05)"
 
 
 def test_rounds_table_renders_every_round():

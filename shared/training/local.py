@@ -24,7 +24,7 @@ from torch import nn
 
 from ..model.esmm import ConversionModel, esmm_loss
 from ..model.user_tower import recency_bucket
-from ..privacy import DPConfig, PrivacyLedger
+from ..privacy import DPConfig, PrivacyLedger, delta_refusal
 from . import dp_samplers  # noqa: F401  (Opacus's functions for the model's small tables)
 from .data import TrainingSet
 from .loop import ItemSide, train_epoch
@@ -186,6 +186,9 @@ def _train_private(model, side, data, params, anchor, *, lr, batch_size, local_e
 
     if ledger is None:
         raise ValueError("DP training needs the node's privacy ledger")
+    refusal = delta_refusal(ledger.run_delta(dp, len(data)), len(data))
+    if refusal:  # no guarantee at this δ: decline before any privacy is spent
+        return RoundResult(False, 0, float("nan"), 0, refusal)
     sample_rate, steps = steps_per_round(len(data), batch_size, local_epochs)
     noise = ledger.plan(dp, sample_rate=sample_rate, steps_per_round=steps, rounds=rounds, n_examples=len(data))
     if not ledger.can_train(noise, sample_rate, steps, dp.target_epsilon):
