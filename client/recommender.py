@@ -9,38 +9,45 @@ changes). For a shopper's history (stored, or given ad hoc):
    after the filters (category, price range, already bought);
 2. re-ranking: the full model (target-aware user tower + ESMM head) scores each candidate: pCTR, pCVR and
    pCTCVR = pCTR x pCVR; items are ranked by pCTCVR;
-3. explanations: for each item, the history items with the largest attention weights of the user tower, in words
-   ("because you bought X and viewed Y").
+3. explanations: for each item, the history items whose removal lowers that item's own pCTCVR the most
+   (`scoring.py`), in words ("because you bought X and viewed Y").
 
 A shopper without history gets the cold-start ranking: popularity by conversion, (purchases + m p) /
-(impressions + m) with p the merchant's purchase rate per impression and m = 20, flagged `cold_start`. New items
-(`add_items`) are embedded from their text at once and can be recommended immediately; they are kept in
-`<model-dir>/index/added-items.parquet` and survive a restart.
+(impressions + m) with p the merchant's purchase rate per impression and m = 20, flagged `cold_start`; its items
+carry that `popularity`, the score they are ranked by. New items (`add_items`) are embedded from their text, in
+batches of `ADD_BATCH`, and can be recommended at once; they are kept in `<model-dir>/index/added-items.parquet`
+and survive a restart.
+
+Items can be added while requests are answered: the catalog (index, titles, categories, prices, popularity) is one
+immutable `CatalogSnapshot`, replaced by a single assignment once a new one is complete; every read takes the
+current snapshot once and uses only it. Writers take a lock, so one write at a time builds on the latest snapshot.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from fedcvr.shared.data.contract import EVENT_TYPES
 from fedcvr.shared.data.loader import load_merchant
+from fedcvr.shared.data.pseudonym import KEY_FILE, merchant_key, pseudonym
 from fedcvr.shared.model.errors import ModelConfigError
-from fedcvr.shared.model.esmm import ScoreInputs
 from fedcvr.shared.model.folder import load_model_folder
 from fedcvr.shared.training.data import Catalog
 
 from .item_index import INDEX_DIR, ItemIndex, catalog_digest, embed
+from .scoring import History, contributions, explain, reason, score_rows
+
+__all__ = ["CatalogSnapshot", "Filters", "History", "Recommender", "ShopperMatch", "UnknownItems",
+           "open_recommender"]
 
 ADDED_ITEMS = "added-items.parquet"
+ADD_BATCH = 32  # items embedded per forward pass when items are added: bounds the memory one write takes
 EVENT_WEIGHT = {"impression": 0.25, "click": 1.0, "cart": 2.0, "purchase": 3.0}
-VERB = {"impression": "saw", "click": "viewed", "cart": "added to your cart", "purchase": "bought"}
 POPULARITY_STRENGTH = 20.0  # m: impressions' worth of the merchant's average conversion every item starts with
 ITEM_FIELDS = ("item_id", "title", "description", "category", "brand", "price")
 
@@ -57,23 +64,45 @@ class UnknownItems(KeyError):
 
 
 @dataclass
-class History:
-    """A shopper's recent events, oldest first: item ids, event types, ages in hours at scoring time."""
-
-    item_ids: list[str] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)
-    age_hours: list[float] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-
-@dataclass
 class Filters:
     category: str | None = None
     min_price: float | None = None
     max_price: float | None = None
     exclude_bought: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class CatalogSnapshot:
+    """The catalog as one request sees it: the item index and, row for row, titles, casefolded categories,
+    prices and cold-start popularity. Never changed once made (its arrays are read-only)."""
+
+    items: pd.DataFrame
+    index: ItemIndex
+    titles: np.ndarray
+    categories: np.ndarray
+    prices: np.ndarray
+    popularity: np.ndarray
+
+    def rows_of(self, item_ids: list[str]) -> np.ndarray:
+        """Index rows of item ids; UnknownItems names those not in the catalog."""
+        missing = [i for i in item_ids if i not in self.index.position]
+        if missing:
+            raise UnknownItems(missing)
+        return np.asarray([self.index.position[i] for i in item_ids], dtype=np.int64)
+
+    def title_of(self, item_id: str) -> str:
+        return str(self.titles[self.index.position[item_id]])
+
+
+@dataclass(frozen=True)
+class ShopperMatch:
+    """How a shopper id given by a user matched the events table: `user_id` as stored there (None: no match),
+    `form` in words ("as given", "as the pseudonym of the raw id ..."), `checked` what was tried when nothing
+    matched."""
+
+    user_id: str | None
+    form: str
+    checked: str = ""
 
 
 def model_version(model_dir: Path, settings: dict) -> str:
@@ -112,51 +141,67 @@ class Recommender:
         examples = self.settings.get("examples", {})
         self.history_length = int(history_length or examples.get("history_length", 30))
         self.candidates = candidates
-        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._prepare_events()
         added_path = self.model_dir / INDEX_DIR / ADDED_ITEMS
         added = pd.read_parquet(added_path) if added_path.is_file() else None
-        self.index_built = False
-        self._set_catalog(merged_items(self.data.items, added), rebuild=True)
-        self._prepare_events()
+        items = merged_items(self.data.items, added)
+        index, self.index_built = ItemIndex.load_or_build(self.model_dir / INDEX_DIR, self.model, self.backbone,
+                                                          Catalog.from_items([items]), self.version)
+        self._snapshot = self._make_snapshot(items, index)
 
     # ---------------------------------------------------------------- catalog and index
 
-    def _set_catalog(self, items: pd.DataFrame, rebuild: bool, index: ItemIndex | None = None) -> None:
-        catalog = Catalog.from_items([items])
-        if rebuild:
-            index, self.index_built = ItemIndex.load_or_build(self.model_dir / INDEX_DIR, self.model, self.backbone,
-                                                              catalog, self.version)
+    @property
+    def snapshot(self) -> CatalogSnapshot:
+        """The current catalog; a reader that needs it more than once takes it once and keeps it."""
+        return self._snapshot
+
+    @property
+    def index(self) -> ItemIndex:
+        return self._snapshot.index
+
+    @property
+    def titles(self) -> np.ndarray:
+        return self._snapshot.titles
+
+    def _make_snapshot(self, items: pd.DataFrame, index: ItemIndex) -> CatalogSnapshot:
         meta = items.set_index("item_id").reindex(index.item_ids)
-        self.items = items
-        self.index = index
-        self.titles = meta["title"].astype(str).to_numpy(dtype=object)
         category = meta["category"] if "category" in meta else pd.Series("", index=meta.index)
-        self.categories = category.fillna("").astype(str).str.casefold().to_numpy(dtype=object)
         price = meta["price"] if "price" in meta else pd.Series(np.nan, index=meta.index)
-        self.prices = pd.to_numeric(price, errors="coerce").to_numpy(np.float64)
+        arrays = {
+            "titles": meta["title"].astype(str).to_numpy(dtype=object),
+            "categories": category.fillna("").astype(str).str.casefold().to_numpy(dtype=object),
+            "prices": pd.to_numeric(price, errors="coerce").to_numpy(np.float64),
+            "popularity": self._popularity_scores(index),
+        }
+        for array in arrays.values():
+            array.flags.writeable = False
+        return CatalogSnapshot(items=items, index=index, **arrays)
 
     def add_items(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        """Add or update items; each is embedded from its text at once. -> added ids, updated ids, catalog size."""
+        """Add or update items, embedded from their text in batches of ADD_BATCH; readers see either the catalog
+        before or the one after, never a mix. -> added ids, updated ids, catalog size."""
         frame = pd.DataFrame([{k: r.get(k) for k in ITEM_FIELDS if k in r or k in ("item_id", "title")}
                               for r in records])
         frame["item_id"] = frame["item_id"].astype(str)
-        frame = frame.drop_duplicates("item_id", keep="last")
-        with self._lock:
-            known = set(self.index.position)
-            updated = [i for i in frame["item_id"] if i in known]
-            added = [i for i in frame["item_id"] if i not in known]
-            items = merged_items(self.items, frame)
-            vectors = embed(self.model, self.backbone, Catalog.from_items([frame]))
-            index = self.index.upsert(list(frame["item_id"]), vectors, catalog_digest(Catalog.from_items([items])))
+        frame = frame.drop_duplicates("item_id", keep="last").reset_index(drop=True)
+        vectors = np.concatenate([embed(self.model, self.backbone, Catalog.from_items([frame.iloc[s:s + ADD_BATCH]]))
+                                  for s in range(0, len(frame), ADD_BATCH)])
+        with self._write_lock:
+            current = self._snapshot
+            updated = [i for i in frame["item_id"] if i in current.index.position]
+            added = [i for i in frame["item_id"] if i not in current.index.position]
+            items = merged_items(current.items, frame)
+            index = current.index.upsert(list(frame["item_id"]), vectors, catalog_digest(Catalog.from_items([items])))
             folder = self.model_dir / INDEX_DIR
             path = folder / ADDED_ITEMS
             before = pd.read_parquet(path) if path.is_file() else None
             keep = pd.concat([before, frame]) if before is not None else frame
             keep.drop_duplicates("item_id", keep="last").to_parquet(path, index=False)
             index.save(folder)
-            self._set_catalog(items, rebuild=False, index=index)
-            self._popularity = self._popularity_scores()
-        return {"added": added, "updated": updated, "catalog_size": len(self.index)}
+            self._snapshot = self._make_snapshot(items, index)  # the one step that makes the items visible
+        return {"added": added, "updated": updated, "catalog_size": len(index)}
 
     # ---------------------------------------------------------------- shoppers
 
@@ -174,10 +219,9 @@ class Recommender:
         counts = events.groupby(["item_id", "event"]).size().unstack(fill_value=0)
         self._impressions = counts.get("impression", pd.Series(dtype=float)).astype(float)
         self._purchases = counts.get("purchase", pd.Series(dtype=float)).astype(float)
-        self._popularity = self._popularity_scores()
 
-    def _popularity_scores(self) -> np.ndarray:
-        ids = pd.Index(self.index.item_ids.astype(str))
+    def _popularity_scores(self, index: ItemIndex) -> np.ndarray:
+        ids = pd.Index(index.item_ids.astype(str))
         impressions = self._impressions.reindex(ids, fill_value=0.0).to_numpy()
         purchases = self._purchases.reindex(ids, fill_value=0.0).to_numpy()
         rate = purchases.sum() / max(impressions.sum(), 1.0)
@@ -185,6 +229,20 @@ class Recommender:
 
     def knows(self, user_id: str) -> bool:
         return user_id in self._histories
+
+    def match_shopper(self, user_id: str) -> ShopperMatch:
+        """Find a shopper given as stored in the events table or, where the data folder has its `pseudonym.key`
+        (an import pseudonymised the ids), as the raw id. PseudonymKeyError when that key cannot be used."""
+        if self.knows(user_id):
+            return ShopperMatch(user_id, "as given")
+        key_file = Path(self.data.folder) / KEY_FILE
+        if not key_file.is_file():
+            return ShopperMatch(None, "", f"as given in {self.data.folder} (the folder has no {KEY_FILE}, so ids "
+                                          "were not pseudonymised there)")
+        hashed = pseudonym(user_id, merchant_key(self.data.folder))
+        if self.knows(hashed):
+            return ShopperMatch(hashed, f"as the raw id {user_id}: its pseudonym {hashed} under {key_file}")
+        return ShopperMatch(None, "", f"as given and as a raw id (its pseudonym {hashed} under {key_file})")
 
     def history_of(self, user_id: str) -> History:
         if user_id not in self._histories:
@@ -198,135 +256,107 @@ class Recommender:
     # ---------------------------------------------------------------- scoring
 
     def rows_of(self, item_ids: list[str]) -> np.ndarray:
-        missing = [i for i in item_ids if i not in self.index.position]
-        if missing:
-            raise UnknownItems(missing)
-        return np.asarray([self.index.position[i] for i in item_ids], dtype=np.int64)
+        return self._snapshot.rows_of(item_ids)
 
-    @torch.no_grad()
-    def _score(self, index: ItemIndex, rows: np.ndarray, history: History) -> tuple[np.ndarray, ...]:
-        """pCTR, pCVR, pCTCVR (B,) and attention (B, L) of candidate rows for a history (rows of the index)."""
-        b = len(rows)
-        hist_rows = np.asarray([index.position[i] for i in history.item_ids], dtype=np.int64)
-        length = max(len(hist_rows), 1)
-        embeddings = torch.from_numpy(index.embeddings[np.concatenate([rows, hist_rows])])
-        positions = torch.arange(b, b + len(hist_rows)) if len(hist_rows) else torch.zeros(1, dtype=torch.long)
-        codes = pd.Index(EVENT_TYPES).get_indexer(history.events).astype(np.int64) if len(history) else [0]
-        ages = history.age_hours if len(history) else [0.0]
-        inputs = ScoreInputs(
-            target=torch.arange(b),
-            history=positions.repeat(b, 1),
-            history_mask=torch.full((b, length), bool(len(history))),
-            events=torch.as_tensor(codes, dtype=torch.long).repeat(b, 1),
-            age_hours=torch.as_tensor(ages, dtype=torch.float32).repeat(b, 1),
-            position=torch.zeros(b, dtype=torch.long),
-        )
-        ctr, cvr, attention = self.model.score(embeddings, inputs)
-        p_ctr, p_cvr = torch.sigmoid(ctr).numpy(), torch.sigmoid(cvr).numpy()
-        return p_ctr, p_cvr, p_ctr * p_cvr, attention.numpy()
+    def _history(self, user_id: str | None, history: History | None, snap: CatalogSnapshot) -> History:
+        """The history to score: an ad-hoc one (its last `history_length` events, as the model was trained with)
+        or the stored one; UnknownItems for history items not in the catalog."""
+        if history is None or not len(history):
+            history = self.history_of(user_id) if user_id else History()
+        history = history.last(self.history_length)
+        snap.rows_of(history.item_ids)
+        return history
 
-    def _allowed(self, filters: Filters, bought: set[str]) -> np.ndarray | None:
-        allowed = np.ones(len(self.index), dtype=bool)
+    def _allowed(self, snap: CatalogSnapshot, filters: Filters, bought: set[str]) -> np.ndarray:
+        allowed = np.ones(len(snap.index), dtype=bool)
         if filters.category:
-            allowed &= self.categories == filters.category.casefold()
+            allowed &= snap.categories == filters.category.casefold()
         if filters.min_price is not None:
-            allowed &= self.prices >= filters.min_price
+            allowed &= snap.prices >= filters.min_price
         if filters.max_price is not None:
-            allowed &= self.prices <= filters.max_price
+            allowed &= snap.prices <= filters.max_price
         if filters.exclude_bought and bought:
-            allowed[[self.index.position[i] for i in bought if i in self.index.position]] = False
+            allowed[[snap.index.position[i] for i in bought if i in snap.index.position]] = False
         return allowed
-
-    def _because(self, weights: np.ndarray, history: History, limit: int = 2) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        for position in np.argsort(-weights, kind="stable"):
-            if len(out) == limit or weights[position] <= 0:
-                break
-            item = history.item_ids[position]
-            if item in seen:
-                continue
-            seen.add(item)
-            row = self.index.position[item]
-            out.append({"item_id": item, "title": self.titles[row], "event": history.events[position],
-                        "weight": round(float(weights[position]), 4)})
-        return out
 
     @staticmethod
     def reason(because: list[dict[str, Any]]) -> str:
-        if not because:
-            return ""
-        parts = [f"{VERB.get(b['event'], 'saw')} {b['title']}" for b in because]
-        return "because you " + " and ".join(parts)
+        return reason(because)
 
-    def query(self, index: ItemIndex, history: History) -> np.ndarray:
+    def query(self, snap: CatalogSnapshot, history: History) -> np.ndarray:
         """The retrieval query of a history: the weighted mean of its items' unit embeddings, normalised."""
         weights = np.asarray([EVENT_WEIGHT.get(e, 1.0) for e in history.events], np.float32)
         weights *= np.linspace(0.5, 1.0, len(weights), dtype=np.float32)  # later events weigh more
-        query = weights @ index.unit[self.rows_of(history.item_ids)]
+        query = weights @ snap.index.unit[snap.rows_of(history.item_ids)]
         return (query / max(float(np.linalg.norm(query)), 1e-12)).astype(np.float32)
 
-    def retrieve(self, index: ItemIndex, history: History, allowed: np.ndarray | None, n: int) -> np.ndarray:
+    def retrieve(self, snap: CatalogSnapshot, history: History, allowed: np.ndarray | None, n: int) -> np.ndarray:
         """Stage one: the `n` allowed rows with the largest dot product with the history's query, best first."""
-        rows, _ = index.top(self.query(index, history), n, allowed)
+        rows, _ = snap.index.top(self.query(snap, history), n, allowed)
         return rows
 
     def recommend(self, user_id: str | None = None, history: History | None = None, k: int = 10,
                   filters: Filters | None = None) -> dict[str, Any]:
-        """Top `k` items by pCTCVR for a stored shopper (`user_id`) or an ad-hoc `history` (which wins)."""
+        """Top `k` items by pCTCVR for a stored shopper (`user_id`) or an ad-hoc `history` (which wins); without
+        history, the top `k` by popularity (each item's `popularity` is then the score it is ranked by)."""
         filters = filters or Filters()
-        if history is None or not len(history):
-            history = self.history_of(user_id) if user_id else History()
-        index = self.index  # one consistent snapshot even if items are added meanwhile
-        self.rows_of(history.item_ids)  # unknown history items -> UnknownItems
+        snap = self._snapshot  # one consistent catalog for the whole request, even if items are added meanwhile
+        history = self._history(user_id, history, snap)
         bought = self.bought_by(user_id) | {i for i, e in zip(history.item_ids, history.events, strict=True)
                                             if e == "purchase"}
-        allowed = self._allowed(filters, bought)
-        cold = not len(history)
-        if cold:
-            popularity = np.where(allowed, self._popularity, -np.inf)
-            n = min(k, int(np.isfinite(popularity).sum()))
-            rows = np.argsort(-popularity, kind="stable")[:n]
-        else:
-            rows = self.retrieve(index, history, allowed, max(self.candidates, k))
+        allowed = self._allowed(snap, filters, bought)
+        if not len(history):
+            return self._cold_start(snap, allowed, k)
+        rows = self.retrieve(snap, history, allowed, max(self.candidates, k))
+        scores = score_rows(self.model, snap.index, rows, history)
+        order = np.argsort(-scores.p_ctcvr, kind="stable")[:k]
+        top = rows[order]
+        distinct, drops = contributions(self.model, snap.index, top, history, scores.p_ctcvr[order])
         items: list[dict[str, Any]] = []
-        if len(rows):
-            p_ctr, p_cvr, p_ctcvr, attention = self._score(index, rows, history)
-            order = np.arange(len(rows)) if cold else np.argsort(-p_ctcvr, kind="stable")[:k]
-            for i in order:
-                because = [] if cold else self._because(attention[i], history)
-                items.append({"item_id": str(index.item_ids[rows[i]]), "title": self.titles[rows[i]],
-                              "p_ctcvr": float(p_ctcvr[i]), "p_ctr": float(p_ctr[i]), "p_cvr": float(p_cvr[i]),
-                              "because": because, "reason": self.reason(because)})
-        return {"items": items, "cold_start": cold,
-                "ranking": "popularity-by-conversion" if cold else "pctcvr", "model_version": self.version}
+        for n, i in enumerate(order):
+            because = explain(drops[n], scores.attention[i], distinct, history, snap.title_of)
+            items.append({"item_id": str(snap.index.item_ids[rows[i]]), "title": snap.titles[rows[i]],
+                          "p_ctcvr": float(scores.p_ctcvr[i]), "p_ctr": float(scores.p_ctr[i]),
+                          "p_cvr": float(scores.p_cvr[i]), "because": because, "reason": reason(because)})
+        return {"items": items, "cold_start": False, "ranking": "pctcvr", "model_version": self.version}
+
+    def _cold_start(self, snap: CatalogSnapshot, allowed: np.ndarray, k: int) -> dict[str, Any]:
+        """The top `k` allowed items by popularity, with the model's scores for an empty history beside it."""
+        popularity = np.where(allowed, snap.popularity, -np.inf)
+        rows = np.argsort(-popularity, kind="stable")[:min(k, int(np.isfinite(popularity).sum()))]
+        scores = score_rows(self.model, snap.index, rows, History())
+        items = [{"item_id": str(snap.index.item_ids[r]), "title": snap.titles[r],
+                  "popularity": float(snap.popularity[r]), "p_ctcvr": float(scores.p_ctcvr[i]),
+                  "p_ctr": float(scores.p_ctr[i]), "p_cvr": float(scores.p_cvr[i]), "because": [], "reason": ""}
+                 for i, r in enumerate(rows)]
+        return {"items": items, "cold_start": True, "ranking": "popularity-by-conversion",
+                "model_version": self.version}
 
     def score(self, user_id: str | None, item_ids: list[str], history: History | None = None) -> dict[str, Any]:
         """The three scores of the given items for a shopper, in the order given."""
-        index = self.index
-        rows = self.rows_of(item_ids)
-        if history is None or not len(history):
-            history = self.history_of(user_id) if user_id else History()
-        self.rows_of(history.item_ids)
-        p_ctr, p_cvr, p_ctcvr, _ = self._score(index, rows, history) if len(rows) else ([], [], [], None)
-        return {"items": [{"item_id": str(item), "title": self.titles[row], "p_ctcvr": float(a), "p_ctr": float(b),
-                           "p_cvr": float(c)} for item, row, a, b, c in zip(item_ids, rows, p_ctcvr, p_ctr, p_cvr,
-                                                                            strict=True)],
+        snap = self._snapshot
+        rows = snap.rows_of(item_ids)
+        history = self._history(user_id, history, snap)
+        scores = score_rows(self.model, snap.index, rows, history)
+        return {"items": [{"item_id": str(item), "title": snap.titles[row], "p_ctcvr": float(a), "p_ctr": float(b),
+                           "p_cvr": float(c)}
+                          for item, row, a, b, c in zip(item_ids, rows, scores.p_ctcvr, scores.p_ctr, scores.p_cvr,
+                                                        strict=True)],
                 "cold_start": not len(history), "model_version": self.version}
 
     def similar(self, item_id: str, k: int = 10) -> dict[str, Any]:
         """Items whose embeddings are closest (cosine) to the item's."""
-        index = self.index
-        row = self.rows_of([item_id])[0]
-        allowed = np.ones(len(index), dtype=bool)
+        snap = self._snapshot
+        row = snap.rows_of([item_id])[0]
+        allowed = np.ones(len(snap.index), dtype=bool)
         allowed[row] = False
-        rows, scores = index.top(index.unit[row], k, allowed)
-        return {"item_id": item_id, "title": self.titles[row],
-                "items": [{"item_id": str(index.item_ids[r]), "title": self.titles[r], "similarity": float(s)}
+        rows, scores = snap.index.top(snap.index.unit[row], k, allowed)
+        return {"item_id": item_id, "title": snap.titles[row],
+                "items": [{"item_id": str(snap.index.item_ids[r]), "title": snap.titles[r], "similarity": float(s)}
                           for r, s in zip(rows, scores, strict=True)]}
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model_version": self.version, "catalog_size": len(self.index),
+        return {"status": "ok", "model_version": self.version, "catalog_size": len(self._snapshot.index),
                 "encoder": self.model.config.encoder or "all-MiniLM-L6-v2 (packaged)", "merchant": self.data.name,
                 "shoppers": len(self._histories)}
 

@@ -606,7 +606,6 @@ def simulate_command(
     if records:
         csv_path = sim.write_history_csv(records, run_dir / sim.HISTORY_CSV)
         console.print(sim.rounds_table(records))
-        console.print(sim.privacy_line(records), highlight=False)
         console.print(f"wrote {csv_path} ({len(records)} round(s), from {source})", highlight=False)
     else:
         console.print(f"[yellow]note:[/] the ServerApp wrote no round records ({sim.ROUNDS_FILE} or "
@@ -868,7 +867,6 @@ def coordinator_run_command(
     records, _ = sim.load_history(run_dir)
     if records:
         console.print(sim.rounds_table(records))
-        console.print(sim.privacy_line(records), highlight=False)
     console.print(f"[green]done:[/] results in {run_dir}; the final model is in {run_dir / 'model'} and every node "
                   "saved it into its --model-dir", highlight=False)
 
@@ -1053,42 +1051,71 @@ def _open_recommender(model_dir: Path, data_dir: Path):
 def recommend_command(
     model_dir: ModelDirOption = ...,
     data_dir: DataDirOption = ...,
-    user: Annotated[str, typer.Option("--user", help="The shopper's id in your events table.")] = ...,
+    user: Annotated[str, typer.Option(
+        "--user", help="The shopper: the id in your events table, or, for imported data (the folder has its "
+                       "pseudonym.key), the raw id before import.")] = ...,
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
 ) -> None:
-    """Print the top K items for a shopper with pCTCVR, pCTR and pCVR, and why (the history items that weighed
-    most). An unknown shopper gets the cold-start ranking (popularity by conversion)."""
+    """Print the top K items for a shopper with pCTCVR, pCTR and pCVR, sorted by pCTCVR, and why (the history
+    items that raise each item's pCTCVR most). A shopper found nowhere gets the cold-start ranking, sorted by the
+    popularity it shows, and a note saying so."""
+    from fedcvr.shared.data.pseudonym import PseudonymKeyError
+
     if k < 1:
         _fail(f"-k must be at least 1, got {k}")
     recommender = _open_recommender(model_dir, data_dir)
-    answer = recommender.recommend(user, k=k)
+    try:
+        match = recommender.match_shopper(user)
+    except PseudonymKeyError as err:
+        _fail(str(err))
+    if match.user_id is not None:
+        console.print(f"shopper {user} found {match.form}", highlight=False, soft_wrap=True)
+    answer = recommender.recommend(match.user_id or user, k=k)
     table = Table(title=f"Top {k} for shopper {user} of {recommender.data.name} (model {recommender.version})")
-    for column in ("item", "title", "pCTCVR", "pCTR", "pCVR", "because"):
-        table.add_column(column, justify="right" if column.startswith("p") else "left")
-    for item in answer["items"]:
-        table.add_row(item["item_id"], item["title"], f"{item['p_ctcvr']:.4f}", f"{item['p_ctr']:.4f}",
-                      f"{item['p_cvr']:.4f}", item["reason"])
-    console.print(table)
     if answer["cold_start"]:
-        console.print(f"[yellow]note:[/] shopper {user} has no history here: cold-start ranking (popularity by "
-                      "conversion)", highlight=False)
+        for column in ("item", "title", "popularity"):
+            table.add_column(column, justify="right" if column == "popularity" else "left")
+        for item in answer["items"]:
+            table.add_row(item["item_id"], item["title"], f"{item['popularity']:.4f}")
+    else:
+        for column in ("item", "title", "pCTCVR", "pCTR", "pCVR", "because"):
+            table.add_column(column, justify="right" if column.startswith("p") else "left")
+        for item in answer["items"]:
+            table.add_row(item["item_id"], item["title"], f"{item['p_ctcvr']:.4f}", f"{item['p_ctr']:.4f}",
+                          f"{item['p_cvr']:.4f}", item["reason"])
+    console.print(table)
+    if match.user_id is None:
+        console.print(f"[yellow]note:[/] no shopper {user} in the events of {recommender.data.folder} (looked "
+                      f"{match.checked}): cold-start ranking, by popularity (purchases per impression, smoothed)",
+                      highlight=False, soft_wrap=True)
+    elif answer["cold_start"]:
+        console.print(f"[yellow]note:[/] shopper {user} has no history here: cold-start ranking, by popularity",
+                      highlight=False)
 
 
 @app.command("serve")
 def serve_command(
     model_dir: ModelDirOption = ...,
     data_dir: DataDirOption = ...,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. On any address but loopback, reads "
+                                                      "need the API token too.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", help="The API token's file (made, mode 0600, when missing). Default: "
+                             "MODEL_DIR/serve.token.")] = None,
     threads: Annotated[int, typer.Option(
         "--threads", help="CPU threads per request for the model. One keeps the latency tail short (measured: p99 "
                           "6.4 ms with 1 thread, 98 ms with 2 on 2 cores); requests run in parallel anyway.")] = 1,
 ) -> None:
     """Serve recommendations over HTTP (POST /recommend, POST /score, GET /similar/ID, POST /items, GET /health;
-    OpenAPI docs at /docs). Runs in the foreground until stopped."""
+    OpenAPI docs at /docs). POST /items needs the API token as 'Authorization: Bearer <token>'. Runs in the
+    foreground until stopped."""
+    import ipaddress
+
     import uvicorn
 
     from fedcvr.client.api import create_app
+    from fedcvr.client.api_guard import load_or_create_token
 
     if not 0 < port < 65536:
         _fail(f"--port {port} is not a port number, e.g. 8000")
@@ -1098,11 +1125,22 @@ def serve_command(
 
     torch.set_num_threads(threads)
     recommender = _open_recommender(model_dir, data_dir)
+    token_path = (token_file or model_dir / "serve.token").expanduser()
+    try:
+        token = load_or_create_token(token_path)
+    except (OSError, ValueError) as err:
+        _fail(f"--token-file: {err}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
     health = recommender.health()
     console.print(f"Serving {health['merchant']}: {health['catalog_size']:,} items, model {health['model_version']}"
                   f"{' (item index built)' if recommender.index_built else ''}; docs at http://{host}:{port}/docs",
                   highlight=False)
-    uvicorn.run(create_app(recommender), host=host, port=port, log_level="info")
+    console.print(f"API token in {token_path}: POST /items{'' if loopback else ' and every read'} needs the header "
+                  "'Authorization: Bearer <token>'", highlight=False, soft_wrap=True)
+    uvicorn.run(create_app(recommender, token=token, open_reads=loopback), host=host, port=port, log_level="info")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -87,9 +88,9 @@ def test_unknown_shoppers_get_the_flagged_popularity_ranking(model_dir, shop, ti
     answer = recommender.recommend(other, k=5)
     assert answer["cold_start"] and answer["ranking"] == "popularity-by-conversion"
     rows = recommender.rows_of([i["item_id"] for i in answer["items"]])
-    popularity = recommender._popularity[rows]
+    popularity = recommender.snapshot.popularity[rows]
     assert list(popularity) == sorted(popularity, reverse=True)
-    assert popularity[0] == recommender._popularity.max()
+    assert popularity[0] == recommender.snapshot.popularity.max()
     own = set(load_merchant(shop).items["item_id"])
     assert {i["item_id"] for i in answer["items"]} <= own and all(not i["because"] for i in answer["items"])
 
@@ -185,9 +186,10 @@ def test_cli_recommend_prints_the_table_and_refuses_bad_folders(model_dir, shop,
 
 
 @pytest.fixture(scope="module")
-def server(shop, tiny_bert, tmp_path_factory):
+def served(shop, tiny_bert, tmp_path_factory):
     """`fedcvr serve` on 127.0.0.1 and a free port, stopped by its PID; one server for this module's HTTP tests
-    (starting one takes seconds), which run in order: the bad-input tests also check that it goes on after them."""
+    (starting one takes seconds), which run in order: the bad-input tests also check that it goes on after them.
+    -> (client, the token file the server made in its model folder)."""
     tmp_path = tmp_path_factory.mktemp("serve")
     model_dir = make_model(tmp_path / "model", tiny_bert)
     port = free_ports(1)[0]
@@ -207,7 +209,7 @@ def server(shop, tiny_bert, tmp_path_factory):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the server did not start:\n{(tmp_path / 'serve.log').read_text()}")
             time.sleep(0.5)
-        yield httpx.Client(base_url=base, timeout=30)
+        yield httpx.Client(base_url=base, timeout=30), model_dir / "serve.token"
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -217,7 +219,27 @@ def server(shop, tiny_bert, tmp_path_factory):
             process.wait()
 
 
-def test_every_endpoint_of_the_running_server(server, shop, tiny_market):
+@pytest.fixture(scope="module")
+def server(served) -> httpx.Client:
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def write(served) -> dict[str, str]:
+    """The header POST /items needs, with the token `fedcvr serve` made at its first start."""
+    return {"authorization": f"Bearer {served[1].read_text().strip()}"}
+
+
+def test_the_server_makes_a_private_token_and_refuses_writes_without_it(served, write):
+    client, token_file = served
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    item = {"items": [{"item_id": "no-token", "title": "Tea"}]}
+    assert client.post("/items", json=item).status_code == 401
+    assert client.post("/items", json=item, headers={"authorization": "Bearer guess"}).status_code == 401
+    assert client.get("/similar/no-token").status_code == 404  # nothing was added
+
+
+def test_every_endpoint_of_the_running_server(server, write, shop, tiny_market):
     health = server.get("/health").json()
     assert health["status"] == "ok" and health["model_version"] == "v1" and health["merchant"] == "merchant-01"
     size = health["catalog_size"]
@@ -236,7 +258,7 @@ def test_every_endpoint_of_the_running_server(server, shop, tiny_market):
     similar = server.get(f"/similar/{first}", params={"k": 3}).json()
     assert len(similar["items"]) == 3
     added = server.post("/items", json={"items": [{"item_id": "new-1", "title": "Organic green tea, 100 g",
-                                                   "price": 4.5}]}).json()
+                                                   "price": 4.5}]}, headers=write).json()
     assert added["added"] == ["new-1"] and added["catalog_size"] == size + 1
     now = server.post("/recommend", json={"history": [{"item_id": "new-1", "event": "purchase"}], "k": 2,
                                           "exclude_bought": False}).json()
@@ -261,8 +283,8 @@ def test_every_endpoint_of_the_running_server(server, shop, tiny_market):
     ("post", "/items", {"items": []}, 422, "items"),
     ("get", "/similar/x?k=0", None, 422, "k"),
 ])
-def test_bad_input_names_the_problem_and_the_server_goes_on(server, method, path, body, status, needle):
-    response = server.post(path, json=body) if method == "post" else server.get(path)
+def test_bad_input_names_the_problem_and_the_server_goes_on(server, write, method, path, body, status, needle):
+    response = server.post(path, json=body, headers=write) if method == "post" else server.get(path)
     assert response.status_code == status, response.text
     assert needle in response.text
     assert server.get("/health").status_code == 200

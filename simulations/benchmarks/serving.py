@@ -51,17 +51,17 @@ def prepare(out: Path, items: int, shoppers: int, events: int, encoder: str) -> 
 def retrieval(recommender, shoppers: list[str], candidates: int, rng: np.random.Generator) -> dict[str, object]:
     from fedcvr.client.recommender import Filters
 
-    index = recommender.index
+    snap = recommender.snapshot
     ours, reference = [], []
     for user in rng.choice(shoppers, size=len(shoppers)):
         history = recommender.history_of(str(user))
         start = time.perf_counter()
-        allowed = recommender._allowed(Filters(), recommender.bought_by(str(user)))
-        rows = recommender.retrieve(index, history, allowed, candidates)
+        allowed = recommender._allowed(snap, Filters(), recommender.bought_by(str(user)))
+        rows = recommender.retrieve(snap, history, allowed, candidates)
         ours.append(time.perf_counter() - start)
-        query = recommender.query(index, history)
+        query = recommender.query(snap, history)
         start = time.perf_counter()
-        scores = index.unit @ query
+        scores = snap.index.unit @ query
         top = np.argpartition(-scores, candidates - 1)[:candidates]
         reference.append(time.perf_counter() - start)
         assert len(rows) == len(top)
