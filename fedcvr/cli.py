@@ -606,6 +606,7 @@ def simulate_command(
     if records:
         csv_path = sim.write_history_csv(records, run_dir / sim.HISTORY_CSV)
         console.print(sim.rounds_table(records))
+        console.print(sim.privacy_line(records), highlight=False)
         console.print(f"wrote {csv_path} ({len(records)} round(s), from {source})", highlight=False)
     else:
         console.print(f"[yellow]note:[/] the ServerApp wrote no round records ({sim.ROUNDS_FILE} or "
@@ -867,6 +868,7 @@ def coordinator_run_command(
     records, _ = sim.load_history(run_dir)
     if records:
         console.print(sim.rounds_table(records))
+        console.print(sim.privacy_line(records), highlight=False)
     console.print(f"[green]done:[/] results in {run_dir}; the final model is in {run_dir / 'model'} and every node "
                   "saved it into its --model-dir", highlight=False)
 
