@@ -39,6 +39,7 @@ from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 
 from .checkpoint import Checkpoint, check_fits, load_checkpoint, save_checkpoint
 from .config import ServerConfig
+from .pacing import PacedGrid, check_progress
 from .secagg import SecAggGrid
 from .strategy import RoundBook, make_strategy, run_privacy
 
@@ -201,6 +202,7 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
     round's training runs under SecAgg+ (`secagg.py`); everything else is the same. `on_round` gets each round's
     row (as written to rounds.jsonl) once the round is done."""
     context = context or Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    grid = PacedGrid(grid, config.round_timeout)  # waits follow the time the nodes take (`pacing.py`)
     model, backbone = initial_model(ModelConfig.from_run_config(run_config), config.seed)
     initial = ArrayRecord(trainable_state(model))
     resumed = _resume_from(config, initial)  # before waiting for nodes: a bad checkpoint fails at once
@@ -244,6 +246,14 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
             on_round(row)
 
         book.on_round = after_round
+    recorded = book.on_round
+
+    def stop_when_stalled(row: dict) -> None:  # after the checkpoint: a stopped run resumes from it
+        if recorded is not None:
+            recorded(row)
+        check_progress(book.rows, config.round_timeout)
+
+    book.on_round = stop_when_stalled
     train_grid = SecAggGrid(grid, config.secagg, context) if config.secagg.enabled else grid
     result = strategy.start(grid=train_grid, initial_arrays=initial, num_rounds=config.num_server_rounds - done,
                             timeout=config.round_timeout,

@@ -68,3 +68,86 @@ def test_final_arrays_takes_the_result_only_when_a_round_aggregated(arrays):
     initial = ArrayRecord({"w": torch.zeros(2)})
     result = ArrayRecord({name: torch.ones(2) for name in arrays})
     assert final_arrays(result, initial, 2) is (result if arrays else initial)
+
+
+class _Clocked:
+    """A grid that answers every message (or all but `drop`) after `seconds[kind]` of a fake clock."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.now = 0.0
+        self.seconds = seconds
+        self.asked: list[tuple[str, float]] = []
+        self.drop = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def send_and_receive(self, messages, *, timeout=None):
+        kind = messages[0].metadata.message_type
+        self.asked.append((kind, timeout))
+        self.now += min(self.seconds[kind], timeout)
+        return [object() for _ in messages[self.drop:]]
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+
+class _Meta:
+    def __init__(self, kind: str):
+        self.message_type = kind
+
+
+class _Msg:
+    def __init__(self, kind: str):
+        self.metadata = _Meta(kind)
+
+
+def test_waits_follow_the_time_the_nodes_took(caplog):
+    """The first training batch took 50 s of a 60 s round-timeout: later ones may take 2 x 50 s; other kinds of
+    message keep their own measure; a batch with a missing reply does not count as a measure."""
+    from fedcvr.server.pacing import PacedGrid
+
+    inner = _Clocked({"train": 50.0, "evaluate": 5.0})
+    grid = PacedGrid(inner, round_timeout=60, clock=inner.clock)
+    for kind in ("train", "evaluate", "train", "evaluate"):
+        assert len(list(grid.send_and_receive([_Msg(kind)] * 3, timeout=60))) == 3
+    assert inner.asked == [("train", 60), ("evaluate", 60), ("train", 100), ("evaluate", 60)]
+    assert "Waiting up to 100 s for 3 train replies: 2 x the 50 s" in caplog.text
+    inner.seconds["train"], inner.drop = 500.0, 1  # a node did not answer: the wait ran out, nothing learnt
+    grid.send_and_receive([_Msg("train")] * 3, timeout=60)
+    assert grid.timeout_for("train", 60) == 100 and grid.get_node_ids() == [1, 2, 3]
+
+
+def _row(number: int, trained: int, *reasons: str) -> dict:
+    return {"round": number, "nodes-trained": trained, "failed": [{"node": i, "reason": r} for i, r in
+                                                                  enumerate(reasons)]}
+
+
+def test_a_run_whose_nodes_never_answer_in_time_stops_with_the_reason_and_the_fix():
+    from fedcvr.server.pacing import RoundsTimedOut, check_progress
+
+    late = "no reply within round-timeout = 60 s"
+    rows = [_row(1, 3), _row(2, 0, late, late, late)]
+    check_progress(rows, 60)  # one round can be a passing spike
+    rows.append(_row(3, 0, late, "secure aggregation halted"))
+    with pytest.raises(RoundsTimedOut, match=r"rounds 2, 3 produced no update.*round-timeout = 60 s.*checkpoint "
+                                             r"holds the model of round 1.*--resume OUT.*round-timeout=600"):
+        check_progress(rows, 60)
+    # rounds that failed for other reasons, or in which some node trained, are no stall
+    check_progress([_row(1, 0, late), _row(2, 0, "ValueError: bad data")], 60)
+    check_progress([_row(1, 0, late), _row(2, 1, late)], 60)
+
+
+def test_run_training_stops_when_two_rounds_in_a_row_get_no_answer_in_time(tiny_market, tiny_bert, tmp_path):
+    """Nodes that never answer within round-timeout: the run used to go on through every planned round for
+    nothing (and then fail on empty weights); it stops after two such rounds, checkpoint written."""
+    from fedcvr.server.checkpoint import checkpoint_folder, load_checkpoint
+    from fedcvr.server.pacing import RoundsTimedOut
+
+    out = tmp_path / "run"
+    run_config = small_run_config(tiny_market, tiny_bert, out, **{"num-server-rounds": 5})
+    with pytest.raises(RoundsTimedOut, match="rounds 1, 2 produced no update: no node answered within "
+                                             "round-timeout = 30 s"):
+        run_in_process(run_config, lambda node, sent, reply: None)
+    assert len((out / "rounds.jsonl").read_text().splitlines()) == 2
+    assert load_checkpoint(checkpoint_folder(out)).round == 2
