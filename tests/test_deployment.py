@@ -1,10 +1,13 @@
 """A real deployment on loopback, following the README runbooks command for command.
 
 One SuperLink (`fedcvr coordinator start`, TLS + node authentication) and three merchant nodes
-(`fedcvr merchant start`) run `fedcvr coordinator run --secagg` with DP-SGD. Along the way: a node whose key is not
-registered is refused; a node killed mid-round does not stop the run (SecAgg+ recovers without it, the merchant
-restarts it); the SuperLink is killed and restarted, and the run resumed from its checkpoint ends with the planned
-number of rounds. Every process is started in a session of its own and stopped by its PID (its process group).
+(`fedcvr merchant start`) run `fedcvr coordinator run --secagg` with DP-SGD. Along the way: a client that holds
+ca.pem but not the coordinator's machine finds only the Fleet API on the merchants' port and cannot register,
+unregister or list nodes or runs; a node whose key is not registered is refused; a node killed mid-round does not
+stop the run (SecAgg+ recovers without it, the merchant restarts it); the SuperLink is killed and restarted (its
+SuperExec goes with it), and the run resumed from its checkpoint ends with the planned number of rounds; no
+ClientApp process stays a zombie under a node. Every process is started in a session of its own and stopped by its
+PID (its process group).
 
 About 6-8 minutes on 2 cores: marked `deployment`, left out of `make test`; run it with `make test-deployment`.
 """
@@ -21,12 +24,14 @@ import time
 from pathlib import Path
 
 import pytest
+from test_processes import descendants
 
-from fedcvr.simulations.launcher import free_ports
+from fedcvr.simulations.launcher import _stat, alive, free_ports
 
 pytestmark = pytest.mark.deployment
 
 FEDCVR = str(Path(sys.executable).parent / "fedcvr")
+FLWR = str(Path(sys.executable).parent / "flwr")
 ROUNDS = 3
 
 
@@ -92,6 +97,22 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def flwr(flwr_home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([FLWR, *args], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1"})
+
+
+def registered_nodes(home: Path) -> list[str]:
+    """The node ids registered at the SuperLink, asked through the coordinator's own connection."""
+    done = flwr(home / "flwr", "supernode", "list", "fedcvr", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return sorted(str(node["node-id"]) for node in json.loads(done.stdout)["nodes"])
+
+
+def zombies_below(pid: int) -> set[int]:
+    return {p for p in descendants(pid) if _stat(p)[:1] == ["Z"]}
+
+
 def rounds_written(run_dir: Path) -> list[dict]:
     path = run_dir / "rounds.jsonl"
     if not path.exists():
@@ -102,7 +123,7 @@ def rounds_written(run_dir: Path) -> list[dict]:
 def test_runbooks_on_loopback_tls_auth_dp_secagg_dropout_and_restart(tmp_path, tiny_market, tiny_bert):
     keys, home, logs = tmp_path / "keys", tmp_path / "coordinator", tmp_path / "logs"
     logs.mkdir()
-    link_port, *node_ports = free_ports(5)
+    link_port, control_port, *node_ports = free_ports(6)
     merchants = sorted(p for p in tiny_market.iterdir() if p.is_dir())
     procs = Processes(logs)
     try:
@@ -110,13 +131,28 @@ def test_runbooks_on_loopback_tls_auth_dp_secagg_dropout_and_restart(tmp_path, t
         made = fedcvr("keys", "init", str(keys), "--superlink-host", "127.0.0.1", "--merchants", "4")
         assert made.returncode == 0, made.stderr
         start_link = [FEDCVR, "coordinator", "start", "--home", str(home), "--keys", str(keys),
-                      "--host", "127.0.0.1", "--port", str(link_port)]
+                      "--host", "127.0.0.1", "--port", str(link_port), "--control-address", f"127.0.0.1:{control_port}"]
         procs.start("superlink", start_link)
-        wait_for("the SuperLink to listen", lambda: port_open(link_port), 60)
+        wait_for("the SuperLink to listen", lambda: port_open(link_port) and port_open(control_port), 60)
         for i in (1, 2, 3):
             done = fedcvr("coordinator", "register", str(keys / "merchants" / f"merchant-0{i}.pub"), "--home",
                           str(home))
             assert done.returncode == 0, done.stdout + done.stderr
+        registered = registered_nodes(home)
+        assert len(registered) == 3
+
+        # ---- someone with ca.pem and the merchants' address, but not the coordinator's machine (README: the
+        # merchants' port serves the Fleet API alone): no register, unregister or listing of nodes or runs
+        rogue = tmp_path / "rogue-flwr"
+        rogue.mkdir()
+        (rogue / "config.toml").write_text(f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = '
+                                           f'"127.0.0.1:{link_port}"\nroot-certificates = "{keys / "ca.pem"}"\n')
+        for attempt in (["supernode", "register", str(keys / "merchants" / "merchant-04.pub")],
+                        ["supernode", "unregister", registered[0]], ["supernode", "list"], ["ls"]):
+            done = flwr(rogue, *attempt)
+            assert done.returncode != 0 and "404 Not Found" in done.stdout + done.stderr, (attempt, done.stdout)
+            assert "successfully" not in done.stdout
+        assert registered_nodes(home) == registered  # nothing was registered or unregistered
 
         # ---- merchants (README "Runbook: merchant")
         def merchant(i: int, key: int) -> list[str]:
@@ -137,7 +173,7 @@ def test_runbooks_on_loopback_tls_auth_dp_secagg_dropout_and_restart(tmp_path, t
         # ---- a training run with DP-SGD and SecAgg+
         run_dir = tmp_path / "run"
         small = (f"model.encoder='{tiny_bert}' model.dim=8 model.attention-hidden=8 model.head-hidden=8 "
-                 "model.max-text-tokens=32 examples.history-length=8 train.batch-size=128 round-timeout=60")
+                 "model.max-text-tokens=32 examples.history-length=8 train.batch-size=128 round-timeout=180")
         procs.start("run", [FEDCVR, "coordinator", "run", "--home", str(home), "--out", str(run_dir),
                             "--rounds", str(ROUNDS), "--secagg", "--run-config", small])
         wait_for("round 1", lambda: len(rounds_written(run_dir)) >= 1, 300)
@@ -150,7 +186,10 @@ def test_runbooks_on_loopback_tls_auth_dp_secagg_dropout_and_restart(tmp_path, t
         assert rounds_written(run_dir)[1]["nodes-trained"] == 2
 
         # ---- the SuperLink crashes after round 2 and is restarted; the run resumes from its checkpoint
+        below_link = descendants(procs.running["superlink"].pid)  # its SuperExec (a session of its own) and tasks
+        assert below_link
         procs.stop("superlink", signal.SIGKILL)
+        wait_for("the SuperLink's SuperExec to end with it", lambda: not any(alive(p) for p in below_link), 30)
         run = procs.running["run"]
         try:
             run.wait(timeout=60)
@@ -175,6 +214,10 @@ def test_runbooks_on_loopback_tls_auth_dp_secagg_dropout_and_restart(tmp_path, t
         for i in (1, 2, 3):
             version = (tmp_path / f"merchant-{i}" / "model" / "VERSION").read_text().strip()
             assert version == summary["model_version"]
+        # each message ran in a ClientApp process of its own: every one that ended was reaped
+        for i in (1, 2, 3):
+            node = procs.running[f"merchant-{i}"].pid
+            wait_for(f"no zombie under merchant {i}'s node", lambda node=node: not zombies_below(node), 15)
     except BaseException:
         for name in ("superlink", "run", "merchant-1", "merchant-3", "unregistered"):
             print(f"==== {name}\n{procs.log(name)[-4000:]}")
