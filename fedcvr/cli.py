@@ -88,7 +88,8 @@ def data_validate(
     folder: Path = typer.Argument(..., help="A merchant folder (items + events tables) or a marketplace folder "
                                             "with one sub-folder per merchant."),
 ) -> None:
-    """Check data against the contract and print a summary, or every problem found (exit code 2)."""
+    """Check data against the contract and print a summary, or every problem found (exit code 2). Folders that
+    pass but may not be learned from (one item, no clicks or no purchases) are listed as warnings (exit code 0)."""
     from fedcvr.shared.data.contract import DataValidationError
     from fedcvr.shared.data.loader import load_merchant, merchant_folders
     from fedcvr.shared.data.summary import combine, summarise
@@ -99,7 +100,7 @@ def data_validate(
         _fail(str(err))
     from rich.progress import track
 
-    summaries, failures = [], []
+    summaries, failures, warnings = [], [], []
     all_users: set[str] = set()
     all_items: set[str] = set()
     for merchant in track(folders, description="validating", console=err_console, transient=True,
@@ -107,6 +108,7 @@ def data_validate(
         try:
             data = load_merchant(merchant)
             summaries.append(summarise(data))
+            warnings.extend((data.name, problem) for problem in data.warnings)
             all_users.update(data.events["user_id"].unique())
             all_items.update(data.items["item_id"])
         except DataValidationError as err:
@@ -116,9 +118,14 @@ def data_validate(
     if summaries:
         total = combine(summaries, len(all_users), len(all_items)) if len(summaries) > 1 else None
         console.print(_summary_table(summaries, total))
+    for name, problem in warnings:
+        err_console.print(f"[yellow]warning:[/] {name}: ", end="", highlight=False)
+        err_console.print(str(problem), highlight=False, markup=False, soft_wrap=True)
     if failures:
         _fail(f"{len(failures)} of {len(folders)} merchant folder(s) failed validation; see the problems above.")
-    console.print(f"[green]ok:[/] {len(folders)} merchant folder(s) match the data contract.")
+    note = (f"; {len(warnings)} warning(s) above: training refuses a merchant whose examples hold a single class "
+            "of labels" if warnings else ".")
+    console.print(f"[green]ok:[/] {len(folders)} merchant folder(s) match the data contract{note}", highlight=False)
 
 
 @data_app.command("pseudonymise")

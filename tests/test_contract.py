@@ -196,3 +196,88 @@ def test_cli_validate_total_counts_distinct_users_and_items(tmp_path):
     total = next(line for line in result.output.splitlines() if "│ all" in line)
     # both shops have the same 2 shoppers and 3 items; 6 impressions, 2 clicks, 2 purchases in all
     assert [cell.strip() for cell in total.split("│")[1:8]] == ["all", "2", "3", "6", "2", "0", "2"]
+
+
+# ---------------------------------------------------------------- implausible values and unlearnable folders
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_infinite_prices_are_an_error_naming_row_and_item(tmp_path, fmt):
+    items = good_items()
+    items["price"] = [float("inf"), 59.5, float("-inf")]
+    problem = only(problems_of(write_tables(tmp_path / "m", items, good_events(), fmt)), "price")
+    assert problem.message == "has prices that are not finite (infinity)" and problem.count == 2
+    first = "line 2" if fmt == "csv" else "row 0"
+    assert problem.rows[0][0] == first and "item_id 'a'" in problem.rows[0][1] and "inf" in problem.rows[0][1]
+    assert "finite number" in problem.fix
+
+
+@pytest.mark.parametrize("stamp", ["1700-01-01T00:00:00Z", "2200-01-01T00:00:00Z", "1989-12-31", "-86400"])
+def test_timestamps_outside_the_plausible_window_are_an_error(tmp_path, stamp):
+    events = good_events()
+    events.loc[2, "timestamp"] = stamp
+    problem = only(problems_of(write_tables(tmp_path / "m", good_items(), events)), "timestamp")
+    assert "outside 1990-01-01" in problem.message and problem.rows == (("line 4", repr(stamp)),)
+    assert "epoch seconds" in problem.fix
+
+
+def test_a_timestamp_within_a_day_ahead_is_accepted(tmp_path):
+    events = good_events()
+    events.loc[2, "timestamp"] = (pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=12)).isoformat()
+    load_merchant(write_tables(tmp_path / "m", good_items(), events))
+
+
+def test_a_megabyte_title_is_an_error_that_does_not_repeat_the_text(tmp_path):
+    items = good_items()
+    items.loc[1, "title"] = "x" * 1_000_000
+    items.loc[2, "description"] = "y" * 100_001
+    problems = problems_of(write_tables(tmp_path / "m", items, good_events(), "parquet"))
+    title = only(problems, "title")
+    assert title.message == "has values longer than 10,000 characters"
+    assert title.rows == (("row 1", "item_id 'b': 1,000,000 characters"),)
+    assert "description" in {p.column for p in problems} and len(str(title)) < 1_000
+
+
+def _folder_warnings(tmp_path, n_items, rows):
+    items = pd.DataFrame({"item_id": [f"i{k}" for k in range(n_items)], "title": [f"Item {k}" for k in range(n_items)]})
+    events = pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                           "event": [r[2] for r in rows],
+                           "timestamp": pd.date_range("2024-03-01", periods=len(rows), freq="min")})
+    return load_merchant(write_tables(tmp_path / "m", items, events)).warnings
+
+
+def test_a_good_folder_has_no_warnings(tmp_path):
+    assert load_merchant(write_tables(tmp_path / "m", good_items(), good_events())).warnings == []
+
+
+def test_one_item_no_clicks_and_no_purchases_are_warnings(tmp_path):
+    (one,) = _folder_warnings(tmp_path / "a", 1, [("u1", "i0", "purchase"), ("u2", "i0", "purchase")])
+    assert one.column == "item_id" and "holds 1 item" in one.message and one.file.endswith("items.csv")
+    (no_clicks,) = _folder_warnings(tmp_path / "b", 2, [("u1", "i0", "impression"), ("u1", "i1", "impression")])
+    assert "no click or purchase" in no_clicks.message and no_clicks.column == "event"
+    (no_buys,) = _folder_warnings(tmp_path / "c", 2, [("u1", "i0", "impression"), ("u1", "i0", "click")])
+    assert "no purchase" in no_buys.message
+    (nothing,) = _folder_warnings(tmp_path / "d", 2, [("u1", "i0", "click"), ("u1", "i1", "cart")])
+    assert "neither impressions nor purchases" in nothing.message
+    # a purchase log (implicit feedback) has no clicks by nature: no warning
+    assert _folder_warnings(tmp_path / "e", 2, [("u1", "i0", "purchase"), ("u2", "i1", "purchase")]) == []
+
+
+def test_cli_validate_shows_warnings_and_still_passes(tmp_path):
+    write_tables(tmp_path / "good", good_items(), good_events())
+    items = good_items().iloc[:1]
+    events = good_events().assign(item_id="a", event="purchase")
+    write_tables(tmp_path / "tiny", items, events)
+    result = CliRunner().invoke(app, ["data", "validate", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning: tiny:" in text and "holds 1 item" in text and "warning: good" not in text
+    assert "2 merchant folder(s) match the data contract; 1 warning(s) above" in text
+
+
+def test_cli_validate_reports_an_infinite_price(tmp_path):
+    items = good_items()
+    items.loc[0, "price"] = float("inf")
+    write_tables(tmp_path / "shop", items, good_events())
+    result = CliRunner().invoke(app, ["data", "validate", str(tmp_path / "shop")])
+    assert result.exit_code == 2 and "not finite" in result.output

@@ -125,6 +125,39 @@ def test_2018_partition_by_brand(tmp_path, files_2018):
     assert sorted(p.name for p in merchant_folders(tmp_path / "out")) == ["acme", "unknown", "zed"]
 
 
+def test_2018_partition_by_brand_names_the_one_item_folders(tmp_path, files_2018):
+    reviews, meta = files_2018
+    report = import_amazon(reviews, meta, tmp_path / "out", partition_by="brand")
+    (single,) = [note for note in report.notes if "single item" in note]
+    # every brand here sold one item (acme's two reviews are of A1): all are written, named, and warned about
+    assert single.startswith("3 of 3 folder(s) hold a single item (acme, unknown, zed)")
+    assert "training refuses" in single
+    for merchant in map(load_merchant, merchant_folders(tmp_path / "out")):
+        assert ["holds 1 item" in w.message for w in merchant.warnings] == [True], merchant.name
+
+
+def test_implausible_source_values_are_made_to_fit_and_counted(tmp_path):
+    reviews = [json.dumps({"user_id": f"X{k}", "asin": "B1", "parent_asin": f"P{k % 2}", "timestamp": when,
+                           "rating": 5}) for k, when in enumerate([1600000000000, 1600000001000, 7258118400000,
+                                                                    -8520336000000, 1600000002000])]
+    meta = [
+        '{"parent_asin": "P0", "title": "%s", "main_category": "Home", "price": Infinity}' % ("Lamp " * 4_000),
+        json.dumps({"parent_asin": "P1", "title": "Stapler", "main_category": "Home", "price": 1e300}),
+    ]
+    out = tmp_path / "out"
+    report = import_amazon(write_lines(tmp_path / "r.jsonl", reviews, False),
+                           write_lines(tmp_path / "m.jsonl", meta, False), out)
+    # the reviews dated 2200 and 1700 are dropped and counted; the rest validates against the contract
+    assert report.dropped["events dated before 1990-01-01 or more than a day ahead of the import"] == 2
+    assert report.events == 3 and report.rows_read - sum(report.dropped.values()) == report.events
+    assert any("item title(s) longer than 10,000 characters were cut" in note for note in report.notes)
+    (home,) = [load_merchant(folder) for folder in merchant_folders(out)]
+    assert home.warnings == []
+    items = home.items.set_index("item_id")
+    assert math.isnan(items.loc["P0", "price"]) and items.loc["P1", "price"] == 1e300
+    assert len(items.loc["P0", "title"]) <= 10_000 and items.loc["P0", "title"].startswith("Lamp Lamp")
+
+
 def test_2023_fields_join_via_parent_asin(tmp_path, files_2023):
     reviews, meta = files_2023
     report = import_amazon(reviews, meta, tmp_path / "out")
@@ -176,6 +209,7 @@ def test_cli_missing_file_exit_2(tmp_path, files_2023):
 @pytest.mark.parametrize(("raw", "expected"), [
     ("$12.99", 12.99), ("12.99", 12.99), ("$1,299.00", 1299.0), (7, 7.0), (19.5, 19.5),
     ("", None), (None, None), ("$5.99 - $9.99", None), (".a-box-inner{background-color:#fff;}", None), (-1.0, None),
+    (float("inf"), None), (float("nan"), None), (10**400, None), ("$" + "9" * 400, None),
 ])
 def test_parse_price(raw, expected):
     value = parse_price(raw)

@@ -22,12 +22,13 @@ ids = st.text(alphabet="abcdefghij0123456789-_", min_size=1, max_size=6)
 titles = st.text(st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=40).filter(str.strip)
 stamps = st.one_of(
     st.datetimes(min_value=pd.Timestamp("2000-01-01").to_pydatetime(),
-                 max_value=pd.Timestamp("2030-01-01").to_pydatetime()).map(lambda d: d.isoformat()),
-    st.integers(min_value=946_684_800, max_value=1_900_000_000).map(str),
+                 max_value=pd.Timestamp("2025-01-01").to_pydatetime()).map(lambda d: d.isoformat()),
+    st.integers(min_value=946_684_800, max_value=1_735_689_600).map(str),
 )
 junk = st.one_of(
     st.none(), st.just(""), st.just("   "), st.just(float("nan")), st.text(max_size=20), st.integers(), st.floats(),
     st.booleans(), st.just("x" * 20_000), st.binary(max_size=8), st.just("\x00\ufffd\U0001f600"),
+    st.just(float("inf")), st.just("1e400"), st.just("2200-01-01"), st.just("1700-01-01T00:00:00Z"),
 )
 
 
@@ -127,6 +128,11 @@ def test_any_table_loads_whole_or_fails_with_the_validation_error(tables, fmt):
         assert data.items["item_id"].is_unique
         assert set(data.events["event"]) <= set(EVENT_TYPES)
         assert not data.events["timestamp"].isna().any()
+        # nothing a model cannot use gets through: finite prices, plausible dates, bounded titles
+        assert not np.isinf(data.items["price"]).any()
+        latest = pd.Timestamp.now() + pd.Timedelta(days=2)
+        assert data.events["timestamp"].between(pd.Timestamp("1990-01-01"), latest).all()
+        assert (data.items["title"].str.len() <= 10_000).all()
 
 
 @SETTINGS
@@ -164,6 +170,17 @@ def test_huge_strings_and_many_duplicates_are_reported_not_crashed(tmp_path):
     assert data is None
     assert "1 item id(s) that occur more than once" in str(err)
     assert "refers to 1 item id(s) not in the items table" in str(err)
+
+
+def test_implausible_values_are_reported_with_every_other_problem(tmp_path):
+    items = pd.DataFrame({"item_id": ["a", "b"], "title": ["x" * 1_000_000, "ok"], "price": [np.inf, 1e400]})
+    events = pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"], "event": ["purchase", "purchase"],
+                           "timestamp": ["1700-01-01", "2200-01-01"]})
+    for fmt in ("csv", "parquet"):
+        data, err = _load(items, events, fmt)
+        assert data is None
+        assert {p.column for p in err.problems} == {"title", "price", "timestamp"}
+        assert next(p for p in err.problems if p.column == "price").count == 2
 
 
 def test_float_ids_and_nan_in_required_columns(tmp_path):

@@ -1,8 +1,9 @@
 """The data contract of one merchant: an `items` table and an `events` table in one folder.
 
-items:  item_id (str), title (str); optional description, category, brand (str), price (float >= 0)
-events: user_id (str), item_id (str), event (impression | click | cart | purchase), timestamp;
-        optional session_id (str), position (int >= 0)
+items:  item_id (str), title (str, at most 10,000 characters); optional description (at most 100,000), category,
+        brand (str, at most 10,000), price (finite float >= 0)
+events: user_id (str), item_id (str), event (impression | click | cart | purchase), timestamp (from 1990-01-01 to
+        one day after now); optional session_id (str), position (int >= 0)
 
 Each table is `items.parquet` or `items.csv` (likewise `events`). CSV files are UTF-8 with a header row.
 Timestamps are ISO 8601 text (`2024-03-01T12:30:00Z`, `2024-03-01 12:30`) or Unix epoch seconds; they are read as UTC.
@@ -12,6 +13,7 @@ Extra columns are kept (the synthetic marketplace stores its ground-truth probab
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "cart", "purchase")
 """Event names in funnel order; their index is the event code used in examples."""
@@ -24,6 +26,12 @@ ITEM_TEXT_OPTIONAL: tuple[str, ...] = ("description", "category", "brand")
 EVENT_REQUIRED: tuple[str, ...] = ("user_id", "item_id", "event", "timestamp")
 
 MAX_ROWS_SHOWN = 5
+
+TEXT_LIMITS: dict[str, int] = {"title": 10_000, "description": 100_000, "category": 10_000, "brand": 10_000}
+"""Most characters an item text may hold: longer values are an export error (a whole page pasted into a cell)."""
+EARLIEST_TIMESTAMP = "1990-01-01"
+FUTURE_TOLERANCE_HOURS = 24
+"""Timestamps before EARLIEST_TIMESTAMP or more than this many hours after now are typos or wrong units."""
 
 
 @dataclass(frozen=True)
@@ -61,3 +69,9 @@ class DataValidationError(ValueError):
     def __str__(self) -> str:
         head = f"{len(self.problems)} problem(s) in the data folder {self.folder}:"
         return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+def timestamp_window(now: datetime | None = None) -> tuple[datetime, datetime]:
+    """The (earliest, latest) plausible event time as naive UTC: EARLIEST_TIMESTAMP and now + the tolerance."""
+    now = now or datetime.now(UTC).replace(tzinfo=None)
+    return datetime.fromisoformat(EARLIEST_TIMESTAMP), now + timedelta(hours=FUTURE_TOLERANCE_HOURS)

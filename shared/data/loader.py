@@ -10,13 +10,11 @@ events: user_id, item_id, event (str), timestamp (datetime64[ns], UTC, naive), s
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from .contract import (
     EVENT_REQUIRED,
@@ -24,11 +22,16 @@ from .contract import (
     ITEM_REQUIRED,
     ITEM_TEXT_OPTIONAL,
     MAX_ROWS_SHOWN,
-    TABLE_FORMATS,
     TABLE_NAMES,
+    TEXT_LIMITS,
     DataProblem,
     DataValidationError,
+    timestamp_window,
 )
+from .learnable import folder_warnings
+from .tables import find_table, is_merchant_folder, merchant_folders, read_table
+
+__all__ = ["MerchantData", "find_table", "is_merchant_folder", "load_merchant", "merchant_folders", "read_table"]
 
 _ID_COLUMNS = ("item_id", "user_id", "session_id")
 _TEXT_COLUMNS = ("title", *ITEM_TEXT_OPTIONAL, "event")
@@ -42,74 +45,8 @@ class MerchantData:
     folder: Path
     items: pd.DataFrame
     events: pd.DataFrame
-
-
-def find_table(folder: Path, name: str) -> Path | DataProblem:
-    """The file holding table `name` in `folder`, or the problem that it is missing or ambiguous."""
-    found = [folder / f"{name}{ext}" for ext in TABLE_FORMATS if (folder / f"{name}{ext}").is_file()]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        return DataProblem(
-            file=str(folder / f"{name}.parquet"),
-            column=None,
-            message=f"the '{name}' table is missing",
-            fix=f"put the {name} table into the folder as {name}.parquet or {name}.csv",
-        )
-    return DataProblem(
-        file=str(found[0]),
-        column=None,
-        message=f"both {found[0].name} and {found[1].name} exist; it is unclear which to read",
-        fix="keep one of the two files and remove or rename the other",
-    )
-
-
-def _read_csv(path: Path) -> tuple[pd.DataFrame | None, DataProblem | None]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        snippet = raw[max(0, err.start - 20) : err.start + 20]
-        return None, DataProblem(
-            file=str(path),
-            column=None,
-            message=f"the file is not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line} cannot be decoded",
-            fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`)",
-            rows=((f"line {line}", repr(snippet)),),
-            count=1,
-        )
-    try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
-        return None, DataProblem(
-            file=str(path),
-            column=None,
-            message=f"the file cannot be read as CSV: {str(err).strip()}",
-            fix="write a comma-separated file with one header row and the same number of fields on every line; "
-            "quote fields that contain commas",
-        )
-    frame.columns = [str(c).strip() for c in frame.columns]
-    return frame, None
-
-
-def _read_parquet(path: Path) -> tuple[pd.DataFrame | None, DataProblem | None]:
-    try:
-        frame = pq.read_table(path).to_pandas()
-    except Exception as err:  # pyarrow raises several unrelated types for corrupt files
-        return None, DataProblem(
-            file=str(path),
-            column=None,
-            message=f"the file cannot be read as Parquet: {err}",
-            fix="re-export the table as Parquet (e.g. pandas `DataFrame.to_parquet`) or as UTF-8 CSV",
-        )
-    frame.columns = [str(c).strip() for c in frame.columns]
-    return frame, None
-
-
-def read_table(path: Path) -> tuple[pd.DataFrame | None, DataProblem | None]:
-    """Read a CSV or Parquet table without validating its content."""
-    return _read_csv(path) if path.suffix == ".csv" else _read_parquet(path)
+    warnings: list[DataProblem] = field(default_factory=list)
+    """What the contract allows but training may not learn from (see `learnable.folder_warnings`)."""
 
 
 class _Checker:
@@ -124,7 +61,8 @@ class _Checker:
         return f"line {index + 2}" if self.is_csv else f"row {index}"
 
     def add(self, column: str | None, message: str, fix: str, bad: pd.Series | None = None,
-            values: pd.Series | None = None) -> None:
+            values: pd.Series | None = None, described: bool = False) -> None:
+        """Add a problem; `values` are shown by their repr, or as they are when `described` (labels made here)."""
         rows: tuple[tuple[str, str], ...] = ()
         count = 0
         if bad is not None:
@@ -132,7 +70,8 @@ class _Checker:
             count = len(positions)
             shown = positions[:MAX_ROWS_SHOWN]
             if values is not None:
-                rows = tuple((self.location(int(i)), repr(values.iloc[int(i)])) for i in shown)
+                show = str if described else repr
+                rows = tuple((self.location(int(i)), show(values.iloc[int(i)])) for i in shown)
             else:
                 rows = tuple((self.location(int(i)), "") for i in shown)
         self.problems.append(DataProblem(str(self.path), column, message, fix, rows, count))
@@ -217,6 +156,7 @@ def _validate_items(frame: pd.DataFrame, check: _Checker) -> pd.DataFrame | None
     for column in ("title", *ITEM_TEXT_OPTIONAL):
         if column in out:
             out[column] = out[column].fillna("").astype(str).str.strip()
+            ok = _check_length(out, column, check) and ok
     if "price" in frame.columns:
         raw = frame["price"]
         price = pd.to_numeric(raw, errors="coerce")
@@ -226,7 +166,13 @@ def _validate_items(frame: pd.DataFrame, check: _Checker) -> pd.DataFrame | None
                       "write prices as plain numbers with a dot for decimals (e.g. 12.99), no currency signs",
                       unparsable, raw)
             ok = False
-        negative = price < 0
+        infinite = pd.Series(np.isinf(price.to_numpy(dtype="float64")), index=price.index)
+        if infinite.any():
+            check.add("price", "has prices that are not finite (infinity)",
+                      "write the item's price as a finite number >= 0, or leave it empty when it is unknown",
+                      infinite, _with_item(out, raw.map(repr)), described=True)
+            ok = False
+        negative = (price < 0) & ~infinite
         if negative.any():
             check.add("price", "has negative prices", "prices must be >= 0", negative, raw)
             ok = False
@@ -234,6 +180,27 @@ def _validate_items(frame: pd.DataFrame, check: _Checker) -> pd.DataFrame | None
     else:
         out["price"] = np.nan
     return out.reset_index(drop=True) if ok else None
+
+
+def _with_item(out: pd.DataFrame, shown: pd.Series) -> pd.Series:
+    """Each row's shown value labelled with its item id, for problems whose value alone does not say which item."""
+    ids = out["item_id"].astype(str) if "item_id" in out else pd.Series("?", index=shown.index)
+    return pd.Series([f"item_id {i!r}: {v}" for i, v in zip(ids, shown)], index=shown.index)
+
+
+def _check_length(out: pd.DataFrame, column: str, check: _Checker) -> bool:
+    """Whether every value of an item text column is within its limit; adds the problem when not (the values
+    themselves are not repeated: they can be megabytes)."""
+    limit = TEXT_LIMITS[column]
+    length = out[column].str.len()
+    long = length > limit
+    if not long.any():
+        return True
+    shown = _with_item(out, length.map(lambda n: f"{n:,} characters"))
+    check.add(column, f"has values longer than {limit:,} characters",
+              f"keep '{column}' to what shoppers read (at most {limit:,} characters): a longer value is usually "
+              "a whole page or file pasted into one cell", long, shown, described=True)
+    return False
 
 
 def _parse_timestamps(raw: pd.Series) -> pd.Series:
@@ -310,6 +277,14 @@ def _validate_events(frame: pd.DataFrame, check: _Checker, item_ids: set[str] | 
             check.add("timestamp", "has values that cannot be read as a date and time",
                       "write ISO 8601 timestamps such as 2024-03-01T12:30:00Z, or Unix epoch seconds", bad, raw)
             ok = False
+        earliest, latest = timestamp_window()
+        outside = ~bad & ((parsed < earliest) | (parsed > latest))
+        if outside.any():
+            check.add("timestamp", f"has dates outside {earliest:%Y-%m-%d} .. {latest:%Y-%m-%d %H:%M} UTC (before "
+                      "1990 or more than a day ahead of now: a typo or a wrong unit)",
+                      "correct those dates; write Unix epoch seconds (not milliseconds) since "
+                      "1970-01-01 UTC", outside, raw)
+            ok = False
         out["timestamp"] = parsed
     if "position" in frame.columns:
         raw = frame["position"]
@@ -376,26 +351,5 @@ def load_merchant(folder: str | Path) -> MerchantData:
             events = _validate_events(frame, _Checker(paths["events"], problems), known)
     if problems:
         raise DataValidationError(str(folder), problems)
-    return MerchantData(name=folder.name, folder=folder, items=items, events=events)
-
-
-def is_merchant_folder(folder: Path) -> bool:
-    return any((folder / f"items{ext}").is_file() for ext in TABLE_FORMATS)
-
-
-def merchant_folders(root: str | Path) -> list[Path]:
-    """The merchant folders under `root`: `root` itself when it holds a merchant's tables, else its sub-folders
-    that do, in sorted order. Raises FileNotFoundError naming the folder when there are none."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder. Pass a merchant folder (items + events tables) "
-                                "or a marketplace folder with one sub-folder per merchant.")
-    if is_merchant_folder(root):
-        return [root]
-    found = sorted(p for p in root.iterdir() if p.is_dir() and is_merchant_folder(p))
-    if not found:
-        raise FileNotFoundError(
-            f"{root}: holds no merchant data. A merchant folder has items.parquet|csv and events.parquet|csv; "
-            "a marketplace folder has one such sub-folder per merchant. Create one with `fedcvr data synth` "
-            "or `fedcvr data import`.")
-    return found
+    return MerchantData(name=folder.name, folder=folder, items=items, events=events,
+                        warnings=folder_warnings(paths["items"], paths["events"], items, events))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import gzip
 import json
+import math
 import re
 import time
 import zlib
@@ -126,13 +127,16 @@ def _text(value: object, sep: str = " ") -> str:
 
 
 def parse_price(value: object) -> float:
-    """12.99 for 12.99 or "$12.99" / "$1,299.00"; NaN for "", None, ranges and any other text."""
+    """12.99 for 12.99 or "$12.99" / "$1,299.00"; NaN for "", None, ranges, any other text, negative or infinite
+    numbers (JSON lines may hold `Infinity`) and numbers too large for a float."""
     if isinstance(value, bool) or value is None:
         return float("nan")
     if isinstance(value, int | float):
-        return float(value) if value >= 0 else float("nan")
-    match = _PRICE.fullmatch(str(value).strip())
-    return float(match.group(1).replace(",", "")) if match else float("nan")
+        number = float(value) if abs(value) < 1e308 else float("inf")
+    else:
+        match = _PRICE.fullmatch(str(value).strip())
+        number = float(match.group(1).replace(",", "")) if match else float("nan")
+    return number if math.isfinite(number) and number >= 0 else float("nan")
 
 
 def _main_category(value: object) -> str:
