@@ -30,6 +30,7 @@ from fedcvr.shared.model.folder import save_model_folder
 from fedcvr.shared.model.prefix_cache import PrefixCache
 from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 from fedcvr.shared.training.data import TrainingSet
+from fedcvr.shared.training.learnable import refuse_unlearnable
 from fedcvr.shared.training.loop import (
     ItemSide,
     embed_catalog,
@@ -124,6 +125,7 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
     say("reading and validating merchant data")
     data = [load_merchant(folder) for folder in select_merchants(data_root, merchants)]
     prepared = prepare(data, example_config)
+    refuse_unlearnable(prepared)
     say(f"encoding the frozen prefix of {len(prepared.catalog):,} items (cached in {cache.folder})")
     side = ItemSide(cache.states(prepared.catalog.texts), torch.from_numpy(prepared.catalog.numeric))
     model = ConversionModel(backbone, model_config).to(device)

@@ -33,12 +33,15 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------- data
 
 # (user_id, item_id, event) rows per merchant; items are i0..i{n-1}. Counts are known by construction.
+# shop-a and shop-b each have a clicked and an unclicked impression in their training split (training refuses one
+# class of labels); shop-c has no training example at all.
 MERCHANTS: dict[str, tuple[int, list[tuple[str, str, str]]]] = {
-    "shop-a": (3, [("u1", "i0", "impression"), ("u1", "i0", "click"), ("u2", "i1", "impression"),
-                   ("u2", "i2", "impression"), ("u2", "i2", "click"), ("u2", "i2", "cart"),
-                   ("u2", "i2", "purchase")]),
-    "shop-b": (2, [("v1", "i0", "impression"), ("v1", "i1", "impression"), ("v2", "i1", "impression"),
-                   ("v3", "i1", "impression"), ("v3", "i1", "click")]),
+    "shop-a": (3, [("u3", "i1", "impression"), ("u1", "i0", "impression"), ("u1", "i0", "click"),
+                   ("u2", "i1", "impression"), ("u2", "i2", "impression"), ("u2", "i2", "click"),
+                   ("u2", "i2", "cart"), ("u2", "i2", "purchase")]),
+    "shop-b": (2, [("v4", "i0", "impression"), ("v4", "i0", "click"), ("v1", "i0", "impression"),
+                   ("v1", "i1", "impression"), ("v2", "i1", "impression"), ("v3", "i1", "impression"),
+                   ("v3", "i1", "click")]),
     "shop-c": (4, [("w1", "i3", "impression"), ("w1", "i3", "click"), ("w1", "i3", "purchase")]),
 }
 

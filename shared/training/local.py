@@ -27,6 +27,7 @@ from ..model.user_tower import recency_bucket
 from ..privacy import DPConfig, PrivacyLedger, delta_refusal
 from . import dp_samplers  # noqa: F401  (Opacus's functions for the model's small tables)
 from .data import TrainingSet
+from .learnable import label_problem
 from .loop import ItemSide, train_epoch
 
 
@@ -151,9 +152,11 @@ def train_round(model: ConversionModel, side: ItemSide, data: TrainingSet, *, lr
                 local_epochs: int, dp: DPConfig, ledger: PrivacyLedger | None, rounds: int, seed: int,
                 device: torch.device, proximal_mu: float = 0.0,
                 progress: Callable[[int, float], None] | None = None) -> RoundResult:
-    """Train `model` in place for one federated round on one merchant's training set."""
-    if len(data) == 0:
-        return RoundResult(False, 0, float("nan"), 0, "no training examples")
+    """Train `model` in place for one federated round on one merchant's training set. Declines (trained False,
+    with the reason) when the examples cannot be learned from (`learnable.label_problem`) or the budget is spent."""
+    problem = label_problem(data, len(side.numeric))
+    if problem is not None:  # nothing to learn: decline before any privacy is spent
+        return RoundResult(False, 0, float("nan"), 0, problem)
     params = model.trainable_parameters()
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     rng = np.random.default_rng(seed)
