@@ -58,6 +58,18 @@ def tiny() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def test_infinite_prices_and_implausible_dates_are_made_to_fit(tmp_path):
+    frame = tiny()
+    frame.loc[0:1, "UnitPrice"] = float("inf")  # both lines of A in invoice 500: A's median price is infinite
+    frame.loc[3:4, "InvoiceDate"] = pd.Timestamp("2200-01-01")  # the PEN purchase (and its repeat) of 2200
+    frame.to_parquet(tmp_path / "retail.parquet")
+    report = import_online_retail(tmp_path / "retail.parquet", tmp_path / "out")
+    assert report.dropped["events dated before 1990-01-01 or more than a day ahead of the import"] == 1
+    assert "1 item price(s) were not finite (infinity) and are left empty" in report.notes
+    events, items = load_all(tmp_path / "out")  # every folder now passes validation
+    assert items["price"].isna().all() and "P1" not in set(events["item_id"])
+
+
 EXPECTED_DROPS = {
     "rule 1: exact duplicate rows": 1,
     "rule 2: no customer id": 1,
