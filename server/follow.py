@@ -13,15 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcvr.shared.processes import die_with_parent
+from fedcvr.shared.processes import die_with_parent, interrupt_on_sigterm, no_interrupts
 
 from .deploy import status_command, stop_command
 
@@ -73,37 +72,6 @@ def stop_run(bin_dir: Path, env: Mapping[str, str], run_id: str) -> tuple[bool, 
     return done.returncode == 0, output
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt like Ctrl-C inside the block (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _no_interrupts() -> Iterator[None]:
-    """Stopping the run must not be cut short by a second Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
-
-
 def _end(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.terminate()
@@ -140,7 +108,7 @@ def run_to_end(command: list[str], env: Mapping[str, str], bin_dir: Path, log_pa
     deadline = None if timeout is None else time.monotonic() + timeout
     limit = f"no end within --timeout {timeout:g} s" if timeout is not None else ""
     try:
-        with _sigterm_interrupts():
+        with interrupt_on_sigterm():
             _stream(command, env, log_path, outcome, on_line, deadline, limit)
             if outcome.gave_up is None and outcome.run_id is not None:
                 outcome.status, outcome.details = run_status(bin_dir, env, outcome.run_id)
@@ -152,7 +120,7 @@ def run_to_end(command: list[str], env: Mapping[str, str], bin_dir: Path, log_pa
     except KeyboardInterrupt:
         outcome.gave_up = INTERRUPTED
     if outcome.gave_up is not None and outcome.run_id is not None:
-        with _no_interrupts():
+        with no_interrupts():
             outcome.stopped, outcome.stop_output = stop_run(bin_dir, env, outcome.run_id)
             outcome.status, outcome.details = run_status(bin_dir, env, outcome.run_id)
     return outcome

@@ -34,12 +34,12 @@ import threading
 import time
 import tomllib
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcvr.shared.processes import die_with_parent, start_watchdog, stop_watchdog
+from fedcvr.shared.processes import die_with_parent, interrupt_on_sigterm, no_interrupts, start_watchdog, stop_watchdog
 
 ROUNDS_FILE = "rounds.jsonl"
 HISTORY_FILE = "history.json"
@@ -654,37 +654,6 @@ def run_status(bin_dir: Path, env: Mapping[str, str], run_id: str, cwd: Path,
         if (status or "").startswith("finished") or time.monotonic() >= deadline:
             return status, details
         time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def interrupt_on_sigterm() -> Iterator[None]:
-    """Inside the block SIGTERM raises KeyboardInterrupt like Ctrl-C, so that `finally` clean-up runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def no_interrupts() -> Iterator[None]:
-    """Clean-up that a second Ctrl-C must not cut short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
 
 
 def _copy_output(stream, log_path: Path, found: dict[str, str]) -> None:
