@@ -18,7 +18,6 @@ from __future__ import annotations
 import hmac
 import json
 import math
-import os
 import re
 import secrets
 import stat
@@ -29,6 +28,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fedcvr.shared.private_files import create_private
 
 MAX_BODY_BYTES = 1_048_576  # 1 MiB: 100 new items with long descriptions fit; far more than any read needs
 MAX_INT_DIGITS = 30
@@ -46,15 +47,10 @@ def load_or_create_token(path: Path) -> str:
     the fix when others may read it or it is empty."""
     path = Path(path)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(TOKEN_BYTES)
-        try:
-            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another start made it meanwhile
-            return load_or_create_token(path)
-        with os.fdopen(handle, "w") as out:
-            out.write(token + "\n")
-        return token
+        if create_private(path, (token + "\n").encode()):
+            return token
+        return load_or_create_token(path)  # another start made it meanwhile
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise ValueError(f"{path}: the API token is readable by other users (mode {mode:04o}); it must be private "

@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from cryptography.hazmat.primitives import hashes, hmac
 
+from ..private_files import create_private
+
 KEY_FILE = "pseudonym.key"
 KEY_BYTES = 32
 PSEUDONYM_HEX = 32
@@ -37,15 +39,10 @@ def merchant_key(folder: Path) -> bytes:
     path = Path(folder) / KEY_FILE
     if path.exists():
         return _read_key(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = os.urandom(KEY_BYTES)
-    try:
-        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another import created it meanwhile
-        return _read_key(path)
-    with os.fdopen(handle, "wb") as out:
-        out.write(key)
-    return key
+    if create_private(path, key):
+        return key
+    return _read_key(path)  # another import created it meanwhile
 
 
 def _read_key(path: Path) -> bytes:
