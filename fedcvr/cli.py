@@ -118,9 +118,7 @@ def data_validate(
     if summaries:
         total = combine(summaries, len(all_users), len(all_items)) if len(summaries) > 1 else None
         console.print(_summary_table(summaries, total))
-    for name, problem in warnings:
-        err_console.print(f"[yellow]warning:[/] {name}: ", end="", highlight=False)
-        err_console.print(str(problem), highlight=False, markup=False, soft_wrap=True)
+    _print_warnings(warnings)
     if failures:
         _fail(f"{len(failures)} of {len(folders)} merchant folder(s) failed validation; see the problems above.")
     note = (f"; {len(warnings)} warning(s) above: training refuses a merchant whose examples hold a single class "
@@ -425,6 +423,13 @@ def _synthesise_for_run(folder: Path, merchants: int, seed: int) -> None:
                   highlight=False)
 
 
+def _print_warnings(warnings) -> None:
+    """(merchant, problem) pairs of data that passes the contract but may not be learned from."""
+    for name, problem in warnings:
+        err_console.print(f"[yellow]warning:[/] {name}: ", end="", highlight=False)
+        err_console.print(str(problem), highlight=False, markup=False, soft_wrap=True)
+
+
 def _validate_for_run(root: Path) -> list[Path]:
     """The merchant folders under `root`, each checked against the data contract; exit code 2 with every
     problem when any fails."""
@@ -437,15 +442,17 @@ def _validate_for_run(root: Path) -> list[Path]:
         folders = merchant_folders(root)
     except FileNotFoundError as err:
         _fail(str(err))
-    failures = []
+    failures, warnings = [], []
     for folder in track(folders, description="validating the merchant data", console=err_console, transient=True,
                         disable=len(folders) < 2):
         try:
-            load_merchant(folder)
+            data = load_merchant(folder)
+            warnings.extend((data.name, problem) for problem in data.warnings)
         except DataValidationError as err:
             failures.append(err)
     for err in failures:
         err_console.print(str(err), highlight=False, markup=False, soft_wrap=True)
+    _print_warnings(warnings)  # the run goes on: a node whose examples cannot be learned from declines, saying why
     if failures:
         _fail(f"{len(failures)} of {len(folders)} merchant folder(s) failed validation; see the problems above "
               "(`fedcvr data validate` checks data on its own). Nothing was started.")

@@ -281,3 +281,15 @@ def test_cli_validate_reports_an_infinite_price(tmp_path):
     write_tables(tmp_path / "shop", items, good_events())
     result = CliRunner().invoke(app, ["data", "validate", str(tmp_path / "shop")])
     assert result.exit_code == 2 and "not finite" in result.output
+
+
+def test_simulate_prints_the_warnings_before_it_starts(tmp_path, capsys):
+    """`fedcvr simulate` checks the data as `data validate` does and shows the same warnings (the run goes on)."""
+    from fedcvr.cli import _validate_for_run
+
+    write_tables(tmp_path / "good", good_items(), good_events())
+    write_tables(tmp_path / "tiny", good_items().iloc[:1], good_events().assign(item_id="a", event="purchase"))
+    folders = _validate_for_run(tmp_path)
+    assert [f.name for f in folders] == ["good", "tiny"]
+    text = " ".join(capsys.readouterr().err.split())
+    assert "warning: tiny:" in text and "holds 1 item" in text and "warning: good" not in text
