@@ -136,7 +136,8 @@ def test_any_table_loads_whole_or_fails_with_the_validation_error(tables, fmt):
 
 
 @SETTINGS
-@given(valid_tables(), st.binary(min_size=1, max_size=4).filter(lambda b: _not_utf8(b)))
+# the bytes stay on line 2: no line break among them (b"\n\x80" puts the bad byte on line 3, as the loader says)
+@given(valid_tables(), st.binary(min_size=1, max_size=4).filter(lambda b: _not_utf8(b) and not set(b) & {10, 13}))
 def test_non_utf8_bytes_in_a_csv_are_a_validation_error_naming_the_line(tables, raw):
     items, events = tables
     with tempfile.TemporaryDirectory() as tmp:
