@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcvr.shared.processes import die_with_parent, interrupt_on_sigterm, no_interrupts
+from fedcvr.shared.processes import die_with_parent, end_processes, interrupt_on_sigterm, no_interrupts
 
 from .deploy import status_command, stop_command
 
@@ -70,16 +70,6 @@ def stop_run(bin_dir: Path, env: Mapping[str, str], run_id: str) -> tuple[bool, 
         return False, f"{type(err).__name__}: {err}"
     output = ANSI.sub("", done.stdout + done.stderr).strip()
     return done.returncode == 0, output
-
-
-def _end(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _new_rounds(path: Path, offset: int) -> tuple[list[int], int]:
@@ -133,7 +123,7 @@ def _stream(command: list[str], env: Mapping[str, str], log_path: Path, outcome:
 
     def time_up() -> None:
         outcome.gave_up = limit
-        _end(process)
+        end_processes([process])
 
     timer = None if deadline is None else threading.Timer(max(0.0, deadline - time.monotonic()), time_up)
     try:
@@ -151,7 +141,7 @@ def _stream(command: list[str], env: Mapping[str, str], log_path: Path, outcome:
     finally:
         if timer is not None:
             timer.cancel()
-        _end(process)
+        end_processes([process])
 
 
 def _follow(bin_dir: Path, env: Mapping[str, str], rounds_path: Path, outcome: Outcome,

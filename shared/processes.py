@@ -118,17 +118,23 @@ class ChildGroup:
 
     def stop(self) -> None:
         """SIGTERM to every child still running, SIGKILL to those alive after `grace` seconds; all waited for."""
-        running = [c for c in self.children if c.poll() is None]
-        for child in running:
-            with contextlib.suppress(ProcessLookupError):
-                child.terminate()
-        deadline = time.monotonic() + self.grace
-        for child in running:
-            try:
-                child.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        end_processes(self.children, self.grace)
+
+
+def end_processes(processes: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM to each of `processes` still running, SIGKILL to those alive `grace` seconds later; all waited for
+    (none is left a zombie)."""
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+    deadline = time.monotonic() + grace
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def start_watchdog(cleanup: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -39,7 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcvr.shared.processes import die_with_parent, interrupt_on_sigterm, no_interrupts, start_watchdog, stop_watchdog
+from fedcvr.shared.processes import (
+    die_with_parent,
+    end_processes,
+    interrupt_on_sigterm,
+    no_interrupts,
+    start_watchdog,
+    stop_watchdog,
+)
 
 ROUNDS_FILE = "rounds.jsonl"
 HISTORY_FILE = "history.json"
@@ -720,13 +727,8 @@ def launch(run_dir: Path, app_dir: Path, nodes: int, config_file: Path, *,
                     outcome.status, outcome.details = run_status(bin_dir, env, outcome.run_id, run_dir)
     finally:
         with no_interrupts():
-            if process is not None and process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            if process is not None:
+                end_processes([process])
             outcome.stopped = stop_processes(flwr_home)
             stop_watchdog(guard)
             if copier is not None:

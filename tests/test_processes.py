@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_simulate import FAKE_FLWR
+from test_simulate import fake_bin  # noqa: F401  (the fake `flwr` of the launcher tests, a fixture)
 
 from fedcvr.shared import processes
 from fedcvr.simulations import launcher as sim
@@ -59,17 +59,7 @@ def wait_for(check, timeout: float = 30.0):
     raise AssertionError("timed out")
 
 
-@pytest.fixture
-def fake_bin(tmp_path):
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    flwr = folder / "flwr"
-    flwr.write_text(FAKE_FLWR.format(python=sys.executable))
-    flwr.chmod(0o755)
-    return folder
-
-
-def test_sigkill_of_the_simulate_launcher_leaves_no_process_of_its_run(tmp_path, fake_bin):
+def test_sigkill_of_the_simulate_launcher_leaves_no_process_of_its_run(tmp_path, fake_bin):  # noqa: F811
     """`flwr run` starts its SuperLink in a session of its own (the fake does too): a SIGKILL of the launcher's
     process group does not reach it, the launcher's watchdog stops it."""
     run_dir = tmp_path / "run"
