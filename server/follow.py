@@ -49,16 +49,29 @@ def finished(status: str | None) -> bool:
     return (status or "").startswith("finished")
 
 
+def strip_ansi(text: str) -> str:
+    """flwr's output without its terminal colour codes."""
+    return ANSI.sub("", text)
+
+
+def parse_status(done: subprocess.CompletedProcess) -> tuple[str | None, str]:
+    """(status, status details) from the output of `flwr ls --run-id ID --format json`; (None, why) when it
+    holds no run."""
+    try:
+        run = json.loads(done.stdout)["runs"][0]
+        return str(run.get("status")), str(run.get("status-details") or "")
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None, f"`flwr ls` gave no status (exit code {done.returncode}): {strip_ansi(done.stdout + done.stderr)}"
+
+
 def run_status(bin_dir: Path, env: Mapping[str, str], run_id: str) -> tuple[str | None, str]:
-    """(status, status details) of the run, from `flwr ls --run-id ID --format json`; (None, why) when the
-    SuperLink gave no answer."""
+    """(status, status details) of the run at the coordinator's SuperLink; (None, why) when it gave no answer."""
     try:
         done = subprocess.run(status_command(bin_dir, run_id), env=dict(env), capture_output=True, text=True,
                               timeout=60, check=False)
-        run = json.loads(done.stdout)["runs"][0]
-        return str(run.get("status")), str(run.get("status-details") or "")
-    except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError, TypeError, OSError) as err:
+    except (subprocess.TimeoutExpired, OSError) as err:
         return None, f"`flwr ls` gave no status ({type(err).__name__})"
+    return parse_status(done)
 
 
 def stop_run(bin_dir: Path, env: Mapping[str, str], run_id: str) -> tuple[bool, str]:
@@ -68,7 +81,7 @@ def stop_run(bin_dir: Path, env: Mapping[str, str], run_id: str) -> tuple[bool, 
                               timeout=60, check=False)
     except (subprocess.TimeoutExpired, OSError) as err:
         return False, f"{type(err).__name__}: {err}"
-    output = ANSI.sub("", done.stdout + done.stderr).strip()
+    output = strip_ansi(done.stdout + done.stderr).strip()
     return done.returncode == 0, output
 
 
@@ -134,7 +147,7 @@ def _stream(command: list[str], env: Mapping[str, str], log_path: Path, outcome:
             for line in process.stdout:
                 log.write(line)
                 log.flush()
-                text = ANSI.sub("", line.decode("utf-8", "replace")).rstrip()
+                text = strip_ansi(line.decode("utf-8", "replace")).rstrip()
                 if outcome.run_id is None and (match := RUN_ID.search(text)):
                     outcome.run_id = match.group(1)
                 on_line(text)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcvr.server.follow import RUN_ID, finished, parse_status, strip_ansi
 from fedcvr.shared.processes import (
     die_with_parent,
     end_processes,
@@ -65,8 +66,6 @@ address = ":local:"
 # Keys `fedcvr simulate` always sets itself: the app must declare them and --run-config may not set them.
 FIXED_KEYS = {"data-root": "--data/--merchants", "out-dir": "--out", "num-server-rounds": "--rounds",
               "min-nodes": "the number of merchant folders"}
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
 _FLOWER_PROCESS = re.compile(r"\b(flower-superlink|flower-superexec|flwr-simulation|flwr)\b")
 _KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
@@ -612,10 +611,6 @@ def privacy_line(records: Iterable[Mapping[str, Any]]) -> str:
             "whole run (the largest ε and the largest δ of any node)")
 
 
-def strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
-
-
 def tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -652,13 +647,8 @@ def run_status(bin_dir: Path, env: Mapping[str, str], run_id: str, cwd: Path,
     while True:
         done = subprocess.run([str(bin_dir / "flwr"), "ls", "--run-id", run_id, "--format", "json"], env=dict(env),
                               cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
-        try:
-            run = json.loads(done.stdout)["runs"][0]
-            status, details = str(run.get("status")), str(run.get("status-details") or "")
-        except (ValueError, KeyError, IndexError, TypeError):
-            status = None
-            details = f"`flwr ls` gave no status (exit code {done.returncode}): {strip_ansi(done.stdout + done.stderr)}"
-        if (status or "").startswith("finished") or time.monotonic() >= deadline:
+        status, details = parse_status(done)
+        if finished(status) or time.monotonic() >= deadline:
             return status, details
         time.sleep(0.5)
 
@@ -669,7 +659,7 @@ def _copy_output(stream, log_path: Path, found: dict[str, str]) -> None:
             line = strip_ansi(line)
             log.write(line)
             log.flush()
-            if "run_id" not in found and (match := _RUN_ID.search(line)):
+            if "run_id" not in found and (match := RUN_ID.search(line)):
                 found["run_id"] = match.group(1)
 
 
