@@ -279,10 +279,6 @@ class Recommender:
             allowed[[snap.index.position[i] for i in bought if i in snap.index.position]] = False
         return allowed
 
-    @staticmethod
-    def reason(because: list[dict[str, Any]]) -> str:
-        return reason(because)
-
     def query(self, snap: CatalogSnapshot, history: History) -> np.ndarray:
         """The retrieval query of a history: the weighted mean of its items' unit embeddings, normalised."""
         weights = np.asarray([EVENT_WEIGHT.get(e, 1.0) for e in history.events], np.float32)
