@@ -20,7 +20,6 @@ import json
 import math
 import re
 import secrets
-import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fedcvr.shared.private_files import create_private
+from fedcvr.shared.private_files import create_private, read_private
 
 MAX_BODY_BYTES = 1_048_576  # 1 MiB: 100 new items with long descriptions fit; far more than any read needs
 MAX_INT_DIGITS = 30
@@ -51,11 +50,7 @@ def load_or_create_token(path: Path) -> str:
         if create_private(path, (token + "\n").encode()):
             return token
         return load_or_create_token(path)  # another start made it meanwhile
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise ValueError(f"{path}: the API token is readable by other users (mode {mode:04o}); it must be private "
-                         f"to its owner. fix: chmod 600 {path}")
-    token = path.read_text().strip()
+    token = read_private(path, "the API token", ValueError).decode("utf-8").strip()
     if len(token) < 16:
         raise ValueError(f"{path}: holds no usable token (at least 16 characters). fix: delete the file and start "
                          "again to get a new one")

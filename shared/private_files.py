@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -18,3 +19,14 @@ def create_private(path: Path, content: bytes) -> bool:
     with os.fdopen(handle, "wb") as out:
         out.write(content)
     return True
+
+
+def read_private(path: Path, what: str, error: type[Exception]) -> bytes:
+    """The bytes of a secret file; `error` naming the file, its mode and the fix when others may read it (`what`
+    names the secret in the message, e.g. "the pseudonym key")."""
+    path = Path(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise error(f"{path}: {what} is readable by other users (mode {mode:04o}); it must be private to its "
+                    f"owner. fix: chmod 600 {path}")
+    return path.read_bytes()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from cryptography.hazmat.primitives import hashes, hmac
 
-from ..private_files import create_private
+from ..private_files import create_private, read_private
 
 KEY_FILE = "pseudonym.key"
 KEY_BYTES = 32
@@ -46,12 +45,7 @@ def merchant_key(folder: Path) -> bytes:
 
 
 def _read_key(path: Path) -> bytes:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise PseudonymKeyError(
-            f"{path}: the pseudonym key is readable by other users (mode {mode:04o}); it must be private to its "
-            f"owner. fix: chmod 600 {path}")
-    key = path.read_bytes()
+    key = read_private(path, "the pseudonym key", PseudonymKeyError)
     if len(key) != KEY_BYTES:
         raise PseudonymKeyError(
             f"{path}: holds {len(key)} bytes, a pseudonym key has {KEY_BYTES}; the file is damaged. fix: restore it "
