@@ -1,10 +1,12 @@
-"""The Amazon Reviews importer on small hand-written files of both releases (2018 and 2023), gzipped and plain."""
+"""The Amazon Reviews importer on small hand-written files of both releases (2018 and 2023), gzipped and plain;
+titles and descriptions cleaned of HTML with their fallbacks; the real Magazine Subscriptions 2018 files."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -12,10 +14,14 @@ import pytest
 from typer.testing import CliRunner
 
 from fedcvr.cli import app
-from fedcvr.shared.data.importers.amazon import import_amazon, parse_price
+from fedcvr.shared.data.importers.amazon import first_sentence, import_amazon, parse_price
+from fedcvr.shared.data.importers.markup import clean_markup, looks_like_markup
 from fedcvr.shared.data.importers.report import ImportInputError
 from fedcvr.shared.data.loader import load_merchant, merchant_folders
 from fedcvr.shared.data.pseudonym import merchant_key, pseudonym
+
+MAGAZINE = Path(__file__).resolve().parents[1].parent / "shared/data/amazon-magazine"
+MARKUP_LEFT = re.compile(r"<[A-Za-z]|&(?:#\d+|#x[0-9a-f]+|[a-z][a-z0-9]*);", re.IGNORECASE)
 
 
 def flat(text: str) -> str:
@@ -214,3 +220,116 @@ def test_cli_missing_file_exit_2(tmp_path, files_2023):
 def test_parse_price(raw, expected):
     value = parse_price(raw)
     assert math.isnan(value) if expected is None else value == expected
+
+
+# ------------------------------------------------------------------ titles and descriptions holding HTML
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("Canoe &amp; Kayak", "Canoe & Kayak"),
+    ("Nursery D&eacute;cor &ndash; &quot;Kids&quot; &#233;t&#xE9;", "Nursery Décor – \"Kids\" été"),
+    ("Tom &amp;amp; Jerry", "Tom & Jerry"),  # double-escaped
+    ("&lt;b&gt;Bold&lt;/b&gt; News", "Bold News"),  # escaped tags
+    ("<b>Bold</b>   <i>News</i>", "Bold News"),
+    ('<span class="a-size-medium a-color-secondary"', ""),  # an unterminated tag
+    ("<script>var a = '<b>';</script>Daily <span>Planet</span>", "Daily Planet"),
+    ("<style>.a-box{color:#fff;}</style>Planet<!-- hidden -->", "Planet"),
+    ("One<br/>Two<p>Three</p>", "One\nTwo\nThree"),
+    ("5 < 6 & 7 > 2", "5 < 6 & 7 > 2"),
+    ("  plain   text  ", "plain text"),
+])
+def test_clean_markup(raw, expected):
+    assert clean_markup(raw) == expected
+
+
+@pytest.mark.parametrize(("text", "markup"), [
+    ("Canoe & Kayak", False), ("5 < 6", False), ("I <3 NY", False), ("Issues: 12; price: $5", False),
+    ("a <b> tag", True), ("</div>", True), ("&amp;", True), ("&#38;", True),
+    (".a-box-inner{background-color:#fff;}", True),
+    ("var aPageStart = (new Date()).getTime();", True), ("function(e){}", True), ("window.ue_ihb = 1", True),
+])
+def test_looks_like_markup(text, markup):
+    assert looks_like_markup(text) is markup
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Wired Weekly brings you technology. Every week.", "Wired Weekly brings you technology."),
+    ("Inc. is the business magazine for owners. More.", "Inc. is the business magazine for owners."),  # too early
+    ("First line\nSecond line", "First line"),
+    ("word " * 30, "word " * 15 + "word..."),  # 80 characters at a word boundary
+    ("x" * 100, "x" * 80 + "..."),  # no space to cut at
+])
+def test_first_sentence(text, expected):
+    assert first_sentence(text) == expected
+
+
+@pytest.fixture
+def files_html(tmp_path):
+    span = '<span class="a-size-medium a-color-secondary"'
+    meta = [
+        {"asin": "H1", "title": "Canoe &amp; Kayak", "description": ["Paddling."]},
+        {"asin": "H2", "title": "<b>Bold</b>  <i>News</i>"},
+        {"asin": "H3", "title": "<script>var a = '<b>';</script>Daily <span>Planet</span>"},
+        {"asin": "H4", "title": span, "description": [
+            "", "<i>Wired Weekly</i> brings the news of technology &amp; science to you. Every week."]},
+        {"asin": "H5", "title": ".a-box-inner{background-color:#fff;}", "description": ["A" + " long" * 30]},
+        {"asin": "H6", "title": span, "description": ["<div></div>"], "brand": "Meredith",
+         "category": ["Magazine Subscriptions", "Home &amp; Garden"]},
+        {"asin": "H7", "title": span, "brand": "", "category": []},  # nothing gives a title: dropped
+    ]
+    meta = [json.dumps({"main_cat": "Magazine Subscriptions", **record}) for record in meta]
+    reviews = [json.dumps({"reviewerID": f"U{k % 2}", "asin": f"H{k}", "unixReviewTime": 1500000000 + k})
+               for k in range(1, 8)]
+    return write_lines(tmp_path / "reviews.json", reviews, False), write_lines(tmp_path / "meta.json", meta, True)
+
+
+def test_titles_and_descriptions_are_cleaned_fall_back_and_are_counted(tmp_path, files_html):
+    report = import_amazon(*files_html, tmp_path / "out")
+    assert report.dropped["reviews of items without a title"] == 1  # H7
+    assert report.events == 6
+    assert [note for note in report.notes if "imported items" in note] == [
+        "titles cleaned of HTML (tags, entities, script/style content): 3 of 6 imported items",
+        "titles taken from the description (the title was empty or markup): 2 of 6 imported items",
+        "titles made of brand and category (no usable title or description): 1 of 6 imported items",
+        "descriptions cleaned of HTML: 2 of 6 imported items",  # H4, and H6's lone empty <div>
+    ]
+    _, items = load_all(tmp_path / "out")
+    item = items.set_index("item_id")
+    assert item.title.to_dict() == {
+        "H1": "Canoe & Kayak",  # entity unescaped
+        "H2": "Bold News",  # tags stripped
+        "H3": "Daily Planet",  # script content dropped
+        "H4": "Wired Weekly brings the news of technology & science to you.",  # the description's first sentence
+        "H5": "A" + " long" * 15 + "...",  # code-like title; the description cut to 80 characters at a word
+        "H6": "Meredith - Home & Garden",  # brand and the last category
+    }
+    assert item.loc["H4", "description"] == "Wired Weekly brings the news of technology & science to you. Every week."
+    assert item.loc["H6", "description"] == ""
+    assert item.loc["H6", "category"] == "Magazine Subscriptions > Home & Garden"
+    assert item.loc["H1", "description"] == "Paddling."
+
+
+def test_cli_prints_the_cleaning_counts(tmp_path, files_html):
+    reviews, meta = files_html
+    result = CliRunner().invoke(app, ["data", "import", "amazon", "--reviews", str(reviews), "--meta", str(meta),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert flat("titles taken from the description (the title was empty or markup): 2 of 6 imported items") in flat(
+        result.output)
+
+
+def test_real_magazine_titles_hold_no_markup(tmp_path):
+    reviews, meta = MAGAZINE / "Magazine_Subscriptions_5.json.gz", MAGAZINE / "meta_Magazine_Subscriptions.json.gz"
+    if not (reviews.is_file() and meta.is_file()):
+        pytest.skip(f"the shared Amazon Reviews 2018 Magazine Subscriptions files are not in {MAGAZINE}")
+    report = import_amazon(reviews, meta, tmp_path / "out")
+    # 148 of the 151 reviewed items are titled '<span class="a-size-medium a-color-secondary"' in the meta file
+    notes = "\n".join(report.notes)
+    assert "titles taken from the description (the title was empty or markup): 145 of 151 imported items" in notes
+    assert "titles made of brand and category (no usable title or description): 3 of 151 imported items" in notes
+    assert report.dropped["reviews of items without a title"] == 0 and report.events == 2_267
+    _, items = load_all(tmp_path / "out")
+    assert len(items) == 151
+    for column in ("title", "description", "category", "brand"):
+        left = items[items[column].str.contains(MARKUP_LEFT)]
+        assert left.empty, (column, left[column].head().tolist())
+    assert items.title.str.len().between(1, 83).all()

@@ -9,10 +9,22 @@ streaming. The format is detected from the keys of each file's first record; bot
         store, categories, main_category, price (float), details {"Brand"}}; reviews join meta via parent_asin.
 
 Rules: each review is one purchase event (implicit feedback: a review means a purchase). user_id = reviewerID /
-user_id; item_id = asin (2018) / parent_asin (2023); timestamp = review time (UTC). Item: title (whitespace collapsed);
-description = description list joined with " "; brand = 2018 brand, 2023 store or else details["Brand"];
-category = category list joined with " > " (2018 `category`, 2023 `categories`), the main category when empty;
-price = the number in "$12.99" / the 2023 float, NaN for "", ranges ("$5.99 - $9.99"), other text or missing.
+user_id; item_id = asin (2018) / parent_asin (2023); timestamp = review time (UTC). Item texts are cleaned of HTML
+(markup.clean_markup: tags stripped, entities decoded, script/style content dropped, whitespace collapsed; list
+elements that still look like markup or code by markup.looks_like_markup are left out). description = the cleaned
+description list joined with " "; brand = 2018 brand, 2023 store or else details["Brand"]; category = category list
+joined with " > " (2018 `category`, 2023 `categories`), the main category when empty; price = the number in
+"$12.99" / the 2023 float, NaN for "", ranges ("$5.99 - $9.99"), other text or missing.
+Title: the cleaned title, unless it is empty or still looks like markup or code (looks_like_markup); then
+  1. the first line of the first description element, cut after its first sentence (the first ".", "!" or "?"
+     followed by a space at character FALLBACK_SENTENCE_MIN or later) and to FALLBACK_TITLE_CHARS characters at a
+     word boundary ("..." appended when cut there);
+  2. else brand and the last element of the category list (not the main category: it names the partition,
+     shared by all its items), joined with " - ", either alone when the other is empty;
+  3. else none: the item has no title. (Real 2018 meta files hold titles such as `<span class="a-size-medium
+     a-color-secondary"`, an unterminated tag, and entity-escaped ones such as `Canoe &amp; Kayak`.)
+The import report's notes count, among the imported items, the titles cleaned of HTML, those taken from the
+description, those made of brand and category, and the descriptions cleaned of HTML.
 Meta records repeating an item id: the first counts. Dropped and counted: reviews without user, item or
 time; reviews of items without metadata; reviews of items without a title; repeated (user, item, timestamp).
 Partition: the main category (2018 main_cat, 2023 main_category) or `partition_by`, a meta field (a list is
@@ -28,12 +40,14 @@ import math
 import re
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .markup import clean_markup, looks_like_markup
 from .report import ImportInputError, ImportReport, make_progress, write_partitions
 
 FORMATS = {
@@ -47,6 +61,15 @@ _HELP = ("Amazon Reviews 2018 (reviews: reviewerID, asin, unixReviewTime; meta: 
 _PRICE = re.compile(r"\$?\s*(\d[\d,]*(?:\.\d+)?)")
 _IMG_ALT = re.compile(r'<img[^>]*\balt="([^"]*)"', re.IGNORECASE)
 _CHUNK = 500_000
+_SENTENCE_END = re.compile(r"[.!?](?=\s)")
+FALLBACK_TITLE_CHARS = 80
+FALLBACK_SENTENCE_MIN = 20
+FIXES = {  # item flag -> the note counting it
+    "title_html": "titles cleaned of HTML (tags, entities, script/style content)",
+    "title_description": "titles taken from the description (the title was empty or markup)",
+    "title_brand_category": "titles made of brand and category (no usable title or description)",
+    "description_html": "descriptions cleaned of HTML",
+}
 
 
 def _parse(line: bytes) -> dict | None:
@@ -126,6 +149,48 @@ def _text(value: object, sep: str = " ") -> str:
     return " ".join(str(value).split())
 
 
+def _texts(value: object) -> list[str]:
+    """A field's texts cleaned of markup (clean_markup, lines kept), one per list element; empty elements and those
+    that still look like markup or code (looks_like_markup) are left out."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    if isinstance(value, list | tuple):
+        return [text for v in value for text in _texts(v)]
+    text = clean_markup(str(value))
+    return [text] if text and not looks_like_markup(text) else []
+
+
+def _plain(value: object, sep: str = " ") -> str:
+    """A field as one line of cleaned text (`_texts`, whitespace collapsed), list elements joined with `sep`."""
+    return sep.join(" ".join(text.split()) for text in _texts(value))
+
+
+def first_sentence(text: str) -> str:
+    """The first line of `text`, cut after its first sentence (".", "!" or "?" followed by a space, at character
+    FALLBACK_SENTENCE_MIN or later) and to FALLBACK_TITLE_CHARS characters at a word boundary, "..." appended there."""
+    line = text.split("\n", 1)[0].strip()
+    ends = (m.end() for m in _SENTENCE_END.finditer(line) if m.start() >= FALLBACK_SENTENCE_MIN)
+    line = line[:next(ends, len(line))]
+    if len(line) <= FALLBACK_TITLE_CHARS:
+        return line
+    cut = line[:FALLBACK_TITLE_CHARS + 1].rsplit(" ", 1)[0]
+    if len(cut) > FALLBACK_TITLE_CHARS:  # no space to cut at
+        cut = line[:FALLBACK_TITLE_CHARS]
+    return cut.rstrip(" ,;:-") + "..."
+
+
+def _title(value: object, descriptions: list[str], brand: str, categories: list[str]) -> tuple[str, str | None]:
+    """The item's title and the FIXES flag saying where it came from (None: the title as given), by the title rule
+    of the module docstring; ("", None) when nothing gives one."""
+    title = _plain(value)
+    if title:
+        return title, (None if title == _text(value) else "title_html")
+    if descriptions:
+        return first_sentence(descriptions[0]), "title_description"
+    named = " - ".join(text for text in (brand, categories[-1] if categories else "") if text)
+    return (named, "title_brand_category") if named else ("", None)
+
+
 def parse_price(value: object) -> float:
     """12.99 for 12.99 or "$12.99" / "$1,299.00"; NaN for "", None, ranges, any other text, negative or infinite
     numbers (JSON lines may hold `Infinity`) and numbers too large for a float."""
@@ -142,12 +207,12 @@ def parse_price(value: object) -> float:
 def _main_category(value: object) -> str:
     text = _text(value)
     alt = _IMG_ALT.search(text)  # some 2018 main_cat values are an <img ... alt="Digital Music"> tag
-    return alt.group(1).strip() if alt else text
+    return _plain(alt.group(1) if alt else text)
 
 
 def _item(record: dict, fmt: str, partition_by: str | None) -> tuple:
     spec = FORMATS[fmt]
-    brand = _text(record.get("brand"))
+    brand = _plain(record.get("brand"))
     if fmt == "2023":
         details = record.get("details")
         if isinstance(details, str):
@@ -155,22 +220,27 @@ def _item(record: dict, fmt: str, partition_by: str | None) -> tuple:
                 details = json.loads(details)
             except ValueError:
                 details = None
-        brand = _text(record.get("store")) or (_text(details.get("Brand")) if isinstance(details, dict) else "")
+        brand = _plain(record.get("store")) or (_plain(details.get("Brand")) if isinstance(details, dict) else "")
     main = _main_category(record.get(spec["main"]))
-    category = _text(record.get(spec["category"]), " > ") or main
-    item = {"title": _text(record.get("title")), "description": _text(record.get("description")),
-            "category": category, "brand": brand, "price": parse_price(record.get("price"))}
+    categories = [" ".join(text.split()) for text in _texts(record.get(spec["category"]))]
+    descriptions = _texts(record.get("description"))
+    description = " ".join(" ".join(text.split()) for text in descriptions)
+    title, title_fix = _title(record.get("title"), descriptions, brand, categories)
+    description_fix = None if description == _text(record.get("description")) else "description_html"
+    item = {"title": title, "description": description, "category": " > ".join(categories) or main,
+            "brand": brand, "price": parse_price(record.get("price"))}
     if partition_by is None:
         partition = main
     elif partition_by in ("brand", "category"):
         partition = item[partition_by]
     else:
-        partition = _text(record.get(partition_by), " > ")
-    return (*item.values(), partition)
+        partition = _plain(record.get(partition_by), " > ")
+    return (*item.values(), partition, tuple(f for f in (title_fix, description_fix) if f))
 
 
 def read_meta(path: Path, report: ImportReport, progress, partition_by: str | None) -> tuple[str, dict]:
-    """The meta file's format and item id -> (title, description, category, brand, price, partition)."""
+    """The meta file's format and item id -> (title, description, category, brand, price, partition, fixes), where
+    fixes holds the FIXES flags of the item's cleaned texts."""
     fmt, items, keys_seen, records, repeated = None, {}, set(), 0, 0
     for record in iter_records(path, "meta", report, progress):
         records += 1
@@ -259,8 +329,11 @@ def import_amazon(reviews: str | Path, meta: str | Path, out: str | Path, *, par
                                f"pass the reviews and meta files of the same category ({meta}).")
     used = pd.unique(events["item_id"])
     table = pd.DataFrame.from_records([items[i] for i in used], columns=[
-        "title", "description", "category", "brand", "price", "partition"])
+        "title", "description", "category", "brand", "price", "partition", "fixes"])
     table.insert(0, "item_id", used)
+    fixed = Counter(flag for flags in table.pop("fixes") for flag in flags)
+    report.notes.extend(f"{label}: {fixed[flag]:,} of {len(used):,} imported items" for flag, label in FIXES.items()
+                        if fixed[flag])
     table["price"] = table["price"].astype("float64")
     events["partition"] = events["item_id"].map(table.set_index("item_id")["partition"])
     events["event"] = "purchase"
