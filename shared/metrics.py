@@ -18,6 +18,7 @@ score: pCTCVR, over all impressions) and `rank.*` (catalog ranking of purchased 
     {t}.p_sum                     sum of predictions
     {t}.ece_count, {t}.ece_p_sum, {t}.ece_y_sum   per ECE bin (ECE_BINS equal-width bins of p): n, sum p, sum y
     rank.n, rank.hr@K, rank.ndcg@K    ranked purchases, sum of hits, sum of discounted gains
+    nb.*                          next-basket ranking of purchase logs (`evaluation/basket_metrics.py`)
 
 `MetricSums.to_record()` gives a dict that a Flower `MetricRecord` accepts (int, float, list[int], list[float]);
 `MetricSums.from_record()` reads it back. Flower's default strategies AVERAGE metric records, so the server
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from functools import reduce
 
 import numpy as np
+
+from .evaluation import basket_metrics
 
 PREDICTION_TASKS: tuple[str, ...] = ("click", "ctcvr")
 """The tasks `prediction_sums` reports: click (label clicked, score pCTR), ctcvr (label purchased, score pCTCVR)."""
@@ -78,6 +81,9 @@ def formula_for(name: str) -> str:
     """The formula of a finalised metric name such as 'click.auc', 'ctcvr.ece', 'hr@10' or 'rank.n'."""
     if name in METRIC_FORMULAS:
         return METRIC_FORMULAS[name]
+    next_basket = basket_metrics.formula_for(name)
+    if next_basket is not None:
+        return next_basket
     at_k = _AT_K.match(name)
     if at_k:
         return METRIC_FORMULAS[f"{at_k.group(1)}@K"].replace("K", at_k.group(2))
@@ -458,7 +464,9 @@ def finalise(sums: MetricSums) -> dict[str, float | None]:
             result[f"hr@{k}"] = _ratio(_need(sums, f"{RANKING_PREFIX}.hr@{k}"), count)
             result[f"ndcg@{k}"] = _ratio(_need(sums, f"{RANKING_PREFIX}.ndcg@{k}"), count)
         result["rank.n"] = count
-    known = tuple(f"{prefix}." for prefix in (*PREDICTION_TASKS, RANKING_PREFIX))
+    if any(key.startswith(f"{basket_metrics.PREFIX}.") for key in sums.keys()):
+        result.update(basket_metrics.finalise(sums.values))
+    known = tuple(f"{prefix}." for prefix in (*PREDICTION_TASKS, RANKING_PREFIX, basket_metrics.PREFIX))
     unknown = [key for key in sums.keys() if not key.startswith(known)]
     if unknown:
         raise ValueError(f"metric sums hold keys of no known task: {unknown}; known prefixes: {', '.join(known)}")

@@ -19,8 +19,10 @@ History
   and the model learns how much each event type weighs.
 Split
   Per merchant by time: with cut points t_val and t_test at the (1 - val - test) and (1 - test) quantiles of the
-  example times, train has t < t_val, validation t_val <= t < t_test, test t >= t_test. Since histories hold only
-  earlier events, no example sees events later than itself, and no training example sees events after t_val.
+  example times, train has t < t_val, validation t_val <= t < t_test, test t >= t_test. With `examples.test-from`
+  (a date), t_test is that date for every merchant and t_val the (1 - val) quantile of the example times before it.
+  Since histories hold only earlier events, no example sees events later than itself, and no training example
+  sees events after t_val.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ class ExampleConfig(Section):
     attribution_window_hours: float = 24.0
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
+    test_from: str = ""
     seed: int = 0
 
     KEYS = {"examples.history-length": "history_length", "examples.negatives": "negatives",
             "examples.attribution-window-hours": "attribution_window_hours",
             "examples.validation-fraction": "validation_fraction", "examples.test-fraction": "test_fraction",
-            "seed": "seed"}
+            "examples.test-from": "test_from", "seed": "seed"}
 
     def __post_init__(self) -> None:
         if self.history_length < 1:
@@ -64,9 +67,24 @@ class ExampleConfig(Section):
                             ("test-fraction", self.test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"examples.{name} must be in [0, 1), got {value}")
+        if self.test_from:
+            test_start(self.test_from)  # raises on a date it cannot read
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise ValueError("examples.validation-fraction + examples.test-fraction must be < 1, got "
                              f"{self.validation_fraction} + {self.test_fraction}")
+
+
+def test_start(text: str) -> pd.Timestamp:
+    """`examples.test-from` (a date or date and time, UTC) as a timestamp; ValueError naming the key and the fix."""
+    try:
+        stamp = pd.Timestamp(text)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"examples.test-from = {text!r} is not a date ({err}); write a date such as "
+                         "\"2011-11-01\" or \"2011-11-01 12:00\", or \"\" to cut at the test-fraction "
+                         "quantile") from None
+    if stamp is pd.NaT:
+        raise ValueError(f"examples.test-from = {text!r} is not a date; write a date such as \"2011-11-01\"")
+    return stamp.tz_convert("UTC").tz_localize(None) if stamp.tzinfo else stamp
 
 
 @dataclass
@@ -136,7 +154,7 @@ def _attribute(impressions: pd.DataFrame, actions: pd.DataFrame, by: list[str], 
     return out
 
 
-def _histories(user: np.ndarray, t: np.ndarray, b_user: np.ndarray, b_t: np.ndarray, b_item: np.ndarray,
+def histories(user: np.ndarray, t: np.ndarray, b_user: np.ndarray, b_t: np.ndarray, b_item: np.ndarray,
                b_event: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Last `length` behaviour events of each (user, t) strictly before t. Behaviour arrays: any order."""
     order = np.lexsort((b_t, b_user))
@@ -162,29 +180,36 @@ def _histories(user: np.ndarray, t: np.ndarray, b_user: np.ndarray, b_t: np.ndar
     return hist_item, hist_event, hist_age
 
 
+def event_codes(data: MerchantData) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The events as codes: user (index into the sorted shopper ids, also returned), item (row of the items
+    table), event (index into EVENT_TYPES) and t (ns since epoch), in the events table's order."""
+    events = data.events
+    user_codes, user_ids = pd.factorize(events["user_id"], sort=True)
+    codes = {
+        "user": user_codes.astype(np.int32),
+        "item": pd.Index(data.items["item_id"].to_numpy(dtype=object)).get_indexer(events["item_id"]).astype(np.int32),
+        "event": pd.Index(EVENT_TYPES).get_indexer(events["event"]).astype(np.int8),
+        "t": events["timestamp"].to_numpy("datetime64[ns]").astype(np.int64),
+    }
+    return codes, np.asarray(user_ids, dtype=object)
+
+
 def build_examples(data: MerchantData, config: ExampleConfig | None = None) -> Examples:
     """Examples of one merchant (explicit when it logs impressions, implicit otherwise); see the module doc."""
     config = config or ExampleConfig()
     events = data.events
     item_ids = data.items["item_id"].to_numpy(dtype=object)
-    item_code = pd.Index(item_ids)
-    user_codes, user_ids = pd.factorize(events["user_id"], sort=True)
-    codes = {
-        "user": user_codes.astype(np.int32),
-        "item": item_code.get_indexer(events["item_id"]).astype(np.int32),
-        "event": pd.Index(EVENT_TYPES).get_indexer(events["event"]).astype(np.int8),
-        "t": events["timestamp"].to_numpy("datetime64[ns]").astype(np.int64),
-    }
+    codes, user_ids = event_codes(data)
     b = codes  # every event, impressions included, can be part of a later example's history
     has_impressions = bool((events["event"] == "impression").any())
     if has_impressions:
         frame = _explicit_targets(events, codes, config)
     else:
         frame = _implicit_targets(events, codes, len(item_ids), config)
-    hist_item, hist_event, hist_age = _histories(frame["user"], frame["t"], b["user"], b["t"], b["item"],
+    hist_item, hist_event, hist_age = histories(frame["user"], frame["t"], b["user"], b["t"], b["item"],
                                                  b["event"], config.history_length)
     return Examples(
-        item_ids=item_ids, user_ids=np.asarray(user_ids, dtype=object),
+        item_ids=item_ids, user_ids=user_ids,
         user=frame["user"], item=frame["item"], timestamp=frame["t"], position=frame["position"],
         clicked=frame["clicked"], purchased=frame["purchased"], history_item=hist_item,
         history_event=hist_event, history_age_hours=hist_age, true_p_click=frame["true_p_click"],
@@ -261,9 +286,15 @@ def split_by_time(examples: Examples, config: ExampleConfig | None = None) -> Sp
     if len(t) == 0:
         empty = examples.subset(np.zeros(0, dtype=bool))
         return Split(empty, empty, empty, None, None)
-    train_q = 1.0 - config.validation_fraction - config.test_fraction
-    t_val = int(np.quantile(t, train_q, method="lower")) if config.validation_fraction else None
-    t_test = int(np.quantile(t, 1.0 - config.test_fraction, method="lower")) if config.test_fraction else None
+    if config.test_from:
+        t_test = int(test_start(config.test_from).value)
+        before = t[t < t_test]
+        t_val = (int(np.quantile(before, 1.0 - config.validation_fraction, method="lower"))
+                 if config.validation_fraction and len(before) else None)
+    else:
+        train_q = 1.0 - config.validation_fraction - config.test_fraction
+        t_val = int(np.quantile(t, train_q, method="lower")) if config.validation_fraction else None
+        t_test = int(np.quantile(t, 1.0 - config.test_fraction, method="lower")) if config.test_fraction else None
     end_train = t_val if t_val is not None else t_test
     train = t < end_train if end_train is not None else np.ones(len(t), bool)
     test = t >= t_test if t_test is not None else np.zeros(len(t), bool)

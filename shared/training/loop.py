@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from .. import metrics
+from ..evaluation.baskets import BasketTask
+from ..evaluation.next_basket import ranking_sums
 from ..model.errors import ModelConfigError
 from ..model.esmm import ConversionModel, ScoreInputs, esmm_loss
 from ..model.prefix_cache import PrefixStates
@@ -142,6 +144,32 @@ def rank_purchases(model: ConversionModel, item_embeddings: torch.Tensor, data: 
     return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
 
+def basket_scorer(model: ConversionModel, item_embeddings: torch.Tensor, device: torch.device
+                  ) -> Callable[[BasketTask, np.ndarray], np.ndarray]:
+    """The model as a next-basket ranker: pCTCVR of every candidate for each shopper, from the history at the
+    cut (the same `histories` as training examples), at an unknown position."""
+
+    @torch.no_grad()
+    def score(task: BasketTask, pool: np.ndarray) -> np.ndarray:
+        model.eval()
+        candidates = torch.from_numpy(pool).to(device)
+        per_step = max(1, RANK_PAIRS // max(len(pool), 1))
+        parts = []
+        for start in range(0, len(task), per_step):
+            rows = slice(start, start + per_step)
+            history = task.history_item[rows]
+            inputs = ScoreInputs(
+                target=torch.zeros(len(history), dtype=torch.long, device=device),
+                history=torch.from_numpy(np.maximum(history, 0)).to(device),
+                history_mask=torch.from_numpy(history >= 0).to(device),
+                events=torch.from_numpy(task.history_event[rows]).to(device),
+                age_hours=torch.from_numpy(task.history_age_hours[rows]).to(device),
+                position=torch.zeros(len(history), dtype=torch.long, device=device))
+            parts.append(model.score_candidates(item_embeddings, inputs, candidates).double().cpu().numpy())
+        return np.concatenate(parts) if parts else np.zeros((0, len(pool)))
+    return score
+
+
 def evaluation_sums(data: TrainingSet, p_ctr: np.ndarray, p_ctcvr: np.ndarray,
                     ranks: np.ndarray | None) -> metrics.MetricSums:
     """Mergeable metric sums of one set of predictions (and, if given, of full-catalog ranks)."""
@@ -152,10 +180,16 @@ def evaluation_sums(data: TrainingSet, p_ctr: np.ndarray, p_ctcvr: np.ndarray,
 
 
 def model_sums(model: ConversionModel, side: ItemSide, data: TrainingSet, candidates: dict[int, np.ndarray],
-               device: torch.device, embeddings: torch.Tensor | None = None, rank: bool = True) -> metrics.MetricSums:
-    """Metric sums of the model on `data`: predictions and, with `rank`, full-catalog ranks (catalog embeddings
-    computed here unless given)."""
+               device: torch.device, embeddings: torch.Tensor | None = None, rank: bool = True,
+               basket: BasketTask | None = None) -> metrics.MetricSums:
+    """Metric sums of the model on `data`: predictions and, with `rank`, full-catalog ranking: of each shopper's
+    next basket when a `basket` task is given (purchase logs), else of each purchase (catalog embeddings computed
+    here unless given)."""
     embeddings = embed_catalog(model, side, device) if embeddings is None else embeddings
     p_ctr, p_ctcvr = predict(model, embeddings, data, device)
+    if rank and basket is not None:
+        sums = evaluation_sums(data, p_ctr, p_ctcvr, None)
+        return metrics.combine(sums, metrics.MetricSums(
+            ranking_sums(basket, candidates, basket_scorer(model, embeddings, device))))
     ranks = rank_purchases(model, embeddings, data, candidates, device) if rank else None
     return evaluation_sums(data, p_ctr, p_ctcvr, ranks)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..data.examples import ExampleConfig, build_examples, split_by_time
 from ..data.loader import MerchantData, merchant_folders
+from ..evaluation.baskets import BasketTask, build_task
 from ..model.errors import ModelConfigError
 from .data import Catalog, TrainingSet
 
@@ -17,12 +18,19 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass
 class Prepared:
-    """The merchants' data as one catalog and three training sets, plus each merchant's catalog rows."""
+    """The merchants' data as one catalog and three training sets, plus each merchant's catalog rows; for purchase
+    logs (no impressions) also the next-basket tasks at the validation and test cuts (`evaluation/baskets.py`)."""
 
     names: list[str]
     catalog: Catalog
     splits: dict[str, TrainingSet]
     candidates: dict[int, np.ndarray]
+    baskets: dict[str, BasketTask] = field(default_factory=dict)
+
+    @property
+    def implicit(self) -> bool:
+        """Purchase logs: ranked by next basket (`baskets`), not by each purchase."""
+        return bool(self.baskets)
 
 
 def select_merchants(data_root: Path, names: list[str] | None) -> list[Path]:
@@ -42,12 +50,24 @@ def prepare(merchants: list[MerchantData], example_config: ExampleConfig) -> Pre
     if len(catalog) == 0:
         raise ModelConfigError("the merchants' items tables hold zero items: there is nothing to encode or rank")
     parts: dict[str, list] = {s: [] for s in SPLITS}
-    for m in merchants:
-        split = split_by_time(build_examples(m, example_config), example_config)
+    tasks: dict[str, list[BasketTask]] = {"validation": [], "test": []}
+    implicit, offset = True, 0
+    for k, m in enumerate(merchants):
+        examples = build_examples(m, example_config)
+        split = split_by_time(examples, example_config)
         for name in SPLITS:
             parts[name].append(getattr(split, name))
+        implicit = implicit and examples.implicit
+        if implicit:
+            for name, cut, end in (("validation", split.validation_start, split.test_start),
+                                   ("test", split.test_start, None)):
+                if cut is not None:
+                    tasks[name].append(build_task(m, catalog, k, offset, cut.value, None if end is None else end.value,
+                                                  example_config.history_length))
+        offset += len(examples.user_ids)
     splits = {name: TrainingSet.build(parts[name], catalog) for name in SPLITS}
     if len(splits["train"]) == 0:
         raise ModelConfigError("the training split is empty: the merchants' events yield no examples")
     candidates = {k: np.unique(catalog.codes(m.items["item_id"].to_numpy())) for k, m in enumerate(merchants)}
-    return Prepared([m.name for m in merchants], catalog, splits, candidates)
+    baskets = {name: BasketTask.concat(found) for name, found in tasks.items() if found} if implicit else {}
+    return Prepared([m.name for m in merchants], catalog, splits, candidates, baskets)
