@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcvr import __version__
+from fedcvr.shared.evaluation import BASELINES
 
 app = typer.Typer(
     name="fedcvr",
@@ -261,8 +262,29 @@ def _metrics_table(split: str, by_model: dict[str, dict[str, float | None]]) -> 
         table.add_column(name, justify="right")
     for metric in _REPORTED:
         values = [by_model[name].get(metric) for name in by_model]
+        if all(v is None for v in values):
+            continue  # e.g. per-purchase ranking, which purchase logs replace by the next-basket table
         table.add_row(metric, *("n/a" if v is None else f"{v:.4f}" for v in values))
     return table
+
+
+def _baseline_label(result) -> str:
+    from fedcvr.shared.evaluation.next_basket import params_text
+
+    return f"{result.name} ({result.scope}; {params_text(result.params)})"
+
+
+def _print_basket_tables(title: str, rankers: list[tuple[str, dict]]) -> None:
+    """The next-basket tables (every item; new items only) of `rankers` = [(label, finalised metrics)]."""
+    from fedcvr.shared.evaluation import tables
+
+    for variant, words in tables.VARIANT_TITLES.items():
+        table = Table(title=f"{title}: {words}; mean [95% bootstrap interval]")
+        for index, column in enumerate(tables.HEADER):
+            table.add_column(column, justify="left" if index == 0 else "right")
+        for row in tables.rows(rankers, variant):
+            table.add_row(*row)
+        console.print(table)
 
 
 @app.command("train-central")
@@ -281,14 +303,26 @@ def train_central_command(
     seed: int = typer.Option(None, "--seed", help="Seed for initialisation and shuffling. [default: 0]"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Folder of the frozen-prefix cache. "
                                                              "[default: ~/.cache/fedcvr/prefix or $FEDCVR_CACHE]"),
+    test_from: str = typer.Option("", "--test-from", help="Date where the test split starts, e.g. 2011-11-01; "
+                                                          "purchase logs rank each shopper's next basket from there. "
+                                                          "[default: the last 10% of each merchant's examples]"),
+    baselines: str = typer.Option(",".join(BASELINES), "--baselines",
+                                  help="Comma-separated classic baselines ranked beside the model on purchase logs "
+                                       "('' for none)."),
+    popularity_days: float = typer.Option(None, "--popularity-days",
+                                          help="Window W of the popularity baseline, in days (tuned on validation "
+                                               "unless --no-tune). [default: 30]"),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune each baseline's setting on the validation split."),
 ) -> None:
     """Train the conversion model on the union of the merchants (no federation, no privacy): the upper bound
     that federated results are compared with. Prints the model, a popularity baseline and, on synthetic data,
-    the ground-truth oracle side by side for each split."""
+    the ground-truth oracle side by side for each split; on purchase logs also the next-basket table (every item,
+    and new items only) with the model and the classic baselines fitted on the pooled purchases."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from fedcvr.shared.data.contract import DataValidationError
     from fedcvr.shared.data.examples import ExampleConfig
+    from fedcvr.shared.evaluation.baselines import BaselineConfig, BaselineError, check_names
     from fedcvr.shared.model.config import ModelConfig, TrainConfig
     from fedcvr.shared.model.errors import ModelConfigError
     from fedcvr.simulations.central import train_central
@@ -298,8 +332,13 @@ def train_central_command(
                                                    adapter_size=adapter_size)
         train_config = TrainConfig.from_run_config({}, epochs=epochs, batch_size=batch_size, lr=lr, device=device,
                                                    seed=seed)
+        example_config = ExampleConfig(test_from=test_from)
+        baseline_names = check_names([n.strip() for n in baselines.split(",") if n.strip()], "--baselines")
+        baseline_config = BaselineConfig.from_run_config({}, popularity_days=popularity_days, tune=tune)
     except ModelConfigError as err:
         _fail(str(err))
+    except (BaselineError, ValueError) as err:
+        _fail(str(err).replace("examples.test-from", "--test-from"))
     names = [n.strip() for n in merchants.split(",") if n.strip()] or None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
@@ -314,7 +353,8 @@ def train_central_command(
                               f"{'n/a' if score is None else f'{score:.4f}'}")
 
         try:
-            result = train_central(data, out, model_config, train_config, ExampleConfig(), names, cache_dir,
+            result = train_central(data, out, model_config, train_config, example_config, names, cache_dir,
+                                   baseline_names, baseline_config,
                                    on_stage=lambda text: bar.console.print(f"[dim]{text}[/]"),
                                    on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end)
         except (ModelConfigError, FileNotFoundError) as err:
@@ -324,6 +364,10 @@ def train_central_command(
             _fail("the data does not match the contract; fix the problems above (see `fedcvr data validate`)")
     for split, by_model in result.metrics.items():
         console.print(_metrics_table(split, by_model))
+    if any(k.startswith("nb.") for k in result.metrics.get("test", {}).get("model", {})):
+        rankers = [("model", result.metrics["test"]["model"])]
+        rankers += [(_baseline_label(b), b.metrics) for b in result.baselines]
+        _print_basket_tables("Test split, next basket", rankers)
     console.print(f"[green]saved[/] the model (best epoch {result.best_epoch}) to {out} in {result.seconds:.0f} s")
 
 

@@ -2,7 +2,8 @@
 
 Trains one conversion model on the union of the merchants' training splits, stops early on the validation
 CTCVR AUC, and evaluates every split with the model, a popularity baseline and (on synthetic data) the
-ground-truth oracle.
+ground-truth oracle. On purchase logs the held-out splits are also ranked by next basket (`shared/evaluation`),
+with the classic baselines fitted on the pooled purchases beside the model.
 
 Popularity baseline: each item's click and purchase rates over the training impressions, smoothed towards the
 overall rates with 10 pseudo-impressions: score_i = (events_i + 10 x overall rate) / (impressions_i + 10).
@@ -23,6 +24,8 @@ import torch
 from fedcvr.shared import metrics
 from fedcvr.shared.data.examples import ExampleConfig
 from fedcvr.shared.data.loader import load_merchant
+from fedcvr.shared.evaluation.baselines import BaselineConfig
+from fedcvr.shared.evaluation.next_basket import BaselineResult, baseline_record, run_baselines
 from fedcvr.shared.model.config import ModelConfig, TrainConfig
 from fedcvr.shared.model.encoder import load_backbone
 from fedcvr.shared.model.esmm import ConversionModel
@@ -79,6 +82,8 @@ class CentralResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
+    baselines: list[BaselineResult] = field(default_factory=list)
+    """Purchase logs: the classic baselines on the same next-basket test, fitted on the pooled data."""
 
 
 def evaluate_all(model: ConversionModel, side: ItemSide, prepared: Prepared, device: torch.device,
@@ -94,11 +99,13 @@ def evaluate_all(model: ConversionModel, side: ItemSide, prepared: Prepared, dev
         if len(data) == 0:
             continue
         rank = name in ranked
+        basket = prepared.baskets.get(name)
         out[name] = {"model": metrics.finalise(model_sums(model, side, data, prepared.candidates, device,
-                                                         embeddings, rank=rank))}
+                                                         embeddings, rank=rank, basket=basket))}
+        # purchase logs rank by next basket, where the classic baselines (`run_baselines`) stand beside the model
         out[name]["popularity"] = metrics.finalise(evaluation_sums(
             data, pop_ctr[data.item], pop_ctcvr[data.item],
-            popularity_ranks(data, pop_ctcvr, prepared.candidates) if rank else None))
+            popularity_ranks(data, pop_ctcvr, prepared.candidates) if rank and not prepared.implicit else None))
         if not np.isnan(data.true_p_click).any():
             out[name]["oracle"] = metrics.finalise(evaluation_sums(data, data.true_p_click, data.true_p_purchase,
                                                                    None))
@@ -107,6 +114,7 @@ def evaluate_all(model: ConversionModel, side: ItemSide, prepared: Prepared, dev
 
 def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_config: TrainConfig,
                   example_config: ExampleConfig, merchants: list[str] | None = None, cache_root: Path | None = None,
+                  baselines: tuple[str, ...] | list[str] = (), baseline_config: BaselineConfig | None = None,
                   on_stage: Callable[[str], None] | None = None,
                   on_epoch_start: Callable[[int, int], Callable[[int, float], None] | None] | None = None,
                   on_epoch_end: Callable[[dict[str, float]], None] | None = None) -> CentralResult:
@@ -157,9 +165,15 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
     load_trainable_state(model, best_state)
     say("evaluating train, validation and test splits")
     result.metrics = evaluate_all(model, side, prepared, device)
+    if baselines and prepared.implicit:
+        say(f"fitting the baselines on the pooled purchases before each cut: {', '.join(baselines)}")
+        result.baselines = run_baselines(list(baselines), prepared, baseline_config or BaselineConfig(), "pooled",
+                                         backbone, model_config.max_text_tokens, cache_root, train_config.seed,
+                                         say)
     result.seconds = time.perf_counter() - started
     settings = {"train": train_config.to_dict(), "examples": example_config.to_dict(), "merchants": prepared.names,
                 "best_epoch": result.best_epoch}
     save_model_folder(out, model, backbone, settings, {"splits": result.metrics, "history": result.history,
-                                                       "seconds": result.seconds})
+                                                       "seconds": result.seconds,
+                                                       "baselines": [baseline_record(b) for b in result.baselines]})
     return result

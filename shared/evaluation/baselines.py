@@ -33,9 +33,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..settings import Section
+from . import BASELINES
 from .baskets import Purchases
 
-NAMES = ("popularity", "repeat", "item-knn", "als", "text")
+NAMES = BASELINES
 TIE_WEIGHT = 1e-6
 _DAY_NS = 86_400 * 1_000_000_000
 

@@ -106,3 +106,34 @@ def params_text(params: dict[str, Any]) -> str:
     """A baseline's setting in words: 'days 30', 'factors 64, alpha 1'."""
     return ", ".join(f"{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"{k.replace('_', '-')} {v}"
                      for k, v in params.items())
+
+
+def text_embeddings(backbone, texts: list[str], max_tokens: int, cache_root=None) -> np.ndarray:
+    """(N, H) text embeddings of the `text` baseline: the encoder's mean-pooled last hidden state of each item
+    text (the frozen-prefix cache's pooled entries, shared with a model of `adapter.layers = 0`)."""
+    from ..model.prefix_cache import PrefixCache
+
+    states = PrefixCache(backbone, 0, max_tokens, cache_root).states(texts)
+    return states.states[:, 0, :].float().numpy().astype(np.float64)
+
+
+def run_baselines(names: list[str], prepared, config: BaselineConfig, scope: str, backbone=None,
+                  max_tokens: int = 64, cache_root=None, seed: int = 0,
+                  progress: Callable[[str], None] | None = None) -> list[BaselineResult]:
+    """The baselines `names` on a `Prepared` data set's next-basket tasks (none for impression logs)."""
+    if not prepared.baskets or "test" not in prepared.baskets:
+        return []
+    embeddings = None
+    if "text" in names:
+        if backbone is None:
+            raise ValueError("the text baseline needs the encoder (backbone); none was given")
+        embeddings = text_embeddings(backbone, prepared.catalog.texts, max_tokens, cache_root)
+    return evaluate_baselines(names, prepared.baskets.get("validation"), prepared.baskets["test"],
+                              prepared.candidates, len(prepared.catalog), config, scope, embeddings, seed, progress)
+
+
+def baseline_record(result: BaselineResult) -> dict[str, Any]:
+    """A baseline result as JSON-ready data (its setting, validation NDCG@10 and finalised test metrics)."""
+    params = {k: ("inf" if isinstance(v, float) and np.isinf(v) else v) for k, v in result.params.items()}
+    return {"name": result.name, "scope": result.scope, "params": params,
+            "validation_ndcg@10": result.validation_ndcg, "metrics": result.metrics}
