@@ -108,11 +108,12 @@ class MerchantNode:
 
     def evaluate(self, arrays: Mapping[str, torch.Tensor], split: str = "validation", rank: bool = True) -> dict:
         """Metric sums of the given weights on one local split (a Flower MetricRecord's content); with `rank`
-        also the full-catalog ranking sums (NDCG@10, HR@10, MRR)."""
+        also the full-catalog ranking sums: of each purchase (NDCG@K, HR@K), or on purchase logs of each
+        shopper's next basket (`nb.*`)."""
         self.load(arrays)
         data = self.prepared.splits[split]
         record = model_sums(self.model, self.side, data, self.prepared.candidates, self.device,
-                            rank=rank).to_record()
+                            rank=rank, basket=self.prepared.baskets.get(split)).to_record()
         record["num-examples"] = len(data)
         return record
 

@@ -378,18 +378,24 @@ def local_only_command(
                       "(RUN/model) is the federated side of the comparison.")] = ...,
     merchants: Annotated[str, typer.Option(
         "--merchants", help="Comma-separated merchant folder names. (default: all of the run's)")] = "",
+    baselines: Annotated[str, typer.Option(
+        "--baselines", help="Comma-separated classic baselines each merchant fits alone, ranked beside the models on "
+                            "purchase logs ('' for none).")] = ",".join(BASELINES),
 ) -> None:
     """Train each merchant alone with the run's exact settings (rounds, local epochs, DP budget, seeds) and
     compare its test metrics with the federated global model's on the same test split. Writes
-    RUN/local-only.json and prints a table, smallest merchants last."""
+    RUN/local-only.json and prints a table, smallest merchants last; on purchase logs also the next-basket tables
+    over all merchants' shoppers: each merchant's lone model, the federated model and each merchant's own
+    baselines."""
     import json
     import tomllib
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fedcvr.shared.evaluation.baselines import BaselineError, check_names
     from fedcvr.shared.model.errors import ModelConfigError
     from fedcvr.simulations import launcher as sim
-    from fedcvr.simulations.local_only import COMPARED, compare
+    from fedcvr.simulations.local_only import COMPARED, compare, pooled_next_basket
 
     run_dir = run.expanduser().resolve()
     config_file = run_dir / sim.RUN_CONFIG_FILE
@@ -404,6 +410,10 @@ def local_only_command(
         _fail(f"--merchants {', '.join(unknown)}: not in {run_config['data-root']} "
               f"(it has {', '.join(f.name for f in folders)})")
     folders = [f for f in folders if not names or f.name in names]
+    try:
+        baseline_names = check_names([n.strip() for n in baselines.split(",") if n.strip()], "--baselines")
+    except BaselineError as err:
+        _fail(str(err))
     rounds = int(run_config["num-server-rounds"])
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console) as bar:
@@ -414,7 +424,7 @@ def local_only_command(
 
         try:
             results = compare(folders, run_config, run_dir / "model", on_merchant,
-                              lambda r: bar.update(task, completed=r))
+                              lambda r: bar.update(task, completed=r), baseline_names)
         except (ModelConfigError, ValueError) as err:
             _fail(str(err))
     results.sort(key=lambda r: -r.train_examples)
@@ -422,12 +432,16 @@ def local_only_command(
     table = Table(title=f"Test split: each merchant alone vs the federated model of {run_dir.name}")
     for column in ("merchant", "train examples", "test purchases"):
         table.add_column(column, justify="left" if column == "merchant" else "right")
-    for metric in COMPARED:
+    shown = [m for m in COMPARED if any(r.alone.get(m) is not None for r in results)]
+    for metric in shown:
         table.add_column(f"{metric}\nalone → fed", justify="right")
     for r in results:
-        cells = [f"{_score(r.alone.get(m))} → {_score(r.federated.get(m))}" for m in COMPARED]
+        cells = [f"{_score(r.alone.get(m))} → {_score(r.federated.get(m))}" for m in shown]
         table.add_row(r.merchant, f"{r.train_examples:,}", str(r.test_purchases), *cells)
     console.print(table)
+    pooled = pooled_next_basket(results)
+    if pooled:
+        _print_basket_tables("Test split, next basket, all merchants' shoppers", pooled)
     console.print(f"written to {run_dir / 'local-only.json'}", highlight=False)
 
 

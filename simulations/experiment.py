@@ -15,6 +15,8 @@ An experiment config (TOML, examples in `simulations/experiments/`):
     audit-epsilons = ["none", 8, 1]  # privacy audit runs (membership inference, `audit.py`); [] = none
     audit-merchant = ""           # the merchant folder audited ("" = the first in sorted order)
     audit-max-members = 2000      # members (and as many non-members) at most
+    baselines = ["popularity", "repeat", "item-knn", "als", "text"]  # purchase logs: classic baselines ranked
+                                  # beside the model on the next-basket test, pooled and by each merchant alone
     [run-config]                  # any app run config key, e.g. local-epochs = 2
     [audit-run-config]            # run config keys for the audit runs only (on top of [run-config]), e.g. more
                                   # local epochs to give the attacks a model that fits its examples closely
@@ -42,6 +44,8 @@ from typing import Any
 
 import pandas as pd
 
+from fedcvr.shared.evaluation import BASELINES
+from fedcvr.shared.evaluation.basket_metrics import METRICS, PREFIX, VARIANTS
 from fedcvr.simulations.benchmarks.common import machine
 from fedcvr.simulations.launcher import flatten
 
@@ -55,7 +59,11 @@ TABLE_COLUMNS = ["run_id", "setting", "epsilon", "seed", "data", "round", "split
 PER_ROUND = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ndcg@10", "max-epsilon", "bytes-sent", "bytes-received",
              "client-train-seconds", "client-train-seconds-max", "aggregate-seconds",
              "seconds", "nodes-trained")
-FINAL = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ctcvr.logloss", "ndcg@10", "hr@10")
+BASELINE_RUN = "baselines"
+NEXT_BASKET = tuple(f"{PREFIX}.{variant}.{metric}{end}" for variant in VARIANTS for metric in METRICS
+                    for end in ("", ".lo", ".hi")) + tuple(f"{PREFIX}.{variant}.n" for variant in VARIANTS)
+"""Next-basket test metrics of purchase logs, with their bootstrap 95% interval ends (`shared/evaluation`)."""
+FINAL = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ctcvr.logloss", "ndcg@10", "hr@10", *NEXT_BASKET)
 
 
 class ExperimentError(ValueError):
@@ -93,6 +101,7 @@ class Experiment:
     audit_merchant: str = ""
     audit_max_members: int = 2000
     audit_run_config: dict[str, Any] = field(default_factory=dict)
+    baselines: tuple[str, ...] = ()
 
     @classmethod
     def from_toml(cls, path: Path) -> Experiment:
@@ -109,7 +118,7 @@ class Experiment:
 
         keys = {"name", "data", "settings", "epsilons", "seeds", "rounds", "run-config", "partition", "alpha",
                 "clients", "min-shoppers", "max-shoppers", "audit-epsilons", "audit-merchant", "audit-max-members",
-                "audit-run-config"}
+                "audit-run-config", "baselines"}
         unknown = set(table) - keys
         if unknown:
             raise ExperimentError(f"{path}: unknown key(s) {sorted(unknown)}: the keys are {', '.join(sorted(keys))}")
@@ -174,16 +183,22 @@ class Experiment:
         audit_run_config = table.get("audit-run-config", {})
         if not isinstance(audit_run_config, dict):
             raise bad("audit-run-config", "a table of app run config keys for the audit runs")
+        baselines = table.get("baselines", [])
+        if not isinstance(baselines, list) or any(b not in BASELINES for b in baselines):
+            raise bad("baselines", f"a list of the classic baselines {', '.join(BASELINES)} (ranked beside the model "
+                                   "on purchase logs), or [] for none")
         return cls(str(table.get("name", path.stem)), data, tuple(settings), tuple(dict.fromkeys(epsilons)),
                    tuple(dict.fromkeys(seeds)), rounds, flatten(run_config), path, partition, float(alpha), clients,
                    min_shoppers, max_shoppers, tuple(dict.fromkeys(audit_epsilons)), audit_merchant,
-                   audit_max_members, flatten(audit_run_config))
+                   audit_max_members, flatten(audit_run_config), tuple(dict.fromkeys(baselines)))
 
     def runs(self) -> list[Run]:
         """The grid, seed by seed and budget by budget, so that a partly run grid already holds whole curves;
         centralized training has no DP here, so it runs once per seed (its ε is none)."""
         out = []
         for seed in self.seeds:
+            if self.baselines:
+                out.append(Run(BASELINE_RUN, None, seed))
             for epsilon in self.epsilons:
                 for setting in self.settings:
                     if setting != "centralized" or epsilon is None:
@@ -255,8 +270,9 @@ def run_config_of(experiment: Experiment, run: Run, data_root: Path, run_dir: Pa
 
 
 def _rows(run: Run, data: str, round_: int, split: str, merchant: str, metrics: dict[str, Any],
-          keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [{"run_id": run.run_id, "setting": run.setting, "epsilon": run.epsilon, "seed": run.seed, "data": data,
+          keys: tuple[str, ...], setting: str | None = None) -> list[dict[str, Any]]:
+    return [{"run_id": run.run_id, "setting": setting or run.setting, "epsilon": run.epsilon, "seed": run.seed,
+             "data": data,
              "round": round_, "split": split, "merchant": merchant, "metric": key, "value": float(metrics[key])}
             for key in keys if metrics.get(key) is not None]
 
@@ -367,6 +383,51 @@ def run_centralized(experiment: Experiment, run: Run, run_config: dict[str, Any]
     return _rows(run, experiment.data, 0, "test", "all", test, FINAL)
 
 
+def run_baseline_grid(experiment: Experiment, run: Run, run_config: dict[str, Any], folders: list[Path],
+                      progress: Progress = _quiet) -> list[dict]:
+    """The experiment's `baselines` on the next-basket test: fitted on the pooled purchases (setting
+    'NAME (pooled)') and by each merchant alone ('NAME (local)', merged over merchants and per merchant)."""
+    from fedcvr.client.node import NodeSettings
+    from fedcvr.shared.data.loader import load_merchant
+    from fedcvr.shared.evaluation import basket_metrics
+    from fedcvr.shared.evaluation.baselines import BaselineConfig
+    from fedcvr.shared.evaluation.next_basket import params_text, run_baselines
+    from fedcvr.shared.model.encoder import load_backbone
+    from fedcvr.shared.training.prepare import prepare
+
+    settings = NodeSettings.from_run_config(run_config)
+    config = BaselineConfig.from_run_config(run_config)
+    names = list(experiment.baselines)
+    backbone = load_backbone(settings.model.encoder) if "text" in names else None
+    tokens = settings.model.max_text_tokens
+    data = [load_merchant(folder) for folder in folders]
+    progress("baselines fitted on the pooled purchases")
+    pooled = run_baselines(names, prepare(data, settings.examples), config, "pooled", backbone, tokens,
+                           seed=run.seed, progress=progress)
+    if not pooled:
+        raise ExperimentError(f"{experiment.source}: `baselines` rank next baskets, which need purchase logs (no "
+                              "impressions); this data set logs impressions: remove `baselines`")
+    rows, merged = [], {name: {} for name in names}
+    for result in pooled:
+        rows += _rows(run, experiment.data, 0, "test", "all", result.metrics, NEXT_BASKET,
+                      f"{result.name} (pooled)")
+        setting = {f"param.{key}": float(value) for key, value in result.params.items()}
+        rows += _rows(run, experiment.data, 0, "validation", "all", setting, tuple(setting), f"{result.name} (pooled)")
+        progress(f"{result.name} (pooled; {params_text(result.params)})")
+    for index, merchant in enumerate(data, 1):
+        progress(f"baselines of {merchant.name} alone ({index}/{len(data)})")
+        for result in run_baselines(names, prepare([merchant], settings.examples), config, "local", backbone,
+                                    tokens, seed=run.seed):
+            merged[result.name] = basket_metrics.add(merged[result.name], result.sums)
+            rows += _rows(run, experiment.data, 0, "test", merchant.name, result.metrics, NEXT_BASKET,
+                          f"{result.name} (local)")
+    for name, sums in merged.items():
+        if sums:
+            rows += _rows(run, experiment.data, 0, "test", "all", basket_metrics.finalise(sums), NEXT_BASKET,
+                          f"{name} (local)")
+    return rows
+
+
 def audited_folder(experiment: Experiment, folders: list[Path]) -> Path:
     """The merchant folder of the privacy audit: `audit-merchant`, or the first in sorted order."""
     if not experiment.audit_merchant:
@@ -422,6 +483,8 @@ def run_grid(experiment: Experiment, out: Path, on_run: Callable[[Run, str], Non
                 rows = run_local_only(experiment, run, run_config, folders, progress)
             elif run.setting == AUDIT:
                 rows = run_audit(experiment, run, run_config, folders)
+            elif run.setting == BASELINE_RUN:
+                rows = run_baseline_grid(experiment, run, run_config, folders, progress)
             else:
                 rows = run_centralized(experiment, run, run_config, data_root)
         seconds = time.perf_counter() - started

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedcvr.simulations.basket_report import next_basket_lines
 from fedcvr.simulations.heterogeneity import overlap_of_results
 
 NO_DP = "no DP"
@@ -680,6 +681,7 @@ def write_report(results: Path) -> Path:
         _markdown(summary), "",
     ]
     lines += ordering_lines(auc, "test CTCVR AUC") + ordering_lines(ndcg, "test NDCG@10")
+    lines += next_basket_lines(table)
     if has_convergence:
         lines += ["", "## Convergence", "", "![convergence](convergence.png)"]
     if has_gain:
