@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
@@ -121,3 +122,38 @@ def quality_market(tmp_path_factory):
     result = train_central(root / "market", root / "central", ModelConfig(adapter_layers=0),
                            TrainConfig(epochs=5, batch_size=512, lr=0.006, threads=2), ExampleConfig())
     return root / "market", result
+
+
+def purchase_log(folder: Path, seed: int, shoppers: int = 80, items: int = 60, baskets: int = 8) -> Path:
+    """A merchant's purchase log (no impressions): shoppers buy baskets of 1-4 items over 90 days, from a skewed
+    popularity and with a habit of buying their own favourites again; invoices as session ids."""
+    rng = np.random.default_rng(seed)
+    words = ["red", "blue", "wool", "steel", "oak", "linen", "glass", "cotton", "silver", "green"]
+    nouns = ["mug", "scarf", "lamp", "bowl", "candle", "frame", "basket", "towel", "clock", "vase"]
+    catalog = pd.DataFrame({"item_id": [f"i{k:03d}" for k in range(items)],
+                            "title": [f"{words[k % 10]} {nouns[(k // 10) % 10]} {k}" for k in range(items)],
+                            "price": rng.uniform(2, 40, items).round(2)})
+    popularity = rng.zipf(1.6, items).astype(float)
+    rows = []
+    start = pd.Timestamp("2024-01-01")
+    for shopper in range(shoppers):
+        favourites = rng.choice(items, 3, replace=False, p=popularity / popularity.sum())
+        for b in range(int(rng.integers(2, baskets + 1))):
+            when = start + pd.Timedelta(minutes=int(rng.integers(0, 90 * 24 * 60)))
+            size = int(rng.integers(1, 5))
+            own = rng.random(size) < 0.5
+            picked = np.where(own, rng.choice(favourites, size),
+                              rng.choice(items, size, p=popularity / popularity.sum()))
+            for item in np.unique(picked):
+                rows.append((f"s{seed}-{shopper}", f"i{item:03d}", "purchase", when, f"inv-{seed}-{shopper}-{b}"))
+    events = pd.DataFrame(rows, columns=["user_id", "item_id", "event", "timestamp", "session_id"])
+    return write_tables(folder, catalog, events.sort_values("timestamp"), fmt="parquet")
+
+
+@pytest.fixture(scope="session")
+def tiny_purchase_market(tmp_path_factory) -> Path:
+    """Three merchants' purchase logs (implicit feedback), 2024-01-01 to 2024-03-31; cut e.g. at 2024-03-01."""
+    out = tmp_path_factory.mktemp("purchases")
+    for k, shoppers in enumerate((120, 80, 40), 1):
+        purchase_log(out / f"shop-{k}", seed=k, shoppers=shoppers)
+    return out
