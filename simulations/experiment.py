@@ -4,7 +4,8 @@ An experiment config (TOML, examples in `simulations/experiments/`):
 
     name = "synthetic-default"
     data = "synthetic"            # "synthetic" (the default marketplace, seed 0), "online-retail:FILE" (imported,
-                                  # one client per country) or a marketplace folder
+                                  # one client per country), "amazon:FOLDER" (Amazon Reviews: FOLDER holds a
+                                  # reviews file and its meta_* file) or a marketplace folder
     settings = ["centralized", "local-only", "fedavg", "fedprox", "fedadam"]
     epsilons = ["none", 8, 4, 2, 1]   # dp.target-epsilon of the whole run; "none" = no DP
     seeds = [0, 1]
@@ -237,13 +238,16 @@ class Experiment:
 
                 generate_marketplace(SynthConfig(seed=0), root)
             return root
-        kind, _, text = self.data.partition(":") if self.data.startswith("online-retail:") else ("", "", self.data)
+        kind, _, text = (self.data.partition(":") if self.data.startswith(("online-retail:", "amazon:"))
+                         else ("", "", self.data))
         path = Path(text).expanduser()
         if not path.is_absolute() and not path.exists() and self.source is not None:
             path = self.source.parent / path
         if not path.exists():
             raise ExperimentError(f"{self.source}: `data` = {self.data!r}: {path} does not exist (for Online Retail, "
                                   "download the file from the UCI repository and give its path)")
+        if kind == "amazon":
+            return self._import_amazon(path, out / "data-amazon")
         if kind != "online-retail":
             return path.resolve()
         root = out / "data-online-retail"
@@ -251,6 +255,23 @@ class Experiment:
             from fedcvr.shared.data.importers.online_retail import import_online_retail
 
             import_online_retail(path, root)
+        return root
+
+    def _import_amazon(self, folder: Path, root: Path) -> Path:
+        """`data = "amazon:FOLDER"`: the Amazon Reviews files in FOLDER (one reviews file, one `meta_*` file)
+        imported once into `root`."""
+        if any(root.glob("*/events.parquet")):
+            return root
+        files = sorted(p for p in folder.iterdir() if p.is_file() and ".json" in p.name) if folder.is_dir() else []
+        meta = [p for p in files if p.name.startswith("meta_")]
+        reviews = [p for p in files if not p.name.startswith("meta_")]
+        if len(meta) != 1 or len(reviews) != 1:
+            raise ExperimentError(f"{self.source}: `data` = {self.data!r}: {folder} must hold one reviews file and one "
+                                  f"meta_* file (.json, .jsonl or .gz) of Amazon Reviews; found "
+                                  f"{', '.join(p.name for p in files) or 'none'}")
+        from fedcvr.shared.data.importers.amazon import import_amazon
+
+        import_amazon(reviews[0], meta[0], root)
         return root
 
 

@@ -421,10 +421,32 @@ def test_the_online_retail_reference_uses_countries_with_20_customers(tmp_path, 
     root = experiment.data_root(tmp_path)
     customers = {p.name: pd.read_parquet(p / "events.parquet")["user_id"].nunique() for p in root.iterdir()}
     assert len(customers) >= 2 and min(customers.values()) >= 20
-    assert max(customers.values()) == experiment.max_shoppers  # the United Kingdom, cut down
+    assert experiment.max_shoppers == 0 and customers["united-kingdom"] > 3_800  # the United Kingdom in full
     imported = {p.name for p in (tmp_path / "data-online-retail").iterdir() if p.is_dir()}
     assert len(imported) > len(customers)  # the small countries were left out
-    assert audited_folder(experiment, sorted(root.iterdir())).name == "germany"
+    assert experiment.baselines == ("popularity", "repeat", "item-knn", "als", "text")
+    assert experiment.run_config["examples.test-from"] == "2011-11-01"
+
+
+def test_the_amazon_magazine_reference_imports_its_files(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo.parent / "shared/data/amazon-magazine/Magazine_Subscriptions_5.json.gz").is_file():
+        pytest.skip("the shared Amazon Magazine Subscriptions data set is not beside this checkout")
+    monkeypatch.chdir(repo)
+    experiment = Experiment.from_toml(repo / "simulations/experiments/amazon-magazine.toml")
+    root = experiment.data_root(tmp_path)
+    assert len([p for p in root.iterdir() if (p / "events.parquet").is_file()]) == experiment.clients == 3
+    assert (tmp_path / "data-amazon" / "magazine-subscriptions" / "events.parquet").is_file()
+
+
+def test_amazon_data_needs_one_reviews_and_one_meta_file(tmp_path):
+    (tmp_path / "reviews.json").write_text("")
+    config = tmp_path / "x.toml"
+    config.write_text(f'data = "amazon:{tmp_path}"\n')
+    with pytest.raises(ExperimentError, match="one reviews file and one meta_"):
+        Experiment.from_toml(config).data_root(tmp_path / "out")
 
 
 def test_the_ordering_check_says_where_and_how_much_utility_fell():
