@@ -13,7 +13,6 @@ from fedcvr.simulations.experiment import (
     Experiment,
     ExperimentError,
     Run,
-    audited_folder,
     run_grid,
 )
 
