@@ -107,7 +107,9 @@ class _Shoppers:
     def rows(self, shoppers: np.ndarray) -> sp.csr_matrix:
         """The rows of `shoppers` (empty rows for shoppers without purchases here)."""
         at = np.searchsorted(self.ids, shoppers)
-        found = (at < len(self.ids)) & (self.ids[np.minimum(at, max(len(self.ids) - 1, 0))] == shoppers)
+        found = np.zeros(len(shoppers), bool)
+        if len(self.ids):  # no purchases before the cut (a merchant whose shoppers only clicked): all rows empty
+            found = (at < len(self.ids)) & (self.ids[np.minimum(at, len(self.ids) - 1)] == shoppers)
         picker = sp.csr_matrix((np.ones(int(found.sum())), (np.flatnonzero(found), at[found])),
                                shape=(len(shoppers), len(self.ids)))
         return (picker @ self.matrix).tocsr()
@@ -194,11 +196,15 @@ def _fit_als(data: Purchases, n_items: int, params: dict[str, Any], config: Base
     counts = _Shoppers(data, n_items)
     if counts.matrix.nnz == 0:
         return lambda shoppers, pool: np.broadcast_to(ties[pool], (len(shoppers), len(pool)))
+    # implicit weighs an observed pair by the matrix value times its own alpha (unobserved pairs weigh 1), so the
+    # confidence 1 + alpha x count goes in as the matrix, with implicit's alpha left at 1
+    confidence = counts.matrix.astype(np.float32).tocsr()
+    confidence.data = (1.0 + float(params["alpha"]) * confidence.data).astype(np.float32)
     with threadpool_limits(1, "blas"):  # implicit runs its own threads; BLAS threads inside them slow it down
-        model = AlternatingLeastSquares(factors=int(params["factors"]), alpha=float(params["alpha"]),
-                                        regularization=0.01, iterations=config.als_iterations, random_state=seed,
-                                        num_threads=cpu_threads())
-        model.fit(counts.matrix.astype(np.float32).tocsr(), show_progress=False)
+        model = AlternatingLeastSquares(factors=int(params["factors"]), alpha=1.0, regularization=0.01,
+                                        iterations=config.als_iterations, random_state=seed,
+                                        num_threads=cpu_threads(), use_gpu=False)
+        model.fit(confidence, show_progress=False)
     users, items = np.asarray(model.user_factors), np.asarray(model.item_factors)
 
     def als(shoppers: np.ndarray, pool: np.ndarray) -> np.ndarray:
