@@ -384,8 +384,6 @@ def test_without_tuning_the_default_setting_is_used():
     assert next_basket.params_text({"days": 30.0, "neighbours": 100}) == "days 30, neighbours 100"
 
 
-@pytest.mark.xfail(strict=True, reason="next_basket.evaluate_baselines falls back to grid[0] (the grid's first "
-                   "setting, e.g. 7 days, 20 neighbours), not `defaults`, when there is no validation shopper")
 @pytest.mark.parametrize("name", ["popularity", "repeat", "item-knn", "text"])
 def test_without_validation_shoppers_the_default_setting_is_used(name):
     _, test = tuning_tasks()

@@ -14,6 +14,7 @@ from fedcvr.cli import app
 from fedcvr.shared.data.examples import ExampleConfig
 from fedcvr.shared.data.loader import load_merchant, merchant_folders
 from fedcvr.shared.evaluation import BASELINES, basket_metrics
+from fedcvr.shared.evaluation.baselines import BaselineConfig
 from fedcvr.shared.model.config import ModelConfig
 from fedcvr.shared.model.esmm import initial_model
 from fedcvr.shared.model.prefix_cache import PrefixCache
@@ -59,7 +60,20 @@ def test_the_test_split_and_the_next_basket_cut_start_at_test_from(tiny_purchase
     cut = pd.Timestamp(CUT).value
     assert set(prepared.baskets["test"].cut) == {cut}
     assert (prepared.baskets["validation"].cut < cut).all()
-    assert (prepared.baskets["test"].purchases.t < cut).all()
+    # the baselines' fits at the cut see only the purchases before it, every merchant's up to the same cut
+    fitted = []
+    from fedcvr.shared.evaluation import next_basket
+
+    original = next_basket.fit
+    try:
+        next_basket.fit = lambda name, params, data, n, at, *rest: fitted.append((data, at)) or original(
+            name, params, data, n, at, *rest)
+        next_basket.baseline_sums("popularity", {"days": 30.0}, prepared.baskets["test"], prepared.candidates,
+                                  len(prepared.catalog), BaselineConfig(), "pooled")
+    finally:
+        next_basket.fit = original
+    assert [at for _, at in fitted] == [cut] and (fitted[0][0].t < cut).all()
+    assert set(fitted[0][0].merchant) == {0, 1, 2}
     # every shopper in the test task bought again at or after the cut and is scored from history before it
     assert len(prepared.baskets["test"]) > 30 and all(len(r) for r in prepared.baskets["test"].relevant)
 

@@ -68,13 +68,13 @@ class ExampleConfig(Section):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"examples.{name} must be in [0, 1), got {value}")
         if self.test_from:
-            test_start(self.test_from)  # raises on a date it cannot read
+            parse_test_from(self.test_from)  # raises on a date it cannot read
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise ValueError("examples.validation-fraction + examples.test-fraction must be < 1, got "
                              f"{self.validation_fraction} + {self.test_fraction}")
 
 
-def test_start(text: str) -> pd.Timestamp:
+def parse_test_from(text: str) -> pd.Timestamp:
     """`examples.test-from` (a date or date and time, UTC) as a timestamp; ValueError naming the key and the fix."""
     try:
         stamp = pd.Timestamp(text)
@@ -287,7 +287,7 @@ def split_by_time(examples: Examples, config: ExampleConfig | None = None) -> Sp
         empty = examples.subset(np.zeros(0, dtype=bool))
         return Split(empty, empty, empty, None, None)
     if config.test_from:
-        t_test = int(test_start(config.test_from).value)
+        t_test = int(parse_test_from(config.test_from).value)
         before = t[t < t_test]
         t_val = (int(np.quantile(before, 1.0 - config.validation_fraction, method="lower"))
                  if config.validation_fraction and len(before) else None)

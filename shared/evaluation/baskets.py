@@ -53,7 +53,9 @@ class BasketTask:
 
     merchant (S,) int32, shopper (S,) int64, cut (S,) int64 ns; relevant[s] and bought[s] sorted catalog rows;
     history_item (S, L) catalog rows (-1 padding), history_event (S, L), history_age_hours (S, L): the model's
-    input at the cut; purchases: every purchase before its merchant's cut (all shoppers, tested or not)."""
+    input at the cut; purchases: every purchase of the merchants (all shoppers, tested or not, at any time): a
+    baseline's fit keeps those strictly before its cut (`next_basket.baseline_sums`), so that a pooled fit at one
+    merchant's cut sees every other merchant's purchases up to that same cut."""
 
     merchant: np.ndarray
     shopper: np.ndarray
@@ -97,7 +99,8 @@ def _basket_keys(events: pd.DataFrame, is_buy: np.ndarray, t: np.ndarray) -> np.
 
 def build_task(data: MerchantData, catalog: Catalog, merchant: int, user_offset: int, cut: int, end: int | None,
                history_length: int) -> BasketTask:
-    """The next-basket task of one merchant at `cut` (ns), counting baskets that start before `end` (ns or None)."""
+    """The next-basket task of one merchant at `cut` (ns): the first basket among the purchases in [cut, end)
+    (`end` ns, or None for no end)."""
     codes, _ = event_codes(data)
     to_catalog = catalog.codes(data.items["item_id"].to_numpy(dtype=object))
     user, item, t = codes["user"].astype(np.int64), codes["item"], codes["t"]
@@ -105,8 +108,7 @@ def build_task(data: MerchantData, catalog: Catalog, merchant: int, user_offset:
     buy_user, buy_item, buy_t = user[is_buy], to_catalog[item[is_buy]], t[is_buy]
     buy_basket = _basket_keys(data.events, is_buy, t)
     before = buy_t < cut
-    purchases = Purchases(buy_user[before] + user_offset, buy_item[before], buy_t[before],
-                          np.full(int(before.sum()), merchant, np.int32))
+    purchases = Purchases(buy_user + user_offset, buy_item, buy_t, np.full(len(buy_t), merchant, np.int32))
 
     after = (buy_t >= cut) & ((buy_t < end) if end is not None else True)
     seen_before = np.unique(user[t < cut])

@@ -40,12 +40,13 @@ def ranking_sums(task: BasketTask, candidates: dict[int, np.ndarray], scorer: Ta
 
 
 def _groups(task: BasketTask, scope: str) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """(shopper rows, purchase mask, cut) of each fit: per merchant (local) or per distinct cut (pooled)."""
+    """(shopper rows, purchase mask, cut) of each fit: per merchant and cut (local) or per distinct cut (pooled).
+    The fit itself keeps only the purchases before its cut."""
     out = []
     if scope == "local":
-        for merchant in np.unique(task.merchant):
-            rows = np.flatnonzero(task.merchant == merchant)
-            out.append((rows, task.purchases.merchant == merchant, int(task.cut[rows].max())))
+        for merchant, cut in sorted(set(zip(task.merchant.tolist(), task.cut.tolist(), strict=True))):
+            rows = np.flatnonzero((task.merchant == merchant) & (task.cut == cut))
+            out.append((rows, task.purchases.merchant == merchant, int(cut)))
     else:
         for cut in np.unique(task.cut):
             out.append((np.flatnonzero(task.cut == cut), task.purchases.t < cut, int(cut)))
@@ -89,7 +90,7 @@ def evaluate_baselines(names: list[str], validation: BasketTask | None, test: Ba
     out = []
     for name in names:
         grid = config.grid(name)
-        best, best_score = grid[0], None
+        best, best_score = config.defaults(name), None
         if len(grid) > 1 and validation is not None and len(validation):
             for params in grid:
                 sums = baseline_sums(name, params, validation, candidates, n_items, config, scope, embeddings, seed)
