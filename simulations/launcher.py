@@ -567,9 +567,11 @@ def field_of(record: Mapping[str, Any], name: str) -> Any:
 def round_cells(record: Mapping[str, Any]) -> list[str]:
     """The cells of one round's row, in TABLE_COLUMNS order."""
     seconds = _number(field_of(record, "seconds"))
+    # purchase logs rank each shopper's next basket (nb.all.ndcg@10) where impression logs rank each purchase
+    ndcg = record.get("ndcg@10", record.get("nb.all.ndcg@10"))
     return [str(record.get("round", "?")),
-            *(format_metric(record.get(k)) for k in ("ctcvr.auc", "click.auc", "ctcvr.gauc", "ctcvr.logloss",
-                                                     "ndcg@10")),
+            *(format_metric(record.get(k)) for k in ("ctcvr.auc", "click.auc", "ctcvr.gauc", "ctcvr.logloss")),
+            format_metric(ndcg),
             format_epsilon(field_of(record, "max_epsilon"), field_of(record, "delta")),
             format_megabytes(field_of(record, "bytes_sent"), field_of(record, "bytes_received")),
             "n/a" if seconds is None else f"{seconds:.1f}"]
