@@ -266,7 +266,8 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
                     if not r.has_error()]
     test = merge_evaluations([dict(r.content["metrics"]) for r in test_replies]) if test_replies else {}
     log(INFO, "Final global model on the nodes' test splits: %s",
-        ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k in ("ctcvr.auc", "click.auc", "ndcg@10", "nb.all.ndcg@10")))
+        ", ".join(f"{k} {v:.4f}" for k, v in test.items()
+                  if k in ("ctcvr.auc", "click.auc", "ndcg@10", "nb.all.ndcg@10")))
     version = model_version(final)
     saved = push_back(grid, final, version, config.round_timeout)
     summary = {"strategy": config.strategy, "rounds": book.rows, "test": test, "model_version": version,
