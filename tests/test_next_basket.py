@@ -373,9 +373,12 @@ def test_prepare_builds_the_validation_and_test_tasks_of_purchase_logs(tmp_path)
     # shoppers are numbered as in the training set: merchant 1's after merchant 0's 5 shoppers
     assert sorted(test.shopper.tolist()) == list(range(10))
     assert set(prepared.splits["train"].user.tolist()) == set(range(10))
+    # merchants prepared together share one validation cut: the quantile of their pooled example times
+    pooled = np.concatenate([build_examples(m, config).timestamp for m in (first, second)])
+    t_val = int(np.quantile(pooled[pooled < t_test], 0.9, method="lower"))
+    assert set(validation.cut.tolist()) == {t_val}
     for k, m in enumerate((first, second)):
-        split = split_by_time(build_examples(m, config), config)
-        expected = build_task(m, prepared.catalog, k, 5 * k, split.validation_start.value, t_test, 3)
+        expected = build_task(m, prepared.catalog, k, 5 * k, t_val, t_test, 3)
         mine = validation.merchant == k
         assert validation.shopper[mine].tolist() == expected.shopper.tolist()
         assert [r.tolist() for r, keep in zip(validation.relevant, mine) if keep] == \

@@ -171,3 +171,28 @@ def test_local_only_pools_each_merchants_models_and_baselines(tmp_path, tiny_pur
     per_merchant = [basket_metrics.finalise(r.baselines[0].sums, bootstrap=0) for r in results]
     weighted = sum(m["nb.all.ndcg@10"] * m["nb.all.n"] for m in per_merchant) / shoppers
     assert np.isclose(rows["popularity (each merchant alone)"]["nb.all.ndcg@10"], weighted)
+
+
+def test_local_only_cli_prints_the_next_basket_tables(tmp_path, tiny_purchase_market, tiny_bert):
+    from fedcvr.simulations.launcher import RUN_CONFIG_FILE, write_run_config
+
+    run = tmp_path / "run"
+    runner = CliRunner()
+    made = runner.invoke(app, ["train-central", "--data", str(tiny_purchase_market), "--out", str(run / "model"),
+                               "--epochs", "1", "--encoder", str(tiny_bert), "--test-from", CUT, "--baselines", ""])
+    assert made.exit_code == 0, made.output
+    write_run_config(run / RUN_CONFIG_FILE, {
+        "data-root": str(tiny_purchase_market), "out-dir": str(run), "num-server-rounds": 1, "min-nodes": 3,
+        "model.encoder": str(tiny_bert), "examples.test-from": CUT, "train.batch-size": 256, "dp.enabled": False})
+    result = runner.invoke(app, ["local-only", "--run", str(run), "--baselines", "popularity,repeat"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "next basket, all merchants' shoppers: every item" in text and "new items" in text
+    for row in ("model, each merchant alone", "federated model", "popularity (each merchant alone)",
+                "repeat (each merchant alone)"):
+        assert row in text
+    assert "nb.all.ndcg@10" in text  # the per-merchant table's next-basket column
+    saved = json.loads((run / "local-only.json").read_text())
+    assert [b["name"] for b in saved[0]["baselines"]] == ["popularity", "repeat"]
+    refused = runner.invoke(app, ["local-only", "--run", str(run), "--baselines", "pagerank"])
+    assert refused.exit_code == 2 and "'pagerank'" in refused.output

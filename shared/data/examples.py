@@ -20,7 +20,8 @@ History
 Split
   Per merchant by time: with cut points t_val and t_test at the (1 - val - test) and (1 - test) quantiles of the
   example times, train has t < t_val, validation t_val <= t < t_test, test t >= t_test. With `examples.test-from`
-  (a date), t_test is that date for every merchant and t_val the (1 - val) quantile of the example times before it.
+  (a date), t_test is that date for every merchant and t_val the (1 - val) quantile of the example times before it:
+  of all the merchants' examples together where several are prepared together (one validation cut for all).
   Since histories hold only earlier events, no example sees events later than itself, and no training example
   sees events after t_val.
 """
@@ -279,8 +280,19 @@ def _implicit_targets(events: pd.DataFrame, codes: dict, n_items: int,
     }
 
 
-def split_by_time(examples: Examples, config: ExampleConfig | None = None) -> Split:
-    """Train / validation / test of one merchant by time; see the module doc for the cut points."""
+def validation_start(times: np.ndarray, config: ExampleConfig) -> int | None:
+    """With `examples.test-from`: the (1 - validation-fraction) quantile of the example times `times` (ns) before
+    the test cut (None when there are none, or no validation)."""
+    before = times[times < int(parse_test_from(config.test_from).value)]
+    if not config.validation_fraction or not len(before):
+        return None
+    return int(np.quantile(before, 1.0 - config.validation_fraction, method="lower"))
+
+
+def split_by_time(examples: Examples, config: ExampleConfig | None = None, t_val: int | None = None) -> Split:
+    """Train / validation / test of one merchant by time; see the module doc for the cut points. With
+    `examples.test-from`, `t_val` (ns) sets the validation cut (e.g. one cut for several merchants together,
+    `validation_start` of their pooled times); by default it is the merchant's own."""
     config = config or ExampleConfig()
     t = examples.timestamp
     if len(t) == 0:
@@ -288,9 +300,7 @@ def split_by_time(examples: Examples, config: ExampleConfig | None = None) -> Sp
         return Split(empty, empty, empty, None, None)
     if config.test_from:
         t_test = int(parse_test_from(config.test_from).value)
-        before = t[t < t_test]
-        t_val = (int(np.quantile(before, 1.0 - config.validation_fraction, method="lower"))
-                 if config.validation_fraction and len(before) else None)
+        t_val = validation_start(t, config) if t_val is None else t_val
     else:
         train_q = 1.0 - config.validation_fraction - config.test_fraction
         t_val = int(np.quantile(t, train_q, method="lower")) if config.validation_fraction else None

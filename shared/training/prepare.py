@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.examples import ExampleConfig, build_examples, split_by_time
+from ..data.examples import ExampleConfig, build_examples, split_by_time, validation_start
 from ..data.loader import MerchantData, merchant_folders
 from ..evaluation.baskets import BasketTask, build_task
 from ..model.errors import ModelConfigError
@@ -52,9 +52,13 @@ def prepare(merchants: list[MerchantData], example_config: ExampleConfig) -> Pre
     parts: dict[str, list] = {s: [] for s in SPLITS}
     tasks: dict[str, list[BasketTask]] = {"validation": [], "test": []}
     implicit, offset = True, 0
-    for k, m in enumerate(merchants):
-        examples = build_examples(m, example_config)
-        split = split_by_time(examples, example_config)
+    built = [build_examples(m, example_config) for m in merchants]
+    # with a test date, merchants prepared together share one validation cut (their pooled examples' quantile), so
+    # that a baseline fitted on their pooled purchases is fitted once per cut
+    t_val = (validation_start(np.concatenate([e.timestamp for e in built]), example_config)
+             if example_config.test_from and built else None)
+    for k, (m, examples) in enumerate(zip(merchants, built, strict=True)):
+        split = split_by_time(examples, example_config, t_val)
         for name in SPLITS:
             parts[name].append(getattr(split, name))
         implicit = implicit and examples.implicit
