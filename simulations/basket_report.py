@@ -42,17 +42,29 @@ def rankers(table: pd.DataFrame, merchant: str = "all") -> list[tuple[str, dict]
 
 
 def standing(entries: list[tuple[str, dict]]) -> list[str]:
-    """Where the model stands: the best model row against the best baseline, by NDCG@10 over every item."""
-    models = [(label, m[KEY]) for label, m in entries if not _is_baseline(label) and m.get(KEY) is not None]
-    baselines = [(label, m[KEY]) for label, m in entries if _is_baseline(label) and m.get(KEY) is not None]
-    if not models or not baselines:
+    """Where the model stands: the model setting with the best NDCG@10 over every item (mean over its seeds)
+    against the best baseline row, and whether the difference is within the 95% intervals."""
+    by_setting: dict[str, list[dict]] = {}
+    for label, m in entries:
+        if not _is_baseline(label) and m.get(KEY) is not None:
+            by_setting.setdefault(label.split(", seed ")[0], []).append(m)
+    baselines = [(label, m) for label, m in entries if _is_baseline(label) and m.get(KEY) is not None]
+    if not by_setting or not baselines:
         return []
-    best_model, best_baseline = max(models, key=lambda e: e[1]), max(baselines, key=lambda e: e[1])
-    beaten = [label for label, value in baselines if value > best_model[1]]
-    verdict = (f"the best model ({best_model[0]}, NDCG@10 {best_model[1]:.4f}) "
-               + (f"loses to {len(beaten)} of the {len(baselines)} baseline rows; the best baseline is "
-                  f"{best_baseline[0]} ({best_baseline[1]:.4f})" if beaten else
-                  f"beats every baseline row; the best baseline is {best_baseline[0]} ({best_baseline[1]:.4f})"))
+    mean = {name: sum(m[KEY] for m in ms) / len(ms) for name, ms in by_setting.items()}
+    model = max(mean, key=mean.get)
+    label, best = max(baselines, key=lambda e: e[1][KEY])
+    beaten = sum(1 for _, m in baselines if m[KEY] > mean[model])
+    seeds = len(by_setting[model])
+    overlap = any(m.get(f"{KEY}.lo", 1) <= best[KEY] <= m.get(f"{KEY}.hi", 0) for m in by_setting[model]) or \
+        best.get(f"{KEY}.lo", 1) <= mean[model] <= best.get(f"{KEY}.hi", 0)
+    verdict = (f"the best model setting, {model} (NDCG@10 {mean[model]:.4f}"
+               f"{f', mean of {seeds} seeds' if seeds > 1 else ''}), "
+               + (f"loses to {beaten} of the {len(baselines)} baseline rows" if beaten
+                  else "is above every baseline row")
+               + f"; the best baseline is {label} ({best[KEY]:.4f})"
+               + ("; the difference is within the 95% intervals" if overlap else
+                  "; the 95% intervals do not reach the other's mean"))
     return [f"- Where the model stands today: {verdict}."]
 
 

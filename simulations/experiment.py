@@ -198,7 +198,7 @@ class Experiment:
         centralized training has no DP here, so it runs once per seed (its ε is none)."""
         out = []
         for seed in self.seeds:
-            if self.baselines:
+            if self.baselines and seed == self.seeds[0]:  # once: only ALS draws at random
                 out.append(Run(BASELINE_RUN, None, seed))
             for epsilon in self.epsilons:
                 for setting in self.settings:
@@ -598,7 +598,7 @@ def describe(experiment: Experiment, out: Path, data_root: Path,
         "min_shoppers": experiment.min_shoppers, "max_shoppers": experiment.max_shoppers,
         "audit_epsilons": [e if e is not None else "none" for e in experiment.audit_epsilons],
         "audit_merchant": experiment.audit_merchant, "audit_max_members": experiment.audit_max_members,
-        "audit_run_config": experiment.audit_run_config,
+        "audit_run_config": experiment.audit_run_config, "baselines": list(experiment.baselines),
         "run_config": experiment.run_config, "data_fingerprint": prints or known.get("data_fingerprint"),
         "sessions": sessions},
         indent=2) + "\n")

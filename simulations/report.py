@@ -459,7 +459,7 @@ def _planned(meta: dict, finished: int) -> str:
         return ""
     per_seed = len(epsilons) * len([s for s in settings if s != "centralized"]) + ("centralized" in settings)
     per_seed += len(meta.get("audit_epsilons") or [])
-    planned = per_seed * len(seeds)
+    planned = per_seed * len(seeds) + (1 if meta.get("baselines") else 0)  # the baselines run once
     missing = " (PARTLY RUN: the command below finishes it; finished runs are kept)" if finished < planned else ""
     return f" of {planned} planned{missing}"
 
@@ -632,6 +632,11 @@ def write_report(results: Path) -> Path:
         columns={"eps": "ε", "mean": "CTCVR AUC", "std": "± std", "count": "seeds"})
     summary = summary.merge(ndcg[["setting", "eps", "mean"]].rename(columns={"eps": "ε", "mean": "NDCG@10"}),
                             on=["setting", "ε"], how="left")
+    basket = final_metric(table, "nb.all.ndcg@10")
+    if not basket.empty:  # purchase logs: each shopper's next basket (section "Next basket" below)
+        summary = summary.drop(columns=["NDCG@10"]).merge(
+            basket[["setting", "eps", "mean"]].rename(columns={"eps": "ε", "mean": "next-basket NDCG@10"}),
+            on=["setting", "ε"], how="left")
     deltas = delta_ranges(table)
     summary["δ per merchant"] = [deltas.get((row.setting, row.ε), "") for row in summary.itertuples()]
     wall = table[table.metric == "wall-seconds"]["value"].sum()
