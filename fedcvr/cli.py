@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -340,6 +341,7 @@ def train_central_command(
     except (BaselineError, ValueError) as err:
         _fail(str(err).replace("examples.test-from", "--test-from"))
     names = [n.strip() for n in merchants.split(",") if n.strip()] or None
+    began = time.perf_counter()  # each stage line says when it began
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as bar:
 
@@ -349,13 +351,15 @@ def train_central_command(
 
         def on_epoch_end(record: dict) -> None:
             score = record["validation_ctcvr.auc"]
-            bar.console.print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, validation CTCVR AUC "
-                              f"{'n/a' if score is None else f'{score:.4f}'}")
+            bar.console.print(f"{time.perf_counter() - began:6.0f} s  epoch {record['epoch']}: train loss "
+                              f"{record['train_loss']:.4f}, validation CTCVR AUC "
+                              f"{'n/a' if score is None else f'{score:.4f}'}", highlight=False)
 
         try:
             result = train_central(data, out, model_config, train_config, example_config, names, cache_dir,
                                    baseline_names, baseline_config,
-                                   on_stage=lambda text: bar.console.print(f"[dim]{text}[/]"),
+                                   on_stage=lambda text: bar.console.print(
+                                       f"[dim]{time.perf_counter() - began:6.0f} s  {text}[/]", highlight=False),
                                    on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end)
         except (ModelConfigError, FileNotFoundError) as err:
             _fail(str(err))
