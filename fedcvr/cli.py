@@ -1081,6 +1081,10 @@ def experiment_command(
                          on_progress=on_progress)
     console.print(f"[green]done:[/] {table['run_id'].nunique()} run(s), {len(table):,} rows in "
                   f"{out / 'results.parquet'} and results.csv", highlight=False)
+    from fedcvr.simulations.basket_report import rankers
+
+    if not table.empty and rankers(table):  # purchase logs: every setting's model beside the baselines
+        _print_basket_tables("Test split, next basket", rankers(table))
     if report and not table.empty:
         _write_report(out)
 

@@ -129,6 +129,11 @@ def test_an_experiment_reports_the_model_beside_the_baselines(tmp_path, tiny_pur
     assert {"shop-1", "shop-2", "shop-3"} <= set(table[table.setting == "popularity (local)"].merchant)
     counts = table[(table.split == "test") & (table.merchant == "all") & (table.metric == "nb.all.n")]
     assert counts["value"].nunique() == 1
+    # the command prints the same tables once the grid is done (every run is finished: nothing runs again)
+    printed = CliRunner().invoke(app, ["experiment", str(tmp_path / "experiment.toml"), "--out",
+                                       str(tmp_path / "out"), "--no-report"])
+    assert printed.exit_code == 0, printed.output
+    assert "next basket: every item" in printed.output and "item-knn (local)" in printed.output
     report = write_report(tmp_path / "out").read_text()
     assert "## Next basket (purchase logs)" in report and "Where the model stands today" in report
     assert "| popularity (pooled): days " in report and "| item-knn (local) |" in report
