@@ -115,8 +115,13 @@ def plot_privacy_utility(table: pd.DataFrame, path: Path) -> None:
     eps = sorted({float(e) for e in table["epsilon"].dropna().unique()})
     top = (max(eps) * 4) if eps else 1.0
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for axis, metric, label in zip(axes, ("ctcvr.auc", "ndcg@10"), ("test CTCVR AUC", "test NDCG@10"), strict=True):
+    # purchase logs rank each shopper's next basket (with the baselines as lines); impression logs each purchase
+    basket = not final_metric(table, "nb.all.ndcg@10").empty
+    ranking = ("nb.all.ndcg@10", "next-basket NDCG@10") if basket else ("ndcg@10", "test NDCG@10")
+    for axis, metric, label in zip(axes, ("ctcvr.auc", ranking[0]), ("test CTCVR AUC", ranking[1]), strict=True):
         curve = final_metric(table, metric)
+        if metric.startswith("nb."):
+            _baseline_lines(axis, curve)
         for setting in SETTING_ORDER:
             rows = curve[curve.setting == setting]
             if rows.empty:
@@ -141,6 +146,22 @@ def plot_privacy_utility(table: pd.DataFrame, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _baseline_lines(axis, curve: pd.DataFrame) -> None:
+    """The best baseline of each scope as a dotted line, labelled on the axis (its legend is the models')."""
+    from fedcvr.shared.evaluation import BASELINES
+
+    rows = curve[curve.setting.map(lambda s: s.split(" (", 1)[0] in BASELINES)]
+    for scope, style, offset in (("pooled", ":", 2), ("local", "-.", -9)):  # one label above, one below
+        mine = rows[rows.setting.str.endswith(f"({scope})")]
+        if mine.empty:
+            continue
+        best = mine.loc[mine["mean"].idxmax()]
+        axis.axhline(best["mean"], color="grey", linestyle=style, linewidth=1)
+        axis.annotate(f"best baseline: {best.setting} {best['mean']:.3f}", (0.01, best["mean"]),
+                      xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(0, offset), fontsize=7,
+                      color="grey")
 
 
 def plot_convergence(table: pd.DataFrame, path: Path) -> bool:
