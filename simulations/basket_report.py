@@ -6,6 +6,7 @@ import pandas as pd
 
 from fedcvr.shared.evaluation import BASELINES, tables
 from fedcvr.shared.evaluation.basket_metrics import PREFIX
+from fedcvr.shared.evaluation.next_basket import params_text
 
 KEY = f"{PREFIX}.all.ndcg@10"
 SCOPE_WORDS = {"pooled": "fitted on every merchant's purchases", "local": "each merchant fits its own"}
@@ -34,8 +35,8 @@ def rankers(table: pd.DataFrame, merchant: str = "all") -> list[tuple[str, dict]
         chosen = table[(table["setting"] == setting) & (table["seed"] == seed) & (table["merchant"] == merchant)
                        & table["metric"].str.startswith("param.")]
         if len(chosen):
-            label += ": " + ", ".join(f"{m[6:].replace('_', '-')} {v:g}" for m, v in zip(chosen["metric"],
-                                                                                        chosen["value"], strict=True))
+            label += ": " + params_text({m.removeprefix("param."): float(v)
+                                         for m, v in zip(chosen["metric"], chosen["value"], strict=True)})
         entry = (label, metrics)
         (baselines if _is_baseline(str(setting)) else models).append(entry)
     return models + sorted(baselines, key=lambda e: (BASELINES.index(e[0].split(" (", 1)[0]), e[0]))

@@ -104,12 +104,17 @@ class _Shoppers:
         self.matrix = sp.csr_matrix((values, (rows, data.item)), shape=(len(self.ids), n_items))
         self.matrix.sum_duplicates()
 
-    def rows(self, shoppers: np.ndarray) -> sp.csr_matrix:
-        """The rows of `shoppers` (empty rows for shoppers without purchases here)."""
+    def index(self, shoppers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each shopper, whether it has one): shoppers without purchases here have none."""
         at = np.searchsorted(self.ids, shoppers)
         found = np.zeros(len(shoppers), bool)
         if len(self.ids):  # no purchases before the cut (a merchant whose shoppers only clicked): all rows empty
             found = (at < len(self.ids)) & (self.ids[np.minimum(at, len(self.ids) - 1)] == shoppers)
+        return np.minimum(at, max(len(self.ids) - 1, 0)), found
+
+    def rows(self, shoppers: np.ndarray) -> sp.csr_matrix:
+        """The rows of `shoppers` (empty rows for shoppers without purchases here)."""
+        at, found = self.index(shoppers)
         picker = sp.csr_matrix((np.ones(int(found.sum())), (np.flatnonzero(found), at[found])),
                                shape=(len(shoppers), len(self.ids)))
         return (picker @ self.matrix).tocsr()
@@ -208,9 +213,8 @@ def _fit_als(data: Purchases, n_items: int, params: dict[str, Any], config: Base
     users, items = np.asarray(model.user_factors), np.asarray(model.item_factors)
 
     def als(shoppers: np.ndarray, pool: np.ndarray) -> np.ndarray:
-        at = np.searchsorted(counts.ids, shoppers)
-        found = (at < len(counts.ids)) & (counts.ids[np.minimum(at, len(counts.ids) - 1)] == shoppers)
-        factors = np.where(found[:, None], users[np.minimum(at, len(counts.ids) - 1)], 0.0)
+        at, found = counts.index(shoppers)
+        factors = np.where(found[:, None], users[at], 0.0)
         return factors.astype(np.float64) @ items[pool].T.astype(np.float64) + ties[pool]
     return als
 

@@ -98,16 +98,22 @@ def embed_catalog(model: ConversionModel, side: ItemSide, device: torch.device) 
     return torch.cat(parts) if parts else torch.zeros(0, model.config.dim, device=device)
 
 
-def _inputs(data: TrainingSet, rows: np.ndarray, device: torch.device) -> ScoreInputs:
-    history = data.history_item[rows]
+def history_inputs(history: np.ndarray, events: np.ndarray, age_hours: np.ndarray, target: np.ndarray,
+                   slot: np.ndarray, device: torch.device) -> ScoreInputs:
+    """The model's inputs from history arrays (B, L) (-1 = padding), targets (B,) and slots (B,), 0 = unknown."""
     return ScoreInputs(
-        target=torch.from_numpy(data.item[rows]).to(device),
+        target=torch.from_numpy(target).to(device),
         history=torch.from_numpy(np.maximum(history, 0)).to(device),
         history_mask=torch.from_numpy(history >= 0).to(device),
-        events=torch.from_numpy(data.history_event[rows]).to(device),
-        age_hours=torch.from_numpy(data.history_age_hours[rows]).to(device),
-        position=torch.from_numpy(data.slot[rows]).to(device),
+        events=torch.from_numpy(events).to(device),
+        age_hours=torch.from_numpy(age_hours).to(device),
+        position=torch.from_numpy(slot).to(device),
     )
+
+
+def _inputs(data: TrainingSet, rows: np.ndarray, device: torch.device) -> ScoreInputs:
+    return history_inputs(data.history_item[rows], data.history_event[rows], data.history_age_hours[rows],
+                          data.item[rows], data.slot[rows], device)
 
 
 @torch.no_grad()
@@ -157,14 +163,9 @@ def basket_scorer(model: ConversionModel, item_embeddings: torch.Tensor, device:
         parts = []
         for start in range(0, len(task), per_step):
             rows = slice(start, start + per_step)
-            history = task.history_item[rows]
-            inputs = ScoreInputs(
-                target=torch.zeros(len(history), dtype=torch.long, device=device),
-                history=torch.from_numpy(np.maximum(history, 0)).to(device),
-                history_mask=torch.from_numpy(history >= 0).to(device),
-                events=torch.from_numpy(task.history_event[rows]).to(device),
-                age_hours=torch.from_numpy(task.history_age_hours[rows]).to(device),
-                position=torch.zeros(len(history), dtype=torch.long, device=device))
+            unknown = np.zeros(len(task.history_item[rows]), np.int64)  # no target yet, no slot shown
+            inputs = history_inputs(task.history_item[rows], task.history_event[rows], task.history_age_hours[rows],
+                                    unknown, unknown, device)
             parts.append(model.score_candidates(item_embeddings, inputs, candidates).double().cpu().numpy())
         return np.concatenate(parts) if parts else np.zeros((0, len(pool)))
     return score
