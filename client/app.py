@@ -5,7 +5,8 @@
   the privacy budget would be exceeded the node declines: it replies with an error whose reason says so, and
   the server goes on with the others.
 - evaluate: reply with the metric sums of the global weights on the local validation split (or the split named
-  by config `split`); the server adds them up and finalises the ratios.
+  by config `split`); with config `personalised` (and run config `personalise`), of global + local: the node's
+  local layers fine-tuned on its own data first (`personalise.py`); the server adds them up and finalises.
 - query `save_model`: save the pushed-back final model into the node's model folder; reply with its version.
 - query `census`: the data census (counts only).
 - query `train_size`: the size of the training split (the weight of the node's update under secure aggregation).
@@ -91,7 +92,9 @@ def evaluate(message: Message, context: Context) -> Message:
         node = node_for(resolve_data_dir(context.node_config, context.run_config), context.run_config)
         split = str(message.content["config"].get("split", "validation"))
         rank = bool(message.content["config"].get("rank", True))
-        record = node.evaluate(message.content["arrays"].to_torch_state_dict(), split, rank=rank)
+        personalised = bool(message.content["config"].get("personalised", False))
+        record = node.evaluate(message.content["arrays"].to_torch_state_dict(), split, rank=rank,
+                               personalised=personalised and node.settings.personalise.enabled)
     except _EXPECTED as err:
         return _error(message, context, err)
     return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=message)

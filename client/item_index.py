@@ -42,7 +42,7 @@ def embed(model: ConversionModel, backbone: Backbone, catalog: Catalog) -> np.nd
     if not len(catalog):
         return np.zeros((0, model.config.dim), np.float32)
     cache = PrefixCache(backbone, model.config.adapter_layers, model.config.max_text_tokens)
-    side = ItemSide(cache.states(catalog.texts), torch.from_numpy(catalog.numeric))
+    side = ItemSide(cache.states(catalog.texts), torch.from_numpy(catalog.numeric), catalog.item_ids)
     return embed_catalog(model, side, torch.device("cpu")).numpy().astype(np.float32)
 
 

@@ -8,6 +8,7 @@ weights and metric sums leave the node; never a shopper id, an item text or an e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 from fedcvr.shared.privacy import DPConfig, PrivacyLedger, PrivacyLedgerError, dp_report
 from fedcvr.shared.training.local import train_round
 from fedcvr.shared.training.loop import ItemSide, model_sums, resolve_device
+from fedcvr.shared.training.personalise import PersonaliseConfig, personalise
 from fedcvr.shared.training.prepare import Prepared, prepare
 
 
@@ -43,6 +45,7 @@ class NodeSettings:
     examples: ExampleConfig
     rounds: int
     local_epochs: int
+    personalise: PersonaliseConfig = PersonaliseConfig()
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> NodeSettings:
@@ -52,7 +55,7 @@ class NodeSettings:
             raise ValueError(f"num-server-rounds = {rounds} and local-epochs = {local_epochs} must both be >= 1")
         return cls(ModelConfig.from_run_config(run_config), TrainConfig.from_run_config(run_config),
                    DPConfig.from_run_config(run_config), ExampleConfig.from_run_config(run_config), rounds,
-                   local_epochs)
+                   local_epochs, PersonaliseConfig.from_run_config(run_config))
 
     @property
     def lr(self) -> float:
@@ -70,11 +73,29 @@ class MerchantNode:
         self.backbone = load_backbone(settings.model.encoder)
         self.prepared: Prepared = prepare([load_merchant(folder)], settings.examples)
         cache = PrefixCache(self.backbone, settings.model.adapter_layers, settings.model.max_text_tokens)
-        self.side = ItemSide(cache.states(self.prepared.catalog.texts), torch.from_numpy(self.prepared.catalog.numeric))
+        self.side = ItemSide(cache.states(self.prepared.catalog.texts), torch.from_numpy(self.prepared.catalog.numeric),
+                             self.prepared.catalog.item_ids)
         self.model = ConversionModel(self.backbone, settings.model).to(self.device)
+        self._personal: tuple[str, Any, dict[str, torch.Tensor]] | None = None  # (weights digest, memory, head)
 
-    def load(self, arrays: Mapping[str, torch.Tensor]) -> None:
+    def load(self, arrays: Mapping[str, torch.Tensor], personalised: bool = False) -> None:
+        """Load global weights: the global model alone, or with `personalised` global + local (`personalise.py`):
+        the node's local layers fine-tuned on its own training split for these global weights (trained once per
+        distinct weights, then reused by evaluation and by the saved model)."""
         load_trainable_state(self.model, dict(arrays))
+        self.model.memory = None
+        if not personalised:
+            return
+        digest = weights_digest(arrays)
+        if self._personal is None or self._personal[0] != digest:
+            s = self.settings
+            personalise(self.model, self.side, self.prepared.splits["train"], s.personalise, s.train.batch_size,
+                        s.train.seed, self.device)
+            head = {k: v.detach().clone() for k, v in self.model.head.state_dict().items()}
+            self._personal = (digest, self.model.memory, head)
+        _, self.model.memory, head = self._personal
+        if self.settings.personalise.head:
+            self.model.head.load_state_dict(head)
 
     def train(self, arrays: Mapping[str, torch.Tensor], state, server_round: int, proximal_mu: float = 0.0,
               ledger_file: Path | None = None, federation: str = "",
@@ -106,27 +127,38 @@ class MerchantNode:
         """Examples in the local training split (the weight of this node's update under secure aggregation)."""
         return len(self.prepared.splits["train"])
 
-    def evaluate(self, arrays: Mapping[str, torch.Tensor], split: str = "validation", rank: bool = True) -> dict:
-        """Metric sums of the given weights on one local split (a Flower MetricRecord's content); with `rank`
-        also the full-catalog ranking sums: of each purchase (NDCG@K, HR@K), or on purchase logs of each
-        shopper's next basket (`nb.*`)."""
-        self.load(arrays)
+    def evaluate(self, arrays: Mapping[str, torch.Tensor], split: str = "validation", rank: bool = True,
+                 personalised: bool = False) -> dict:
+        """Metric sums of the given weights (with `personalised`: global + local) on one local split (a Flower
+        MetricRecord's content); with `rank` also the full-catalog ranking sums: of each purchase (NDCG@K, HR@K),
+        or on purchase logs of each shopper's next basket (`nb.*`)."""
+        self.load(arrays, personalised)
         data = self.prepared.splits[split]
-        record = model_sums(self.model, self.side, data, self.prepared.candidates, self.device,
+        record = model_sums(self.model, self.side, data, self.prepared.candidates, self.prepared.logs, self.device,
                             rank=rank, basket=self.prepared.baskets.get(split)).to_record()
         record["num-examples"] = len(data)
         return record
 
     def save_model(self, arrays: Mapping[str, torch.Tensor], model_dir: Path, version: str,
                    history: list | None = None) -> Path:
-        """Save the pushed-back global model into the node's model folder, ready for local recommendation."""
-        self.load(arrays)
+        """Save the pushed-back global model into the node's model folder, ready for local recommendation: with
+        `personalise` (the default) global + local, the node's item memory in the folder's local file."""
+        self.load(arrays, self.settings.personalise.enabled)
         settings = {"train": self.settings.train.to_dict(), "examples": self.settings.examples.to_dict(),
                     "version": version, "merchant": self.folder.name}
         folder = save_model_folder(model_dir, self.model, self.backbone, settings,
                                    {"history": history or []} if history is not None else None)
         (folder / "VERSION").write_text(version + "\n")
         return folder
+
+
+def weights_digest(arrays: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the weights' names and bytes: which global model a personalisation belongs to."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(arrays[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 LEDGER_FILE = "privacy-ledger.json"

@@ -7,7 +7,9 @@ changes). For a shopper's history (stored, or given ad hoc):
 1. retrieval: the query is the weighted mean of the history items' unit embeddings (purchase 3, cart 2, click 1,
    impression 0.25; later events weigh more); the `candidates` items with the largest dot product with it are kept,
    after the filters (category, price range, already bought);
-2. re-ranking: the full model (target-aware user tower + ESMM head) scores each candidate: pCTR, pCVR and
+   the items of the shopper's whole history join the candidates (buying again is what many shops see most);
+2. re-ranking: the full model (target-aware user tower + ESMM head) scores each candidate with its signals
+   (`Recommender.signals`, the same `EventLog` functions as training and evaluation): pCTR, pCVR and
    pCTCVR = pCTR x pCVR; items are ranked by pCTCVR;
 3. explanations: for each item, the history items whose removal lowers that item's own pCTCVR the most
    (`scoring.py`), in words ("because you bought X and viewed Y").
@@ -33,8 +35,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedcvr.shared.data.contract import EVENT_TYPES
 from fedcvr.shared.data.loader import load_merchant
 from fedcvr.shared.data.pseudonym import KEY_FILE, merchant_key, pseudonym
+from fedcvr.shared.data.signals import EventLog
 from fedcvr.shared.model.errors import ModelConfigError
 from fedcvr.shared.model.folder import load_model_folder
 from fedcvr.shared.training.data import Catalog
@@ -209,13 +213,23 @@ class Recommender:
         events = self.data.events.sort_values("timestamp", kind="stable")
         recent = events.groupby("user_id", sort=False).tail(self.history_length)
         self._histories: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # one "now" for the whole shop: its last event + 1 s (ages and signals are counted back from it)
+        now = events["timestamp"].max() + pd.Timedelta(seconds=1) if len(events) else pd.Timestamp(0)
+        self._shop_now = int(now.value)
         for user, rows in recent.groupby("user_id", sort=False):
-            now = rows["timestamp"].max() + pd.Timedelta(seconds=1)
             ages = ((now - rows["timestamp"]).dt.total_seconds() / 3600).to_numpy(np.float32)
             self._histories[str(user)] = (rows["item_id"].astype(str).to_numpy(dtype=object),
                                           rows["event"].astype(str).to_numpy(dtype=object), ages)
         purchases = events[events["event"] == "purchase"]
         self._bought = {str(u): set(g.astype(str)) for u, g in purchases.groupby("user_id")["item_id"]}
+        item_codes, item_ids = pd.factorize(events["item_id"].astype(str))
+        user_codes, user_ids = pd.factorize(events["user_id"].astype(str))
+        t = events["timestamp"].to_numpy("datetime64[ns]").astype(np.int64)
+        self._log = EventLog.build(user_codes, item_codes, pd.Index(EVENT_TYPES).get_indexer(events["event"]), t)
+        self._log_items = pd.Index(item_ids)
+        self._log_users = {u: i for i, u in enumerate(user_ids)}
+        self._whole_history = {str(u): list(dict.fromkeys(g.astype(str)))
+                               for u, g in events.groupby("user_id", sort=False)["item_id"]}
         counts = events.groupby(["item_id", "event"]).size().unstack(fill_value=0)
         self._impressions = counts.get("impression", pd.Series(dtype=float)).astype(float)
         self._purchases = counts.get("purchase", pd.Series(dtype=float)).astype(float)
@@ -258,14 +272,35 @@ class Recommender:
     def rows_of(self, item_ids: list[str]) -> np.ndarray:
         return self._snapshot.rows_of(item_ids)
 
-    def _history(self, user_id: str | None, history: History | None, snap: CatalogSnapshot) -> History:
+    def signals(self, user_id: str | None, history: History, rows: np.ndarray, snap: CatalogSnapshot,
+                stored: bool) -> np.ndarray:
+        """(B, N_SIGNALS) signals of index `rows` for this shopper (`data/signals.py`, the functions training and
+        evaluation use), at the shop's "now" (its last event + 1 s, the time history ages are counted back from). A
+        stored shopper (`stored`): from the shop's log, over their whole history. An ad-hoc history: the
+        candidate-in-history part from the events given, the item statistics from the shop's log."""
+        items = self._log_items.get_indexer(snap.index.item_ids[rows].astype(str))
+        now = self._shop_now
+        if stored and user_id in self._log_users:
+            return self._log.grid(np.array([self._log_users[user_id]]), items, np.array([now]))[0]
+        ids = pd.Index(pd.unique(np.concatenate([np.asarray(history.item_ids, dtype=object),
+                                                 snap.index.item_ids[rows].astype(str).astype(object)])))
+        times = now - (np.asarray(history.age_hours, np.float64) * 3.6e12).astype(np.int64)
+        own = EventLog.build(np.zeros(len(history), np.int64), ids.get_indexer(history.item_ids),
+                             pd.Index(EVENT_TYPES).get_indexer(history.events), times)
+        at = np.full(len(rows), now, np.int64)
+        return np.concatenate([own.pair_signals(np.zeros(len(rows), np.int64),
+                                                ids.get_indexer(snap.index.item_ids[rows].astype(str)), at),
+                               self._log.item_signals(items, at)], 1)
+
+    def _history(self, user_id: str | None, history: History | None, snap: CatalogSnapshot) -> tuple[History, bool]:
         """The history to score: an ad-hoc one (its last `history_length` events, as the model was trained with)
-        or the stored one; UnknownItems for history items not in the catalog."""
-        if history is None or not len(history):
+        or the stored one (then True); UnknownItems for history items not in the catalog."""
+        stored = history is None or not len(history)
+        if stored:
             history = self.history_of(user_id) if user_id else History()
         history = history.last(self.history_length)
         snap.rows_of(history.item_ids)
-        return history
+        return history, stored and bool(user_id)
 
     def _allowed(self, snap: CatalogSnapshot, filters: Filters, bought: set[str]) -> np.ndarray:
         allowed = np.ones(len(snap.index), dtype=bool)
@@ -297,17 +332,22 @@ class Recommender:
         history, the top `k` by popularity (each item's `popularity` is then the score it is ranked by)."""
         filters = filters or Filters()
         snap = self._snapshot  # one consistent catalog for the whole request, even if items are added meanwhile
-        history = self._history(user_id, history, snap)
+        history, stored = self._history(user_id, history, snap)
         bought = self.bought_by(user_id) | {i for i, e in zip(history.item_ids, history.events, strict=True)
                                             if e == "purchase"}
         allowed = self._allowed(snap, filters, bought)
         if not len(history):
             return self._cold_start(snap, allowed, k)
         rows = self.retrieve(snap, history, allowed, max(self.candidates, k))
-        scores = score_rows(self.model, snap.index, rows, history)
+        past = [snap.index.position[i] for i in (self._whole_history.get(user_id, []) if stored else history.item_ids)
+                if i in snap.index.position]
+        rows = np.concatenate([rows, [r for r in dict.fromkeys(past) if allowed[r] and r not in set(rows)]]
+                              ).astype(np.int64)
+        signals = self.signals(user_id, history, rows, snap, stored)
+        scores = score_rows(self.model, snap.index, rows, history, signals)
         order = np.argsort(-scores.p_ctcvr, kind="stable")[:k]
         top = rows[order]
-        distinct, drops = contributions(self.model, snap.index, top, history, scores.p_ctcvr[order])
+        distinct, drops = contributions(self.model, snap.index, top, history, scores.p_ctcvr[order], signals[order])
         items: list[dict[str, Any]] = []
         for n, i in enumerate(order):
             because = explain(drops[n], scores.attention[i], distinct, history, snap.title_of)
@@ -320,7 +360,8 @@ class Recommender:
         """The top `k` allowed items by popularity, with the model's scores for an empty history beside it."""
         popularity = np.where(allowed, snap.popularity, -np.inf)
         rows = np.argsort(-popularity, kind="stable")[:min(k, int(np.isfinite(popularity).sum()))]
-        scores = score_rows(self.model, snap.index, rows, History())
+        scores = score_rows(self.model, snap.index, rows, History(),
+                            self.signals(None, History(), rows, snap, stored=False))
         items = [{"item_id": str(snap.index.item_ids[r]), "title": snap.titles[r],
                   "popularity": float(snap.popularity[r]), "p_ctcvr": float(scores.p_ctcvr[i]),
                   "p_ctr": float(scores.p_ctr[i]), "p_cvr": float(scores.p_cvr[i]), "because": [], "reason": ""}
@@ -332,8 +373,8 @@ class Recommender:
         """The three scores of the given items for a shopper, in the order given."""
         snap = self._snapshot
         rows = snap.rows_of(item_ids)
-        history = self._history(user_id, history, snap)
-        scores = score_rows(self.model, snap.index, rows, history)
+        history, stored = self._history(user_id, history, snap)
+        scores = score_rows(self.model, snap.index, rows, history, self.signals(user_id, history, rows, snap, stored))
         return {"items": [{"item_id": str(item), "title": snap.titles[row], "p_ctcvr": float(a), "p_ctr": float(b),
                            "p_cvr": float(c)}
                           for item, row, a, b, c in zip(item_ids, rows, scores.p_ctcvr, scores.p_ctr, scores.p_cvr,

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from fedcvr.shared.data.contract import EVENT_TYPES
+from fedcvr.shared.data.signals import N_PAIR, unseen_pair
 from fedcvr.shared.model.esmm import ConversionModel, ScoreInputs
 
 from .item_index import ItemIndex
@@ -56,8 +57,10 @@ class Scores:
 
 
 @torch.no_grad()
-def score_rows(model: ConversionModel, index: ItemIndex, rows: np.ndarray, history: History) -> Scores:
-    """Scores of index `rows` (B,) for `history` (an empty one is scored as no history at all)."""
+def score_rows(model: ConversionModel, index: ItemIndex, rows: np.ndarray, history: History,
+               signals: np.ndarray) -> Scores:
+    """Scores of index `rows` (B,) for `history` (an empty one is scored as no history at all), each row with its
+    signals (B, N_SIGNALS) for this shopper (`Recommender.signals`)."""
     hist_rows = np.asarray([index.position[i] for i in history.item_ids], dtype=np.int64)
     length = max(len(hist_rows), 1)
     table = torch.from_numpy(index.embeddings[np.concatenate([rows, hist_rows])])  # candidates, then the history
@@ -77,6 +80,7 @@ def score_rows(model: ConversionModel, index: ItemIndex, rows: np.ndarray, histo
             events=codes.repeat(b, 1),
             age_hours=ages.repeat(b, 1),
             position=torch.zeros(b, dtype=torch.long),
+            signals=torch.from_numpy(signals[start:start + b]),
         )
         ctr, cvr, attention = model.score(table, inputs)
         parts.append((torch.sigmoid(ctr).numpy(), torch.sigmoid(cvr).numpy(), attention.numpy()))
@@ -88,9 +92,10 @@ def score_rows(model: ConversionModel, index: ItemIndex, rows: np.ndarray, histo
 
 @torch.no_grad()
 def contributions(model: ConversionModel, index: ItemIndex, rows: np.ndarray, history: History,
-                  full: np.ndarray) -> tuple[list[str], np.ndarray]:
+                  full: np.ndarray, signals: np.ndarray) -> tuple[list[str], np.ndarray]:
     """How much each distinct history item raises each row's pCTCVR: `full` (B,) minus the pCTCVR with all of that
-    item's events left out. The N histories-without-one are scored against the B rows in one pass of
+    item's events left out of the history the user tower reads (each row keeps its `signals` (B, N_SIGNALS)). The
+    N histories-without-one are scored against the B rows in one pass of
     `ConversionModel.score_candidates` (each history's candidate-free parts computed once).
     -> (distinct history items in first-seen order, (B, N) drops)."""
     distinct = list(dict.fromkeys(history.item_ids))
@@ -108,9 +113,17 @@ def contributions(model: ConversionModel, index: ItemIndex, rows: np.ndarray, hi
         events=torch.as_tensor(pd.Index(EVENT_TYPES).get_indexer(history.events), dtype=torch.long).repeat(n, 1),
         age_hours=torch.as_tensor(history.age_hours, dtype=torch.float32).repeat(n, 1),
         position=torch.zeros(n, dtype=torch.long),
+        signals=torch.zeros(n, signals.shape[-1]),  # unused by score_candidates
     )
     step = max(1, MAX_CELLS // (n * length))
-    without = torch.cat([model.score_candidates(table, variants, torch.arange(s, min(s + step, len(rows))))
+    # without item n, the rows that ARE item n lose their candidate-in-history signals (never touched)
+    per_variant = np.repeat(signals[None], n, 0)  # (N, B, N_SIGNALS)
+    row_items = index.item_ids[rows].astype(str)
+    for v, item in enumerate(distinct):
+        per_variant[v, row_items == item, :N_PAIR] = unseen_pair()
+    per_variant = torch.from_numpy(per_variant)
+    without = torch.cat([model.score_candidates(table, variants, torch.arange(s, min(s + step, len(rows))),
+                                                per_variant[:, s:s + step])
                          for s in range(0, len(rows), step)], dim=1)  # (N, B)
     return distinct, full[:, None] - without.numpy().T
 

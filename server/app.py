@@ -36,6 +36,7 @@ from fedcvr.shared.model.config import ModelConfig
 from fedcvr.shared.model.esmm import initial_model
 from fedcvr.shared.model.folder import save_model_folder
 from fedcvr.shared.model.weights import load_trainable_state, trainable_state
+from fedcvr.shared.training.personalise import PersonaliseConfig
 
 from .checkpoint import Checkpoint, check_fits, load_checkpoint, save_checkpoint
 from .config import ServerConfig
@@ -268,9 +269,19 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
     log(INFO, "Final global model on the nodes' test splits: %s",
         ", ".join(f"{k} {v:.4f}" for k, v in test.items()
                   if k in ("ctcvr.auc", "click.auc", "ndcg@10", "nb.all.ndcg@10")))
+    test_personalised = {}
+    if PersonaliseConfig.from_run_config(run_config).enabled:  # global + local: each node's layers tuned first
+        messages = strategy.configure_evaluate(config.num_server_rounds - done, final,
+                                               ConfigRecord({"split": "test", "personalised": True}), grid)
+        replies = [r for r in grid.send_and_receive(messages, timeout=config.round_timeout) if not r.has_error()]
+        test_personalised = merge_evaluations([dict(r.content["metrics"]) for r in replies]) if replies else {}
+        log(INFO, "Global + local (personalised on each node) on the nodes' test splits: %s",
+            ", ".join(f"{k} {v:.4f}" for k, v in test_personalised.items()
+                      if k in ("ctcvr.auc", "click.auc", "ndcg@10", "nb.all.ndcg@10")))
     version = model_version(final)
     saved = push_back(grid, final, version, config.round_timeout)
-    summary = {"strategy": config.strategy, "rounds": book.rows, "test": test, "model_version": version,
+    summary = {"strategy": config.strategy, "rounds": book.rows, "test": test,
+               "test_personalised": test_personalised, "model_version": version,
                "privacy": run_privacy(book.rows), "federation": federation, "resumed_from_round": done,
                "saved_by_nodes": {str(k): v for k, v in saved.items()}}
     if config.out_dir is not None:

@@ -31,7 +31,7 @@ from fedcvr.shared.model.encoder import load_backbone
 from fedcvr.shared.model.esmm import ConversionModel
 from fedcvr.shared.model.folder import save_model_folder
 from fedcvr.shared.model.prefix_cache import PrefixCache
-from fedcvr.shared.model.weights import load_trainable_state, trainable_state
+from fedcvr.shared.model.weights import full_state, load_full_state
 from fedcvr.shared.training.data import TrainingSet
 from fedcvr.shared.training.learnable import refuse_unlearnable
 from fedcvr.shared.training.loop import (
@@ -100,7 +100,7 @@ def evaluate_all(model: ConversionModel, side: ItemSide, prepared: Prepared, dev
             continue
         rank = name in ranked
         basket = prepared.baskets.get(name)
-        out[name] = {"model": metrics.finalise(model_sums(model, side, data, prepared.candidates, device,
+        out[name] = {"model": metrics.finalise(model_sums(model, side, data, prepared.candidates, prepared.logs, device,
                                                          embeddings, rank=rank, basket=basket))}
         # purchase logs rank by next basket, where the classic baselines (`run_baselines`) stand beside the model
         out[name]["popularity"] = metrics.finalise(evaluation_sums(
@@ -135,12 +135,14 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
     prepared = prepare(data, example_config)
     refuse_unlearnable(prepared)
     say(f"encoding the frozen prefix of {len(prepared.catalog):,} items (cached in {cache.folder})")
-    side = ItemSide(cache.states(prepared.catalog.texts), torch.from_numpy(prepared.catalog.numeric))
+    side = ItemSide(cache.states(prepared.catalog.texts), torch.from_numpy(prepared.catalog.numeric),
+                    prepared.catalog.item_ids)
     model = ConversionModel(backbone, model_config).to(device)
+    model.attach_memory(prepared.catalog.item_ids)  # pooled data: one item memory, trained with the rest
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=train_config.lr,
                                  weight_decay=train_config.weight_decay)
     result = CentralResult(metrics={})
-    best, best_state, waited = -np.inf, trainable_state(model), 0
+    best, best_state, waited = -np.inf, full_state(model), 0
     for epoch in range(1, train_config.epochs + 1):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(train_config.lr, epoch, train_config.epochs)
@@ -156,13 +158,13 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
             on_epoch_end(record)
         if score is None or score > best:
             best, best_state, waited, result.best_epoch = (score if score is not None else best), \
-                trainable_state(model), 0, epoch
+                full_state(model), 0, epoch
         else:
             waited += 1
             if waited > train_config.patience:
                 say(f"early stop: validation {EARLY_STOP_METRIC} has not improved for {waited} epoch(s)")
                 break
-    load_trainable_state(model, best_state)
+    load_full_state(model, best_state)
     say("evaluating train, validation and test splits")
     result.metrics = evaluate_all(model, side, prepared, device)
     if baselines and prepared.implicit:

@@ -366,6 +366,24 @@ def run_federated(experiment: Experiment, run: Run, run_config: dict[str, Any], 
         metrics = {**tested, "train-examples": size, "delta": merchant_delta(settings, size)}
         rows += _rows(run, experiment.data, experiment.rounds, "test", folder.name, metrics,
                       (*FINAL, "train-examples", "delta"))
+    return rows + _personalised_rows(experiment, run, summary.get("test_personalised", {}),
+                                     summary.get("test_personalised_sums", {}), folders)
+
+
+def _personalised_rows(experiment: Experiment, run: Run, merged: dict, per_node: dict[int, dict],
+                       folders: list[Path]) -> list[dict]:
+    """Rows of global + local (setting 'SETTING + local'): the test metrics after each node personalised its
+    local layers (run config `personalise`), merged and per merchant; none when the run did not personalise."""
+    from fedcvr.client.node import merge_evaluations
+
+    if not merged:
+        return []
+    local = Run(f"{run.setting} + local", run.epsilon, run.seed)
+    rows = _rows(local, experiment.data, experiment.rounds, "test", "all", merged, FINAL)
+    for index, folder in enumerate(folders):
+        if index in per_node:
+            rows += _rows(local, experiment.data, experiment.rounds, "test", folder.name,
+                          merge_evaluations([per_node[index]]), FINAL)
     return rows
 
 
@@ -375,7 +393,7 @@ def run_local_only(experiment: Experiment, run: Run, run_config: dict[str, Any],
     from fedcvr.simulations.local_only import initial_weights, train_alone
 
     start, settings = initial_weights(run_config), NodeSettings.from_run_config(run_config)
-    rows, sums = [], []
+    rows, sums, personal = [], [], {}
     for index, folder in enumerate(folders, 1):
         where = f"{folder.name} alone ({index}/{len(folders)})"
         progress(where)
@@ -389,8 +407,11 @@ def run_local_only(experiment: Experiment, run: Run, run_config: dict[str, Any],
                    "delta": merchant_delta(settings, size)}
         rows += _rows(run, experiment.data, experiment.rounds, "test", folder.name, metrics,
                       (*FINAL, "train-examples", "max-epsilon", "delta"))
+        if settings.personalise.enabled:  # the lone model with the same local layers as global + local
+            personal[index - 1] = node.evaluate(weights, "test", personalised=True)
     rows += _rows(run, experiment.data, experiment.rounds, "test", "all", merge_evaluations(sums), FINAL)
-    return rows
+    merged = merge_evaluations(list(personal.values())) if personal else {}
+    return rows + _personalised_rows(experiment, run, merged, personal, folders)
 
 
 def run_centralized(experiment: Experiment, run: Run, run_config: dict[str, Any], data_root: Path) -> list[dict]:

@@ -34,6 +34,7 @@ class InProcessGrid:
 
     def __init__(self, run_config: Mapping[str, Any], nodes: int):
         self.test_sums: dict[int, dict[str, Any]] = {}
+        self.test_personalised_sums: dict[int, dict[str, Any]] = {}
         self.train_sizes: dict[int, int] = {}
         self.contexts = {
             FIRST_NODE_ID + i: Context(run_id=1, node_id=FIRST_NODE_ID + i,
@@ -65,7 +66,8 @@ class InProcessGrid:
         elif message.metadata.message_type == MessageType.EVALUATE:
             config = message.content.config_records.get("config")
             if config is not None and config.get("split") == "test":
-                self.test_sums[partition] = dict(metrics)
+                kept = self.test_personalised_sums if config.get("personalised", False) else self.test_sums
+                kept[partition] = dict(metrics)
 
     def deliver(self, message: Message) -> Message:
         """The node's reply to one message (an error reply when its ClientApp raised)."""
@@ -92,7 +94,8 @@ def run_federation(run_config: Mapping[str, Any], nodes: int,
     """One federated run (the app's ServerApp logic) over `nodes` merchants of `data-root`; returns the summary
     and writes into the run config's `out-dir` what a Flower run writes. `on_round` gets each finished round's
     row. The summary's `test_sums` holds each node's metric sums on its test split (partition index -> sums),
-    `train_sizes` each node's training examples (partition index -> examples)."""
+    `test_personalised_sums` those of global + local (run config `personalise`), `train_sizes` each node's
+    training examples (partition index -> examples)."""
     kept = node_module.NODES_KEPT["count"]
     node_module.NODES_KEPT["count"] = nodes
     grid = InProcessGrid(run_config, nodes)
@@ -100,7 +103,8 @@ def run_federation(run_config: Mapping[str, Any], nodes: int,
         with server_identity():
             summary = run_training(grid, dict(run_config), ServerConfig.from_run_config(run_config),
                                    on_round=on_round)
-        return {**summary, "test_sums": grid.test_sums, "train_sizes": grid.train_sizes}
+        return {**summary, "test_sums": grid.test_sums, "test_personalised_sums": grid.test_personalised_sums,
+                "train_sizes": grid.train_sizes}
     finally:
         node_module.NODES_KEPT["count"] = kept
         node_module._NODES.clear()

@@ -275,7 +275,7 @@ def task_of(rows, relevant: dict[int, list[int]], cut: int, merchant_of=None, bo
                       np.full(s, cut, np.int64), [np.array(sorted(relevant[int(u)]), np.int64) for u in shoppers],
                       [np.array((bought or {}).get(int(u), []), np.int64) for u in shoppers],
                       np.full((s, 2), -1, np.int64), np.full((s, 2), -1, np.int64), np.zeros((s, 2), np.float32),
-                      data)
+                      data, {})
 
 
 def ndcg(sums: dict) -> float:

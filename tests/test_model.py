@@ -10,6 +10,7 @@ import torch
 
 from conftest import REPO_ROOT, make_tiny_bert
 from fedcvr.shared.data.examples import ExampleConfig
+from fedcvr.shared.data.signals import N_SIGNALS
 from fedcvr.shared.model import prefix_cache as prefix_module
 from fedcvr.shared.model.config import ModelConfig, TrainConfig
 from fedcvr.shared.model.encoder import BottleneckAdapter, load_backbone, masked_mean
@@ -162,7 +163,8 @@ def batch_inputs(batch: int, length: int, items: int) -> ScoreInputs:
         history=torch.randint(0, items, (batch, length), generator=generator),
         history_mask=mask, events=torch.randint(0, 4, (batch, length), generator=generator),
         age_hours=torch.rand(batch, length, generator=generator) * 500,
-        position=torch.randint(0, 12, (batch,), generator=generator))
+        position=torch.randint(0, 12, (batch,), generator=generator),
+        signals=torch.rand(batch, N_SIGNALS, generator=generator))
 
 
 def test_score_shapes_and_attention_over_real_history_only(backbone):
@@ -185,8 +187,10 @@ def test_scoring_candidates_equals_scoring_each_pair(backbone):
     candidates = torch.tensor([3, 0, 29, 11, 11, 17])
     n, k = 4, len(candidates)
     with torch.no_grad():
-        fast = model.score_candidates(items, inputs, candidates)
-        ctr, cvr, _ = model.score(items, inputs.paired_with(candidates))
+        signals = torch.rand(n, k, N_SIGNALS)
+        signals[:, 4] = signals[:, 3]
+        fast = model.score_candidates(items, inputs, candidates, signals)
+        ctr, cvr, _ = model.score(items, inputs.paired_with(candidates, signals))
     assert fast.shape == (n, k)
     torch.testing.assert_close(fast, (torch.sigmoid(ctr) * torch.sigmoid(cvr)).view(n, k), rtol=1e-5, atol=1e-6)
     assert torch.equal(fast[:, 3], fast[:, 4])  # the same candidate twice scores the same
@@ -206,16 +210,16 @@ def test_user_tower_and_head_support_per_sample_gradients(backbone):
             super().__init__()
             self.tower, self.head = model.user_tower, model.head
 
-        def forward(self, history, events, recency, mask, target, position):
+        def forward(self, history, events, recency, mask, target, position, signals):
             user, _ = self.tower(history, events, recency, mask, target)
-            ctr, cvr = self.head(user, target, position)
+            ctr, cvr = self.head(user, target, position, signals)
             return ctr + cvr
 
     net = TowerAndHead()
     inputs = batch_inputs(4, 5, 20)
     items = torch.randn(20, 8)
     args = (items[inputs.history], inputs.events, recency_bucket(inputs.age_hours), inputs.history_mask,
-            items[inputs.target], inputs.position)
+            items[inputs.target], inputs.position, inputs.signals)
     wrapped = GradSampleModule(net, loss_reduction="sum")
     wrapped(*args).sum().backward()
     missing = [name for name, p in net.named_parameters() if p.grad_sample is None]

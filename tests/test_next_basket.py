@@ -14,6 +14,7 @@ from fedcvr.shared import metrics
 from fedcvr.shared.data.contract import EVENT_TYPES
 from fedcvr.shared.data.examples import ExampleConfig, build_examples, parse_test_from, split_by_time
 from fedcvr.shared.data.loader import load_merchant
+from fedcvr.shared.data.signals import EventLog
 from fedcvr.shared.evaluation import basket_metrics as bm
 from fedcvr.shared.evaluation.baselines import BaselineConfig
 from fedcvr.shared.evaluation.baskets import build_task
@@ -252,7 +253,7 @@ def build_empty_task(pool: np.ndarray):
     none = np.zeros(0, np.int64)
     return BasketTask(np.zeros(3, np.int32), np.arange(3), np.full(3, CUT), [pool[[1]], pool[[4]], pool[[9]]],
                       [none] * 3, np.full((3, 1), -1), np.full((3, 1), -1), np.zeros((3, 1), np.float32),
-                      Purchases(none, none, none, np.zeros(0, np.int32)))
+                      Purchases(none, none, none, np.zeros(0, np.int32)), {0: EventLog.empty()})
 
 
 def test_nan_scores_raise():

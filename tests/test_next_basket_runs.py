@@ -91,7 +91,7 @@ def test_the_model_ranks_a_next_basket_as_scoring_each_item_of_the_catalog_would
     # one shopper, one candidate at a time: the same pCTCVR
     one = basket_scorer(model, embeddings, device)(task.subset([1]), pool[5:6])
     assert np.isclose(one[0, 0], scores[1, 5], rtol=1e-5)
-    sums = model_sums(model, side, prepared.splits["test"], prepared.candidates, device, embeddings,
+    sums = model_sums(model, side, prepared.splits["test"], prepared.candidates, prepared.logs, device, embeddings,
                       basket=prepared.baskets["test"])
     assert sums["nb.all.n"] == len(prepared.baskets["test"]) and "rank.n" not in sums
 

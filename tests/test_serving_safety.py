@@ -329,8 +329,10 @@ def test_each_explanation_comes_from_that_items_own_scoring(saturated, shop):
     shopper = a_shopper(shop)
     history = saturated.history_of(shopper)
     every_item = np.arange(len(saturated.index))
-    assert np.all(score_rows(saturated.model, saturated.index, every_item, history).attention == 1.0)
-    answer = saturated.recommend(shopper, k=10, filters=Filters(exclude_bought=False))
+    signals = saturated.signals(shopper, history, every_item, saturated.snapshot, stored=True)
+    assert np.all(score_rows(saturated.model, saturated.index, every_item, history, signals).attention == 1.0)
+    # the history given ad hoc, as the checks below score it (a stored shopper's signals read their whole history)
+    answer = saturated.recommend(None, history=history, k=10, filters=Filters(exclude_bought=False))
     distinct = list(dict.fromkeys(history.item_ids))
     lines = set()
     for item in answer["items"]:

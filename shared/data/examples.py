@@ -10,8 +10,12 @@ Explicit feedback (the events hold impressions)
   ESMM click -> purchase funnel requires.
 Implicit feedback (no impressions at all: purchase logs, reviews)
   Each purchase (u, i, t) becomes a positive example (clicked = purchased = 1) and K negatives
-  (clicked = purchased = 0) at the same time and with the same history, whose items are drawn uniformly from the
-  catalog among those u did not buy at time t. Labels then mean "bought rather than a random other item".
+  (clicked = purchased = 0) at the same time and with the same history, whose items are drawn among those u did
+  not buy at time t: each, with probability `examples.popular-negatives`, the item of a purchase drawn uniformly
+  among all purchases strictly before t (so in proportion to how often it sold until then, never from the future),
+  else uniformly from the catalog. Labels then mean "bought rather than another item a shopper might plausibly have
+  bought": against uniform noise alone a model learns to tell a sold item from one that never sells and ranks every
+  shopper by one popularity list; plausible negatives make it rank within what sells.
 History
   The shopper's events with timestamp < t (strictly), the last L of them with their event types, oldest first,
   right-aligned and padded on the left with item -1 / event -1 / age 0. Ages are in hours. Impressions are part
@@ -36,6 +40,7 @@ import pandas as pd
 from ..settings import Section
 from .contract import EVENT_TYPES
 from .loader import MerchantData
+from .signals import EventLog
 
 _NS_PER_HOUR = 3_600 * 1_000_000_000
 
@@ -46,6 +51,7 @@ class ExampleConfig(Section):
 
     history_length: int = 30
     negatives: int = 4
+    popular_negatives: float = 0.5
     attribution_window_hours: float = 24.0
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -53,6 +59,7 @@ class ExampleConfig(Section):
     seed: int = 0
 
     KEYS = {"examples.history-length": "history_length", "examples.negatives": "negatives",
+            "examples.popular-negatives": "popular_negatives",
             "examples.attribution-window-hours": "attribution_window_hours",
             "examples.validation-fraction": "validation_fraction", "examples.test-fraction": "test_fraction",
             "examples.test-from": "test_from", "seed": "seed"}
@@ -62,6 +69,8 @@ class ExampleConfig(Section):
             raise ValueError(f"examples.history-length must be >= 1, got {self.history_length}")
         if self.negatives < 1:
             raise ValueError(f"examples.negatives must be >= 1, got {self.negatives}")
+        if not 0.0 <= self.popular_negatives <= 1.0:
+            raise ValueError(f"examples.popular-negatives must be a share in [0, 1], got {self.popular_negatives}")
         if self.attribution_window_hours <= 0:
             raise ValueError(f"examples.attribution-window-hours must be > 0, got {self.attribution_window_hours}")
         for name, value in (("validation-fraction", self.validation_fraction),
@@ -99,6 +108,8 @@ class Examples:
     history_item (N, L) int32 (-1 padding), history_event (N, L) int8 code in EVENT_TYPES (-1 padding),
     history_age_hours (N, L) float32 (0 at padding)
     true_p_click, true_p_purchase (N,) float32 ground truth where the data has it (synthetic), else NaN
+    signals (N, N_SIGNALS) float32: what the merchant's log says of (user, item) strictly before the example's
+    time (`signals.py`: the item in the shopper's whole history, the item's recent clicks and purchases)
     implicit: built from purchases with sampled negatives
     """
 
@@ -115,10 +126,11 @@ class Examples:
     history_age_hours: np.ndarray
     true_p_click: np.ndarray
     true_p_purchase: np.ndarray
+    signals: np.ndarray
     implicit: bool
 
     _PER_EXAMPLE = ("user", "item", "timestamp", "position", "clicked", "purchased", "history_item",
-                    "history_event", "history_age_hours", "true_p_click", "true_p_purchase")
+                    "history_event", "history_age_hours", "true_p_click", "true_p_purchase", "signals")
 
     def __len__(self) -> int:
         return len(self.item)
@@ -209,12 +221,13 @@ def build_examples(data: MerchantData, config: ExampleConfig | None = None) -> E
         frame = _implicit_targets(events, codes, len(item_ids), config)
     hist_item, hist_event, hist_age = histories(frame["user"], frame["t"], b["user"], b["t"], b["item"],
                                                  b["event"], config.history_length)
+    signals = EventLog.build(b["user"], b["item"], b["event"], b["t"]).signals(frame["user"], frame["item"], frame["t"])
     return Examples(
         item_ids=item_ids, user_ids=user_ids,
         user=frame["user"], item=frame["item"], timestamp=frame["t"], position=frame["position"],
         clicked=frame["clicked"], purchased=frame["purchased"], history_item=hist_item,
         history_event=hist_event, history_age_hours=hist_age, true_p_click=frame["true_p_click"],
-        true_p_purchase=frame["true_p_purchase"], implicit=not has_impressions,
+        true_p_purchase=frame["true_p_purchase"], signals=signals, implicit=not has_impressions,
     )
 
 
@@ -259,12 +272,23 @@ def _implicit_targets(events: pd.DataFrame, codes: dict, n_items: int,
     bought = np.unique(basket * n_items + pos["item"].to_numpy())
     rng = np.random.default_rng([config.seed, 7])
     k = config.negatives
-    neg = rng.integers(0, n_items, (len(pos), k))
+    sold_t = np.sort(pos["t"].to_numpy())
+    sold_items = pos["item"].to_numpy()[np.argsort(pos["t"].to_numpy(), kind="stable")]
+    earlier = np.searchsorted(sold_t, pos["t"].to_numpy(), side="left")  # purchases strictly before each one
+
+    def draw(rows: np.ndarray) -> np.ndarray:
+        """One negative item for each positive of `rows`: popularity-weighted from the past, else uniform."""
+        uniform = rng.integers(0, n_items, len(rows))
+        popular = (rng.random(len(rows)) < config.popular_negatives) & (earlier[rows] > 0)
+        picked = (rng.random(len(rows)) * earlier[rows]).astype(np.int64)
+        return np.where(popular, sold_items[np.minimum(picked, max(len(sold_items) - 1, 0))], uniform)
+
+    neg = np.stack([draw(np.arange(len(pos))) for _ in range(k)], 1) if len(pos) else np.zeros((0, k), np.int64)
     for _ in range(20):  # redraw the few that hit an item of the same basket
         clash = np.isin(basket[:, None] * n_items + neg, bought)
         if not clash.any():
             break
-        neg[clash] = rng.integers(0, n_items, int(clash.sum()))
+        neg[clash] = draw(np.nonzero(clash)[0])
     keep = ~np.isin(basket[:, None] * n_items + neg, bought)
     n = len(pos)
     rows = np.concatenate([np.arange(n), np.repeat(np.arange(n), k)[keep.ravel()]])

@@ -22,6 +22,7 @@ import pandas as pd
 from ..data.contract import EVENT_TYPES
 from ..data.examples import event_codes, histories
 from ..data.loader import MerchantData
+from ..data.signals import N_SIGNALS, EventLog
 from ..training.data import Catalog
 
 PURCHASE = EVENT_TYPES.index("purchase")
@@ -55,7 +56,8 @@ class BasketTask:
     history_item (S, L) catalog rows (-1 padding), history_event (S, L), history_age_hours (S, L): the model's
     input at the cut; purchases: every purchase of the merchants (all shoppers, tested or not, at any time): a
     baseline's fit keeps those strictly before its cut (`next_basket.baseline_sums`), so that a pooled fit at one
-    merchant's cut sees every other merchant's purchases up to that same cut."""
+    merchant's cut sees every other merchant's purchases up to that same cut; logs: each merchant's `EventLog` in
+    these codes, for the model's signals of a (shopper, candidate) pair at the cut (`signals`)."""
 
     merchant: np.ndarray
     shopper: np.ndarray
@@ -66,6 +68,7 @@ class BasketTask:
     history_event: np.ndarray
     history_age_hours: np.ndarray
     purchases: Purchases
+    logs: dict[int, EventLog]
 
     def __len__(self) -> int:
         return len(self.shopper)
@@ -76,7 +79,16 @@ class BasketTask:
         return BasketTask(self.merchant[rows], self.shopper[rows], self.cut[rows],
                           [self.relevant[r] for r in rows], [self.bought[r] for r in rows],
                           self.history_item[rows], self.history_event[rows], self.history_age_hours[rows],
-                          self.purchases)
+                          self.purchases, self.logs)
+
+    def signals(self, pool: np.ndarray) -> np.ndarray:
+        """(S, C, N_SIGNALS) signals of each shopper with each candidate of `pool` (C,) at the shopper's cut, from
+        the shopper's merchant's log: the same `EventLog.signals` as the training examples."""
+        out = np.zeros((len(self), len(pool), N_SIGNALS), np.float32)
+        for merchant in np.unique(self.merchant):
+            rows = np.flatnonzero(self.merchant == merchant)
+            out[rows] = self.logs[int(merchant)].grid(self.shopper[rows], pool, self.cut[rows])
+        return out
 
     @classmethod
     def concat(cls, parts: list[BasketTask]) -> BasketTask:
@@ -85,7 +97,7 @@ class BasketTask:
                    [b for p in parts for b in p.bought], np.concatenate([p.history_item for p in parts]),
                    np.concatenate([p.history_event for p in parts]),
                    np.concatenate([p.history_age_hours for p in parts]),
-                   Purchases.concat([p.purchases for p in parts]))
+                   Purchases.concat([p.purchases for p in parts]), {k: v for p in parts for k, v in p.logs.items()})
 
 
 def _basket_keys(events: pd.DataFrame, is_buy: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -97,10 +109,19 @@ def _basket_keys(events: pd.DataFrame, is_buy: np.ndarray, t: np.ndarray) -> np.
     return pd.factorize(t[is_buy])[0].astype(np.int64)
 
 
+def merchant_log(data: MerchantData, catalog: Catalog, user_offset: int) -> EventLog:
+    """A merchant's events as an `EventLog` in the task's codes (catalog rows; shoppers offset by `user_offset`)."""
+    codes, _ = event_codes(data)
+    to_catalog = catalog.codes(data.items["item_id"].to_numpy(dtype=object))
+    return EventLog.build(codes["user"].astype(np.int64) + user_offset, to_catalog[codes["item"]], codes["event"],
+                          codes["t"])
+
+
 def build_task(data: MerchantData, catalog: Catalog, merchant: int, user_offset: int, cut: int, end: int | None,
-               history_length: int) -> BasketTask:
+               history_length: int, log: EventLog | None = None) -> BasketTask:
     """The next-basket task of one merchant at `cut` (ns): the first basket among the purchases in [cut, end)
-    (`end` ns, or None for no end)."""
+    (`end` ns, or None for no end); `log` is the merchant's `merchant_log` (built here when not given)."""
+    log = merchant_log(data, catalog, user_offset) if log is None else log
     codes, _ = event_codes(data)
     to_catalog = catalog.codes(data.items["item_id"].to_numpy(dtype=object))
     user, item, t = codes["user"].astype(np.int64), codes["item"], codes["t"]
@@ -131,4 +152,4 @@ def build_task(data: MerchantData, catalog: Catalog, merchant: int, user_offset:
     return BasketTask(np.full(len(shoppers), merchant, np.int32), shoppers + user_offset,
                       np.full(len(shoppers), cut, np.int64), [relevant[int(u)] for u in shoppers],
                       [bought_by.get(int(u), empty) for u in shoppers], hist_item,
-                      hist_event.astype(np.int64), hist_age.astype(np.float32), purchases)
+                      hist_event.astype(np.int64), hist_age.astype(np.float32), purchases, {merchant: log})

@@ -15,14 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.signals import N_SIGNALS
 from .config import ModelConfig
 from .encoder import Backbone, ItemEncoder, load_backbone
+from .memory import ItemMemory
 from .table import TableEmbedding
 from .user_tower import UserTower, recency_bucket
 
 
 class ESMMHead(nn.Module):
-    """forward(user (B, D), target (B, D), position (B,) slot, 0 = unknown) -> ctr logit (B,), cvr logit (B,).
+    """forward(user (B, D), target (B, D), position (B,) slot, 0 = unknown, signals (B, N_SIGNALS)) -> ctr logit
+    (B,), cvr logit (B,). Each tower reads the user and item vectors, their product, and the shop's signals of the
+    pair (`data/signals.py`: the item in the shopper's whole history, its recent sales on this shop).
 
     A learned per-position bias (zero for unknown positions) is added to the click logit: it absorbs position
     bias in training, and serving scores with position 0 rank by relevance alone."""
@@ -32,8 +36,8 @@ class ESMMHead(nn.Module):
         self.max_position = max_position
 
         def tower() -> nn.Module:
-            return nn.Sequential(nn.Linear(3 * dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 1))
+            return nn.Sequential(nn.Linear(3 * dim + N_SIGNALS, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, 1))
 
         self.ctr = tower()
         self.cvr = tower()
@@ -45,9 +49,9 @@ class ESMMHead(nn.Module):
         self.position_bias = TableEmbedding(max_position + 1, 1)
         nn.init.zeros_(self.position_bias.weight)
 
-    def forward(self, user: torch.Tensor, target: torch.Tensor, position: torch.Tensor
+    def forward(self, user: torch.Tensor, target: torch.Tensor, position: torch.Tensor, signals: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        features = torch.cat([user, target, user * target], -1)
+        features = torch.cat([user, target, user * target, signals], -1)
         slot = position.clamp(0, self.max_position)
         return self.ctr(features)[..., 0] + self.position_bias(slot)[..., 0], self.cvr(features)[..., 0]
 
@@ -68,7 +72,7 @@ class ScoreInputs:
     """One batch in terms of the U item embeddings it needs (indices into those U rows).
 
     target (B,), history (B, L) (any value at padding), history_mask (B, L) bool, events (B, L) event codes,
-    age_hours (B, L), position (B,) with 0 = unknown."""
+    age_hours (B, L), position (B,) with 0 = unknown, signals (B, N_SIGNALS) of each (shopper, target) pair."""
 
     target: torch.Tensor
     history: torch.Tensor
@@ -76,16 +80,19 @@ class ScoreInputs:
     events: torch.Tensor
     age_hours: torch.Tensor
     position: torch.Tensor
+    signals: torch.Tensor
 
-    def paired_with(self, candidates: torch.Tensor) -> ScoreInputs:
-        """The n x k (shopper, candidate) pairs as n k examples at an unknown position, shopper-major: each
-        shopper's history repeated once per candidate (what `ConversionModel.score_candidates` avoids)."""
+    def paired_with(self, candidates: torch.Tensor, signals: torch.Tensor) -> ScoreInputs:
+        """The n x k (shopper, candidate) pairs with their signals (n, k, N_SIGNALS) as n k examples at an unknown
+        position, shopper-major: each shopper's history repeated once per candidate (what
+        `ConversionModel.score_candidates` avoids)."""
         n, k = len(self.history), len(candidates)
         return ScoreInputs(target=candidates.repeat(n), history=self.history.repeat_interleave(k, 0),
                            history_mask=self.history_mask.repeat_interleave(k, 0),
                            events=self.events.repeat_interleave(k, 0),
                            age_hours=self.age_hours.repeat_interleave(k, 0),
-                           position=torch.zeros(n * k, dtype=torch.long, device=candidates.device))
+                           position=torch.zeros(n * k, dtype=torch.long, device=candidates.device),
+                           signals=signals.reshape(n * k, -1))
 
 
 class ConversionModel(nn.Module):
@@ -98,6 +105,14 @@ class ConversionModel(nn.Module):
         self.user_tower = UserTower(config.dim, config.attention_hidden)
         self.head = ESMMHead(config.dim, config.head_hidden, config.max_position, config.ctr_prior,
                              config.cvr_prior)
+        self.memory: ItemMemory | None = None  # local, never sent (`memory.py`); see `attach_memory`
+
+    def attach_memory(self, item_ids) -> ItemMemory:
+        """Give the model a local item memory over `item_ids` (rows at zero: it scores as before), or keep the one
+        it has, aligned to these ids."""
+        memory = ItemMemory(item_ids, self.config.dim) if self.memory is None else self.memory.aligned(item_ids)
+        self.memory = memory.to(next(self.head.parameters()).device)
+        return self.memory
 
     def encode_items(self, states: torch.Tensor, mask: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         """(U, T, H) prefix states, (U, T) mask, (U, 2) price features -> (U, D) item embeddings."""
@@ -107,19 +122,21 @@ class ConversionModel(nn.Module):
         """items (U, D) -> ctr logit (B,), cvr logit (B,), attention over the history (B, L)."""
         target = items[batch.target]
         user, weights = self.user_tower(*self._behaviour_inputs(items, batch), target)
-        ctr, cvr = self.head(user, target, batch.position)
+        ctr, cvr = self.head(user, target, batch.position, batch.signals)
         return ctr, cvr, weights
 
-    def score_candidates(self, items: torch.Tensor, batch: ScoreInputs, candidates: torch.Tensor) -> torch.Tensor:
-        """items (U, D), n shoppers' `batch` (its target and position unused), candidates (k,) rows of items ->
-        pCTCVR (n, k) of every candidate for every shopper at an unknown position: `score` of each (shopper,
-        candidate) pair, computed without repeating a shopper's history k times."""
+    def score_candidates(self, items: torch.Tensor, batch: ScoreInputs, candidates: torch.Tensor,
+                         signals: torch.Tensor) -> torch.Tensor:
+        """items (U, D), n shoppers' `batch` (its target, position and signals unused), candidates (k,) rows of
+        items, signals (n, k, N_SIGNALS) of each pair -> pCTCVR (n, k) of every candidate for every shopper at an
+        unknown position: `score` of each (shopper, candidate) pair, computed without repeating a shopper's history
+        k times."""
         targets = items[candidates]  # (k, D)
         user = self.user_tower.against(*self._behaviour_inputs(items, batch), targets)  # (n, k, D)
         n, k, dim = user.shape
         flat_targets = targets[None].expand(n, k, dim).reshape(n * k, dim)
         ctr, cvr = self.head(user.reshape(n * k, dim), flat_targets,
-                             torch.zeros(n * k, dtype=torch.long, device=items.device))
+                             torch.zeros(n * k, dtype=torch.long, device=items.device), signals.reshape(n * k, -1))
         return (torch.sigmoid(ctr) * torch.sigmoid(cvr)).view(n, k)
 
     @staticmethod

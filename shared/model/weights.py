@@ -9,15 +9,28 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .memory import PREFIX as MEMORY
+
+
+def _global(name: str) -> bool:
+    return not name.startswith(MEMORY)
+
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """name -> tensor of every parameter that trains, in a stable order; the backbone's frozen weights excluded."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """name -> tensor of every global parameter that trains, in a stable order: what federated messages carry.
+    The backbone's frozen weights and the local item memory (`memory.*`, never sent) are left out."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad and _global(name)}
+
+
+def local_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> tensor of the local item memory (`memory.*`): kept on the node, never sent."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if not _global(name)}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` into the model's trainable parameters; name every missing, unexpected or mis-shaped key."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    """Copy `state` into the model's global trainable parameters; name every missing, unexpected or mis-shaped key
+    (a `memory.*` key is unexpected: the local memory never travels)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad and _global(name)}
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     wrong = sorted(k for k in set(params) & set(state) if tuple(params[k].shape) != tuple(state[k].shape))
@@ -43,3 +56,18 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     load_trainable_state(model, load_file(str(path)))
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Global and local trainable weights together (a snapshot to return to, e.g. the best epoch's)."""
+    return {**trainable_state(model), **local_state(model)}
+
+
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Restore a `full_state` snapshot."""
+    load_trainable_state(model, {k: v for k, v in state.items() if _global(k)})
+    local = {name: p for name, p in model.named_parameters() if not _global(name)}
+    with torch.no_grad():
+        for name, value in state.items():
+            if not _global(name):
+                local[name].copy_(value)

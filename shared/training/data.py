@@ -52,11 +52,12 @@ class Catalog:
 @dataclass
 class TrainingSet:
     """N examples in catalog codes. merchant (N,) index of the merchant; user (N,) shopper, unique over merchants;
-    slot (N,) position + 1, 0 = unknown; other fields as in `Examples`."""
+    timestamp (N,) ns; slot (N,) position + 1, 0 = unknown; other fields as in `Examples`."""
 
     merchant: np.ndarray
     user: np.ndarray
     item: np.ndarray
+    timestamp: np.ndarray
     slot: np.ndarray
     clicked: np.ndarray
     purchased: np.ndarray
@@ -65,6 +66,7 @@ class TrainingSet:
     history_age_hours: np.ndarray
     true_p_click: np.ndarray
     true_p_purchase: np.ndarray
+    signals: np.ndarray
 
     def __len__(self) -> int:
         return len(self.item)
@@ -83,6 +85,7 @@ class TrainingSet:
             columns["merchant"].append(np.full(len(ex), k, np.int32))
             columns["user"].append(ex.user.astype(np.int64) + user_offset)
             columns["item"].append(to_catalog[ex.item])
+            columns["timestamp"].append(ex.timestamp.astype(np.int64))
             columns["slot"].append(np.where(ex.position >= 0, ex.position + 1, 0).astype(np.int64))
             columns["clicked"].append(ex.clicked.astype(np.float32))
             columns["purchased"].append(ex.purchased.astype(np.float32))
@@ -91,6 +94,7 @@ class TrainingSet:
             columns["history_age_hours"].append(ex.history_age_hours.astype(np.float32))
             columns["true_p_click"].append(ex.true_p_click.astype(np.float32))
             columns["true_p_purchase"].append(ex.true_p_purchase.astype(np.float32))
+            columns["signals"].append(ex.signals.astype(np.float32))
             user_offset += len(ex.user_ids)
         return cls(**{name: np.concatenate(values) for name, values in columns.items()})
 
@@ -123,6 +127,7 @@ def make_batch(data: TrainingSet, rows: np.ndarray) -> Batch:
         events=torch.from_numpy(data.history_event[rows]),
         age_hours=torch.from_numpy(data.history_age_hours[rows]),
         position=torch.from_numpy(data.slot[rows]),
+        signals=torch.from_numpy(data.signals[rows]),
     )
     return Batch(torch.from_numpy(items), inputs, torch.from_numpy(data.clicked[rows]),
                  torch.from_numpy(data.purchased[rows]))

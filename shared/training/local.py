@@ -37,7 +37,7 @@ class PerSampleModel(nn.Module):
     forward(target_states (B, T, H), target_mask (B, T), target_numeric (B, 2),
             history (B, L, T', H) states (frozen embeddings) or (B, L, D) precomputed embeddings,
             history_tokens (B, L, T'), history_numeric (B, L, 2), history_mask (B, L), events (B, L),
-            recency (B, L), position (B,)) -> ctr logit (B,), cvr logit (B,)
+            recency (B, L), position (B,), signals (B, N_SIGNALS)) -> ctr logit (B,), cvr logit (B,)
     """
 
     def __init__(self, model: ConversionModel):
@@ -47,7 +47,7 @@ class PerSampleModel(nn.Module):
         self.head = model.head
 
     def forward(self, target_states, target_mask, target_numeric, history, history_tokens, history_numeric,
-                history_mask, events, recency, position):
+                history_mask, events, recency, position, signals):
         if history.dim() == 4:  # one encoder call for target and history: Opacus sees each module used once
             encoded = self.item_encoder(torch.cat([target_states[:, None], history], 1),
                                         torch.cat([target_mask[:, None], history_tokens], 1),
@@ -56,7 +56,7 @@ class PerSampleModel(nn.Module):
         else:
             target = self.item_encoder(target_states, target_mask, target_numeric)
         user, _ = self.user_tower(history, events, recency, history_mask, target)
-        return self.head(user, target, position)
+        return self.head(user, target, position, signals)
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _private_inputs(model: ConversionModel, side: ItemSide, data: TrainingSet, r
     return (t_states, t_mask, side.numeric[target].to(device), h_states, h_tokens,
             side.numeric[safe].to(device), mask.to(device), torch.from_numpy(data.history_event[rows]).clamp(min=0)
             .to(device), recency_bucket(torch.from_numpy(data.history_age_hours[rows])).to(device),
-            torch.from_numpy(data.slot[rows]).to(device))
+            torch.from_numpy(data.slot[rows]).to(device), torch.from_numpy(data.signals[rows]).to(device))
 
 
 class EsmmCriterion(nn.Module):

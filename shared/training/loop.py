@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .. import metrics
+from ..data.signals import EventLog
 from ..evaluation.baskets import BasketTask
 from ..evaluation.next_basket import ranking_sums
 from ..model.errors import ModelConfigError
@@ -46,14 +47,30 @@ def resolve_device(device: str, threads: int = 0) -> torch.device:
 
 @dataclass
 class ItemSide:
-    """What encoding items needs: cached prefix states and price features of the whole catalog."""
+    """What encoding items needs: cached prefix states and price features of the whole catalog, and its item ids
+    (for the model's local item memory, keyed by id)."""
 
     prefix: PrefixStates
     numeric: torch.Tensor  # (N, 2)
+    item_ids: np.ndarray | None = None
+    _memory_rows: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
 
     def encode(self, model: ConversionModel, items: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(U, D) embeddings of catalog rows `items`: text and price, plus the item's local memory where the model
+        has one (`model/memory.py`)."""
         states, mask = self.prefix.gather(items, device)
-        return model.encode_items(states, mask, self.numeric[items].to(device))
+        encoded = model.encode_items(states, mask, self.numeric[items].to(device))
+        if model.memory is None:
+            return encoded
+        return encoded + model.memory(self.memory_rows(model.memory)[items].to(device))
+
+    def memory_rows(self, memory) -> torch.Tensor:
+        """(N,) row of each catalog item in `memory` (-1 = none), computed once per memory."""
+        if self._memory_rows is None or self._memory_rows[0] != id(memory):
+            if self.item_ids is None:
+                raise ValueError("this item side has no item ids, so the model's local item memory cannot be used")
+            self._memory_rows = (id(memory), torch.from_numpy(memory.rows(self.item_ids)))
+        return self._memory_rows[1]
 
 
 def train_step(model: ConversionModel, side: ItemSide, data: TrainingSet, rows: np.ndarray,
@@ -99,8 +116,9 @@ def embed_catalog(model: ConversionModel, side: ItemSide, device: torch.device) 
 
 
 def history_inputs(history: np.ndarray, events: np.ndarray, age_hours: np.ndarray, target: np.ndarray,
-                   slot: np.ndarray, device: torch.device) -> ScoreInputs:
-    """The model's inputs from history arrays (B, L) (-1 = padding), targets (B,) and slots (B,), 0 = unknown."""
+                   slot: np.ndarray, signals: np.ndarray, device: torch.device) -> ScoreInputs:
+    """The model's inputs from history arrays (B, L) (-1 = padding), targets (B,), slots (B,), 0 = unknown, and the
+    pairs' signals (B, N_SIGNALS)."""
     return ScoreInputs(
         target=torch.from_numpy(target).to(device),
         history=torch.from_numpy(np.maximum(history, 0)).to(device),
@@ -108,12 +126,13 @@ def history_inputs(history: np.ndarray, events: np.ndarray, age_hours: np.ndarra
         events=torch.from_numpy(events).to(device),
         age_hours=torch.from_numpy(age_hours).to(device),
         position=torch.from_numpy(slot).to(device),
+        signals=torch.from_numpy(signals).to(device),
     )
 
 
 def _inputs(data: TrainingSet, rows: np.ndarray, device: torch.device) -> ScoreInputs:
     return history_inputs(data.history_item[rows], data.history_event[rows], data.history_age_hours[rows],
-                          data.item[rows], data.slot[rows], device)
+                          data.item[rows], data.slot[rows], data.signals[rows], device)
 
 
 @torch.no_grad()
@@ -133,9 +152,10 @@ def predict(model: ConversionModel, item_embeddings: torch.Tensor, data: Trainin
 
 @torch.no_grad()
 def rank_purchases(model: ConversionModel, item_embeddings: torch.Tensor, data: TrainingSet,
-                   candidates: dict[int, np.ndarray], device: torch.device) -> np.ndarray:
+                   candidates: dict[int, np.ndarray], logs: dict[int, EventLog], device: torch.device) -> np.ndarray:
     """Rank (1-based) of the purchased item of each purchase example among its merchant's whole catalog
-    (`candidates[merchant]` = catalog rows), scored by pCTCVR at an unknown position."""
+    (`candidates[merchant]` = catalog rows), scored by pCTCVR at an unknown position, each candidate with its
+    signals from the merchant's log (`logs[merchant]`, catalog codes) at the example's time."""
     model.eval()
     ranks = []
     for merchant in np.unique(data.merchant):
@@ -144,7 +164,10 @@ def rank_purchases(model: ConversionModel, item_embeddings: torch.Tensor, data: 
         per_step = max(1, RANK_PAIRS // max(len(pool), 1))
         for start in range(0, len(bought), per_step):
             rows = bought[start:start + per_step]
-            scores = model.score_candidates(item_embeddings, _inputs(data, rows, device), pool).cpu().numpy()
+            signals = torch.from_numpy(logs[int(merchant)].grid(data.user[rows], candidates[int(merchant)],
+                                                                data.timestamp[rows])).to(device)
+            scores = model.score_candidates(item_embeddings, _inputs(data, rows, device), pool,
+                                            signals).cpu().numpy()
             target_col = np.searchsorted(candidates[int(merchant)], data.item[rows])
             ranks.append(metrics.rank_of(scores[np.arange(len(rows)), target_col], scores))
     return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
@@ -153,7 +176,8 @@ def rank_purchases(model: ConversionModel, item_embeddings: torch.Tensor, data: 
 def basket_scorer(model: ConversionModel, item_embeddings: torch.Tensor, device: torch.device
                   ) -> Callable[[BasketTask, np.ndarray], np.ndarray]:
     """The model as a next-basket ranker: pCTCVR of every candidate for each shopper, from the history at the
-    cut (the same `histories` as training examples), at an unknown position."""
+    cut (the same `histories` as training examples) and each candidate's signals at the cut (the same
+    `EventLog.signals`, from the shopper's merchant's log), at an unknown position."""
 
     @torch.no_grad()
     def score(task: BasketTask, pool: np.ndarray) -> np.ndarray:
@@ -163,10 +187,13 @@ def basket_scorer(model: ConversionModel, item_embeddings: torch.Tensor, device:
         parts = []
         for start in range(0, len(task), per_step):
             rows = slice(start, start + per_step)
-            unknown = np.zeros(len(task.history_item[rows]), np.int64)  # no target yet, no slot shown
-            inputs = history_inputs(task.history_item[rows], task.history_event[rows], task.history_age_hours[rows],
-                                    unknown, unknown, device)
-            parts.append(model.score_candidates(item_embeddings, inputs, candidates).double().cpu().numpy())
+            shoppers = task.subset(np.arange(len(task))[rows])
+            signals = shoppers.signals(pool)
+            unknown = np.zeros(len(shoppers), np.int64)  # no target yet, no slot shown
+            inputs = history_inputs(shoppers.history_item, shoppers.history_event, shoppers.history_age_hours,
+                                    unknown, unknown, signals[:, 0], device)
+            parts.append(model.score_candidates(item_embeddings, inputs, candidates,
+                                                torch.from_numpy(signals).to(device)).double().cpu().numpy())
         return np.concatenate(parts) if parts else np.zeros((0, len(pool)))
     return score
 
@@ -181,8 +208,8 @@ def evaluation_sums(data: TrainingSet, p_ctr: np.ndarray, p_ctcvr: np.ndarray,
 
 
 def model_sums(model: ConversionModel, side: ItemSide, data: TrainingSet, candidates: dict[int, np.ndarray],
-               device: torch.device, embeddings: torch.Tensor | None = None, rank: bool = True,
-               basket: BasketTask | None = None) -> metrics.MetricSums:
+               logs: dict[int, EventLog], device: torch.device, embeddings: torch.Tensor | None = None,
+               rank: bool = True, basket: BasketTask | None = None) -> metrics.MetricSums:
     """Metric sums of the model on `data`: predictions and, with `rank`, full-catalog ranking: of each shopper's
     next basket when a `basket` task is given (purchase logs), else of each purchase (catalog embeddings computed
     here unless given)."""
@@ -192,5 +219,5 @@ def model_sums(model: ConversionModel, side: ItemSide, data: TrainingSet, candid
         sums = evaluation_sums(data, p_ctr, p_ctcvr, None)
         return metrics.combine(sums, metrics.MetricSums(
             ranking_sums(basket, candidates, basket_scorer(model, embeddings, device))))
-    ranks = rank_purchases(model, embeddings, data, candidates, device) if rank else None
+    ranks = rank_purchases(model, embeddings, data, candidates, logs, device) if rank else None
     return evaluation_sums(data, p_ctr, p_ctcvr, ranks)

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..data.examples import ExampleConfig, build_examples, split_by_time, validation_start
 from ..data.loader import MerchantData, merchant_folders
-from ..evaluation.baskets import BasketTask, build_task
+from ..data.signals import EventLog
+from ..evaluation.baskets import BasketTask, build_task, merchant_log
 from ..model.errors import ModelConfigError
 from .data import Catalog, TrainingSet
 
@@ -19,12 +20,14 @@ SPLITS = ("train", "validation", "test")
 @dataclass
 class Prepared:
     """The merchants' data as one catalog and three training sets, plus each merchant's catalog rows; for purchase
-    logs (no impressions) also the next-basket tasks at the validation and test cuts (`evaluation/baskets.py`)."""
+    logs (no impressions) also the next-basket tasks at the validation and test cuts (`evaluation/baskets.py`);
+    `logs[k]`: merchant k's events in catalog codes, for the signals of ranked candidates (`data/signals.py`)."""
 
     names: list[str]
     catalog: Catalog
     splits: dict[str, TrainingSet]
     candidates: dict[int, np.ndarray]
+    logs: dict[int, EventLog]
     baskets: dict[str, BasketTask] = field(default_factory=dict)
 
     @property
@@ -51,7 +54,7 @@ def prepare(merchants: list[MerchantData], example_config: ExampleConfig) -> Pre
         raise ModelConfigError("the merchants' items tables hold zero items: there is nothing to encode or rank")
     parts: dict[str, list] = {s: [] for s in SPLITS}
     tasks: dict[str, list[BasketTask]] = {"validation": [], "test": []}
-    implicit, offset = True, 0
+    implicit, offset, logs = True, 0, {}
     built = [build_examples(m, example_config) for m in merchants]
     # with a test date, merchants prepared together share one validation cut (their pooled examples' quantile), so
     # that a baseline fitted on their pooled purchases is fitted once per cut
@@ -62,16 +65,17 @@ def prepare(merchants: list[MerchantData], example_config: ExampleConfig) -> Pre
         for name in SPLITS:
             parts[name].append(getattr(split, name))
         implicit = implicit and examples.implicit
+        logs[k] = merchant_log(m, catalog, offset)
         if implicit:
             for name, cut, end in (("validation", split.validation_start, split.test_start),
                                    ("test", split.test_start, None)):
                 if cut is not None:
                     tasks[name].append(build_task(m, catalog, k, offset, cut.value, None if end is None else end.value,
-                                                  example_config.history_length))
+                                                  example_config.history_length, logs[k]))
         offset += len(examples.user_ids)
     splits = {name: TrainingSet.build(parts[name], catalog) for name in SPLITS}
     if len(splits["train"]) == 0:
         raise ModelConfigError("the training split is empty: the merchants' events yield no examples")
     candidates = {k: np.unique(catalog.codes(m.items["item_id"].to_numpy())) for k, m in enumerate(merchants)}
     baskets = {name: BasketTask.concat(found) for name, found in tasks.items() if found} if implicit else {}
-    return Prepared([m.name for m in merchants], catalog, splits, candidates, baskets)
+    return Prepared([m.name for m in merchants], catalog, splits, candidates, logs, baskets)

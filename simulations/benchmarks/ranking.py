@@ -28,6 +28,7 @@ def measure(catalog: int, shoppers: int, repeats: int, history: int = 30, encode
 
     import torch
 
+    from fedcvr.shared.data.signals import N_SIGNALS
     from fedcvr.shared.model.config import ModelConfig
     from fedcvr.shared.model.encoder import load_backbone
     from fedcvr.shared.model.esmm import ConversionModel, ScoreInputs
@@ -42,16 +43,18 @@ def measure(catalog: int, shoppers: int, repeats: int, history: int = 30, encode
                         history=torch.randint(0, catalog, (shoppers, history), generator=generator),
                         history_mask=mask, events=torch.randint(0, 4, (shoppers, history), generator=generator),
                         age_hours=torch.rand(shoppers, history, generator=generator) * 500,
-                        position=torch.zeros(shoppers, dtype=torch.long))
+                        position=torch.zeros(shoppers, dtype=torch.long),
+                        signals=torch.zeros(shoppers, N_SIGNALS))
     candidates = torch.arange(catalog)
-    pairs = batch.paired_with(candidates)
+    signals = torch.rand(shoppers, catalog, N_SIGNALS, generator=generator)
+    pairs = batch.paired_with(candidates, signals)
 
     def per_pair() -> torch.Tensor:
         ctr, cvr, _ = model.score(items, pairs)
         return (torch.sigmoid(ctr) * torch.sigmoid(cvr)).view(shoppers, catalog)
 
     def together() -> torch.Tensor:
-        return model.score_candidates(items, batch, candidates)
+        return model.score_candidates(items, batch, candidates, signals)
 
     times: dict[str, list[float]] = {"per_pair": [], "together": []}
     with torch.no_grad():
