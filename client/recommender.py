@@ -10,7 +10,9 @@ changes). For a shopper's history (stored, or given ad hoc):
    the items of the shopper's whole history join the candidates (buying again is what many shops see most);
 2. re-ranking: the full model (target-aware user tower + ESMM head) scores each candidate with its signals
    (`Recommender.signals`, the same `EventLog` functions as training and evaluation): pCTR, pCVR and
-   pCTCVR = pCTR x pCVR; items are ranked by pCTCVR;
+   pCTCVR = pCTR x pCVR; items are ranked by pCTCVR. A shop whose log holds no impressions (purchase logs,
+   reviews) has no click/purchase funnel to split: its items carry one score, `p_purchase` (the model's purchase
+   propensity, pCTCVR), and are ranked by it (`ranking` "p_purchase");
 3. explanations: for each item, the history items whose removal lowers that item's own pCTCVR the most
    (`scoring.py`), in words ("because you bought X and viewed Y").
 
@@ -44,7 +46,7 @@ from fedcvr.shared.model.folder import load_model_folder
 from fedcvr.shared.training.data import Catalog
 
 from .item_index import INDEX_DIR, ItemIndex, catalog_digest, embed
-from .scoring import History, contributions, explain, reason, score_rows
+from .scoring import History, Scores, contributions, explain, reason, score_rows
 
 __all__ = ["CatalogSnapshot", "Filters", "History", "Recommender", "ShopperMatch", "UnknownItems",
            "open_recommender"]
@@ -233,6 +235,14 @@ class Recommender:
         counts = events.groupby(["item_id", "event"]).size().unstack(fill_value=0)
         self._impressions = counts.get("impression", pd.Series(dtype=float)).astype(float)
         self._purchases = counts.get("purchase", pd.Series(dtype=float)).astype(float)
+        self.implicit = not bool((events["event"] == "impression").any())
+
+    def _score_fields(self, scores: Scores, i: int) -> dict[str, float]:
+        """The scores an item carries: pCTCVR, pCTR and pCVR on a shop with impressions; `p_purchase` alone on a
+        purchase-only shop, where the split carries no information."""
+        if self.implicit:
+            return {"p_purchase": float(scores.p_ctcvr[i])}
+        return {"p_ctcvr": float(scores.p_ctcvr[i]), "p_ctr": float(scores.p_ctr[i]), "p_cvr": float(scores.p_cvr[i])}
 
     def _popularity_scores(self, index: ItemIndex) -> np.ndarray:
         ids = pd.Index(index.item_ids.astype(str))
@@ -352,9 +362,9 @@ class Recommender:
         for n, i in enumerate(order):
             because = explain(drops[n], scores.attention[i], distinct, history, snap.title_of)
             items.append({"item_id": str(snap.index.item_ids[rows[i]]), "title": snap.titles[rows[i]],
-                          "p_ctcvr": float(scores.p_ctcvr[i]), "p_ctr": float(scores.p_ctr[i]),
-                          "p_cvr": float(scores.p_cvr[i]), "because": because, "reason": reason(because)})
-        return {"items": items, "cold_start": False, "ranking": "pctcvr", "model_version": self.version}
+                          **self._score_fields(scores, i), "because": because, "reason": reason(because)})
+        return {"items": items, "cold_start": False, "ranking": "p_purchase" if self.implicit else "pctcvr",
+                "model_version": self.version}
 
     def _cold_start(self, snap: CatalogSnapshot, allowed: np.ndarray, k: int) -> dict[str, Any]:
         """The top `k` allowed items by popularity, with the model's scores for an empty history beside it."""
@@ -363,22 +373,20 @@ class Recommender:
         scores = score_rows(self.model, snap.index, rows, History(),
                             self.signals(None, History(), rows, snap, stored=False))
         items = [{"item_id": str(snap.index.item_ids[r]), "title": snap.titles[r],
-                  "popularity": float(snap.popularity[r]), "p_ctcvr": float(scores.p_ctcvr[i]),
-                  "p_ctr": float(scores.p_ctr[i]), "p_cvr": float(scores.p_cvr[i]), "because": [], "reason": ""}
+                  "popularity": float(snap.popularity[r]), **self._score_fields(scores, i), "because": [],
+                  "reason": ""}
                  for i, r in enumerate(rows)]
         return {"items": items, "cold_start": True, "ranking": "popularity-by-conversion",
                 "model_version": self.version}
 
     def score(self, user_id: str | None, item_ids: list[str], history: History | None = None) -> dict[str, Any]:
-        """The three scores of the given items for a shopper, in the order given."""
+        """The scores of the given items for a shopper, in the order given (see `_score_fields`)."""
         snap = self._snapshot
         rows = snap.rows_of(item_ids)
         history, stored = self._history(user_id, history, snap)
         scores = score_rows(self.model, snap.index, rows, history, self.signals(user_id, history, rows, snap, stored))
-        return {"items": [{"item_id": str(item), "title": snap.titles[row], "p_ctcvr": float(a), "p_ctr": float(b),
-                           "p_cvr": float(c)}
-                          for item, row, a, b, c in zip(item_ids, rows, scores.p_ctcvr, scores.p_ctr, scores.p_cvr,
-                                                        strict=True)],
+        return {"items": [{"item_id": str(item), "title": snap.titles[row], **self._score_fields(scores, i)}
+                          for i, (item, row) in enumerate(zip(item_ids, rows, strict=True))],
                 "cold_start": not len(history), "model_version": self.version}
 
     def similar(self, item_id: str, k: int = 10) -> dict[str, Any]:

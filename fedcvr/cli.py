@@ -702,23 +702,30 @@ def simulate_command(
 
 
 def _show_recommendations(run_dir: Path, folders: list[Path], k: int = 5) -> None:
-    """A few recommendations for the most active shopper of the first merchant, from its pushed-back model."""
-    from fedcvr.shared.data.loader import load_merchant
-    from fedcvr.shared.training.recommend import recommend
+    """A few recommendations for the most active shopper of the first merchant, from its pushed-back model (the
+    merchant's own `Recommender`, as `fedcvr recommend` serves them)."""
+    from fedcvr.client.recommender import Recommender
 
     saved = [f for f in folders if (run_dir / "models" / f.name / "weights.safetensors").is_file()]
     if not saved:
         return
-    data = load_merchant(saved[0])
-    shopper = str(data.events["user_id"].value_counts().index[0])
-    top = recommend(run_dir / "models" / saved[0].name, data, shopper, k=k)
-    version = (run_dir / "models" / saved[0].name / "VERSION").read_text().strip()
-    table = Table(title=f"Top {k} for shopper {shopper} of {saved[0].name} (pushed-back model {version})")
-    for column in ("item", "title", "pCTCVR", "pCTR", "pCVR"):
-        table.add_column(column, justify="left" if column in ("item", "title") else "right")
-    for row in top.itertuples():
-        table.add_row(row.item_id, row.title, f"{row.p_ctcvr:.4f}", f"{row.p_ctr:.4f}", f"{row.p_cvr:.4f}")
+    recommender = Recommender(run_dir / "models" / saved[0].name, saved[0])
+    shopper = str(recommender.data.events["user_id"].value_counts().index[0])
+    answer = recommender.recommend(shopper, k=k)
+    table = Table(title=f"Top {k} for shopper {shopper} of {saved[0].name} (pushed-back model "
+                        f"{recommender.version})")
+    _recommendation_table(table, answer, recommender.implicit)
     console.print(table)
+
+
+def _recommendation_table(table: Table, answer: dict, implicit: bool) -> None:
+    """The model's ranked items with their scores (one, pPurchase, on a purchase-only shop) and why."""
+    scores = ("p_purchase",) if implicit else ("p_ctcvr", "p_ctr", "p_cvr")
+    label = {"p_purchase": "pPurchase", "p_ctcvr": "pCTCVR", "p_ctr": "pCTR", "p_cvr": "pCVR"}
+    for column in ("item", "title", *scores, "because"):
+        table.add_column(label.get(column, column), justify="right" if column in label else "left")
+    for item in answer["items"]:
+        table.add_row(item["item_id"], item["title"], *(f"{item[s]:.4f}" for s in scores), item["reason"])
 
 
 @keys_app.command("init")
@@ -1160,11 +1167,7 @@ def recommend_command(
         for item in answer["items"]:
             table.add_row(item["item_id"], item["title"], f"{item['popularity']:.4f}")
     else:
-        for column in ("item", "title", "pCTCVR", "pCTR", "pCVR", "because"):
-            table.add_column(column, justify="right" if column.startswith("p") else "left")
-        for item in answer["items"]:
-            table.add_row(item["item_id"], item["title"], f"{item['p_ctcvr']:.4f}", f"{item['p_ctr']:.4f}",
-                          f"{item['p_cvr']:.4f}", item["reason"])
+        _recommendation_table(table, answer, recommender.implicit)
     console.print(table)
     if match.user_id is None:
         console.print(f"[yellow]note:[/] no shopper {user} in the events of {recommender.data.folder} (looked "

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from test_flower_app import FakeGrid, node_context, pyproject_run_config, sim_node
 
+from fedcvr.client.recommender import Recommender
 from fedcvr.server.app import run_training
 from fedcvr.server.config import ServerConfig
 from fedcvr.shared.data.loader import load_merchant, merchant_folders
 from fedcvr.shared.model.folder import load_model_folder
-from fedcvr.shared.training.recommend import recommend
 
 
 def federation(market, tiny_bert, out, **overrides):
@@ -48,16 +48,23 @@ def test_fedavg_with_dp_trains_reports_epsilon_and_pushes_the_model_back(tiny_ma
     # the pushed-back model ranks the merchant's catalog for one of its shoppers
     data = load_merchant(merchant_folders(tiny_market)[0])
     shopper = str(data.events["user_id"].iloc[0])
-    top = recommend(tmp_path / "run" / "models" / data.name, data, shopper, k=5)
+    recommender = Recommender(tmp_path / "run" / "models" / data.name, merchant_folders(tiny_market)[0])
+    top = pd.DataFrame(recommender.recommend(shopper, k=5)["items"])
     bought = set(data.events.loc[(data.events.user_id == shopper) & (data.events.event == "purchase"), "item_id"])
     assert len(top) == 5 and top["p_ctcvr"].is_monotonic_decreasing and not set(top["item_id"]) & bought
     assert (abs(top["p_ctcvr"] - top["p_ctr"] * top["p_cvr"]) < 1e-6).all()
 
 
 def test_no_shopper_data_leaves_a_node(tiny_market, tiny_bert, tmp_path, server_identity):
-    """Every reply of every node carries only weights and numbers: no user id, item id, title or event row."""
+    """Every reply of every node carries only weights and numbers: no user id, item id, title or event row; and
+    never the local item memory, which stays in the node's model folder (personalise = true, the default)."""
     grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run", **{"num-server-rounds": 1})
-    run_training(grid, run_config, ServerConfig.from_run_config(run_config))
+    summary = run_training(grid, run_config, ServerConfig.from_run_config(run_config))
+    assert 0 < summary["test_personalised"]["ctcvr.auc"] < 1  # global + local, evaluated on each node
+    for folder in merchant_folders(tiny_market):
+        model, _, _ = load_model_folder(tmp_path / "run" / "models" / folder.name)
+        assert (tmp_path / "run" / "models" / folder.name / "local.safetensors").is_file()
+        assert model.memory is not None and model.memory.table.weight.abs().sum() > 0  # trained on the node
     replies = grid.replies
     secrets = set()
     for folder in merchant_folders(tiny_market):
@@ -76,6 +83,7 @@ def test_no_shopper_data_leaves_a_node(tiny_market, tiny_bert, tmp_path, server_
         for record in content.array_records.values():
             assert all(not any(s in key for s in secrets) for key in record.keys())
             assert all(key.split(".")[0] in {"item_encoder", "user_tower", "head"} for key in record.keys())
+            assert not any("memory" in key for key in record.keys())
 
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])

@@ -27,7 +27,6 @@ from fedcvr.shared.model.config import ModelConfig
 from fedcvr.shared.model.errors import ModelConfigError
 from fedcvr.shared.model.esmm import initial_model
 from fedcvr.shared.model.folder import ENCODER, save_model_folder
-from fedcvr.shared.training.recommend import recommend as full_ranking
 from fedcvr.simulations.launcher import free_ports
 
 
@@ -75,11 +74,15 @@ def test_recommend_ranks_by_pctcvr_explains_and_skips_bought_items(model_dir, sh
 
 
 def test_two_stages_equal_the_full_catalog_ranking_when_every_item_is_a_candidate(model_dir, shop):
+    """With every item a candidate, retrieval drops nothing: the top 10 are the catalog's top 10 by the model's own
+    score of each item (`score`, which equals the evaluation's; test_same_scores.py), bought items left out."""
     recommender = Recommender(model_dir, shop, candidates=10**6)
     shopper = a_shopper(shop)
     two_stage = [i["item_id"] for i in recommender.recommend(shopper, k=10)["items"]]
-    full = full_ranking(model_dir, load_merchant(shop), shopper, k=10, history_length=8)
-    assert two_stage == list(full["item_id"])
+    catalog = [str(i) for i in recommender.index.item_ids if str(i) not in recommender.bought_by(shopper)]
+    scored = recommender.score(shopper, catalog)["items"]
+    full = [s["item_id"] for s in sorted(scored, key=lambda s: -s["p_ctcvr"])[:10]]
+    assert two_stage == full
 
 
 def test_unknown_shoppers_get_the_flagged_popularity_ranking(model_dir, shop, tiny_market):

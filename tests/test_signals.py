@@ -88,7 +88,7 @@ def test_a_positive_does_not_count_its_own_purchase(shop):
 def test_popular_negatives_come_from_earlier_purchases(shop):
     """With examples.popular-negatives = 1, a negative of a purchase at t is an item sold before t (a first
     purchase in the log, with nothing before it, draws uniformly)."""
-    examples = build_examples(shop, ExampleConfig(negatives=4, popular_negatives=1.0))
+    examples = build_examples(shop, ExampleConfig(negatives=4, popular_negatives=1.0, history_negatives=0.0))
     codes, _ = event_codes(shop)
     buy = codes["event"] == EVENT_TYPES.index("purchase")
     first_sale = pd.Series(codes["t"][buy]).groupby(codes["item"][buy]).min()
@@ -96,10 +96,32 @@ def test_popular_negatives_come_from_earlier_purchases(shop):
     sold_before = first_sale.reindex(examples.item[negatives]).to_numpy() < examples.timestamp[negatives]
     has_past = examples.timestamp[negatives] > codes["t"][buy].min()
     assert sold_before[has_past].all()
-    uniform = build_examples(shop, ExampleConfig(negatives=4, popular_negatives=0.0))
+    uniform = build_examples(shop, ExampleConfig(negatives=4, popular_negatives=0.0, history_negatives=0.0))
     # drawn by past sales, negatives are items that sell: more of them were bought before than uniform ones
     never = ~np.isin(np.arange(len(shop.items)), codes["item"][buy])
     assert never[uniform.item[uniform.purchased == 0]].mean() > never[examples.item[negatives]].mean()
+
+
+def test_history_negatives_come_from_the_shoppers_own_past(shop):
+    """With examples.history-negatives = 1, a negative of u's purchase at t is an item u bought before t and not in
+    this basket (a shopper's first purchase, with nothing before it, draws uniformly)."""
+    examples = build_examples(shop, ExampleConfig(negatives=4, popular_negatives=0.0, history_negatives=1.0))
+    codes, _ = event_codes(shop)
+    buy = codes["event"] == EVENT_TYPES.index("purchase")
+    bought = pd.DataFrame({"user": codes["user"][buy], "item": codes["item"][buy], "t": codes["t"][buy]})
+    first = bought.groupby(["user", "item"])["t"].min()
+    neg = pd.DataFrame({"user": examples.user, "item": examples.item, "t": examples.timestamp})[examples.purchased == 0]
+    has_past = neg["t"].to_numpy() > bought.groupby("user")["t"].min().reindex(neg["user"]).to_numpy()
+    own_first = first.reindex(pd.MultiIndex.from_frame(neg[["user", "item"]])).to_numpy()
+    assert has_past.any()
+    assert (own_first[has_past] < neg["t"].to_numpy()[has_past]).all()  # bought by u strictly before t
+    basket = set(zip(bought["user"], bought["t"], bought["item"]))
+    assert not any((u, t, i) in basket for u, i, t in neg[["user", "item", "t"]].itertuples(index=False))
+
+
+def test_negative_shares_are_validated():
+    with pytest.raises(ValueError, match="history-negatives"):
+        ExampleConfig(popular_negatives=0.8, history_negatives=0.3)
 
 
 def test_signal_columns_are_bounded():

@@ -11,11 +11,14 @@ Explicit feedback (the events hold impressions)
 Implicit feedback (no impressions at all: purchase logs, reviews)
   Each purchase (u, i, t) becomes a positive example (clicked = purchased = 1) and K negatives
   (clicked = purchased = 0) at the same time and with the same history, whose items are drawn among those u did
-  not buy at time t: each, with probability `examples.popular-negatives`, the item of a purchase drawn uniformly
-  among all purchases strictly before t (so in proportion to how often it sold until then, never from the future),
-  else uniformly from the catalog. Labels then mean "bought rather than another item a shopper might plausibly have
-  bought": against uniform noise alone a model learns to tell a sold item from one that never sells and ranks every
-  shopper by one popularity list; plausible negatives make it rank within what sells.
+  not buy at time t: each, with probability `examples.history-negatives`, the item of one of u's own purchases
+  strictly before t (drawn uniformly among them, so in proportion to how often u bought it); with probability
+  `examples.popular-negatives`, the item of a purchase drawn uniformly among all the shop's purchases strictly
+  before t (in proportion to how often it sold until then, never from the future); else uniformly from the catalog
+  (and uniformly too where u, or the shop, has no earlier purchase). Labels then mean "bought rather than another
+  item this shopper might plausibly have bought": against uniform noise alone a model learns to tell a sold item
+  from one that never sells and ranks every shopper by one popularity list; popular negatives make it rank within
+  what sells, and history negatives teach it which of a shopper's past items they buy again.
 History
   The shopper's events with timestamp < t (strictly), the last L of them with their event types, oldest first,
   right-aligned and padded on the left with item -1 / event -1 / age 0. Ages are in hours. Impressions are part
@@ -51,7 +54,8 @@ class ExampleConfig(Section):
 
     history_length: int = 30
     negatives: int = 4
-    popular_negatives: float = 0.5
+    popular_negatives: float = 0.4
+    history_negatives: float = 0.3
     attribution_window_hours: float = 24.0
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -59,7 +63,7 @@ class ExampleConfig(Section):
     seed: int = 0
 
     KEYS = {"examples.history-length": "history_length", "examples.negatives": "negatives",
-            "examples.popular-negatives": "popular_negatives",
+            "examples.popular-negatives": "popular_negatives", "examples.history-negatives": "history_negatives",
             "examples.attribution-window-hours": "attribution_window_hours",
             "examples.validation-fraction": "validation_fraction", "examples.test-fraction": "test_fraction",
             "examples.test-from": "test_from", "seed": "seed"}
@@ -71,6 +75,9 @@ class ExampleConfig(Section):
             raise ValueError(f"examples.negatives must be >= 1, got {self.negatives}")
         if not 0.0 <= self.popular_negatives <= 1.0:
             raise ValueError(f"examples.popular-negatives must be a share in [0, 1], got {self.popular_negatives}")
+        if not 0.0 <= self.history_negatives <= 1.0 - self.popular_negatives:
+            raise ValueError("examples.history-negatives must be a share in [0, 1 - examples.popular-negatives], got "
+                             f"{self.history_negatives} (popular-negatives {self.popular_negatives})")
         if self.attribution_window_hours <= 0:
             raise ValueError(f"examples.attribution-window-hours must be > 0, got {self.attribution_window_hours}")
         for name, value in (("validation-fraction", self.validation_fraction),
@@ -272,16 +279,31 @@ def _implicit_targets(events: pd.DataFrame, codes: dict, n_items: int,
     bought = np.unique(basket * n_items + pos["item"].to_numpy())
     rng = np.random.default_rng([config.seed, 7])
     k = config.negatives
+    n = len(pos)
     sold_t = np.sort(pos["t"].to_numpy())
     sold_items = pos["item"].to_numpy()[np.argsort(pos["t"].to_numpy(), kind="stable")]
     earlier = np.searchsorted(sold_t, pos["t"].to_numpy(), side="left")  # purchases strictly before each one
+    # the shopper's own purchases strictly before each one: rows [own_start, own_end) of `by_user`
+    t_rank = np.unique(pos["t"].to_numpy(), return_inverse=True)[1].astype(np.int64)
+    key = pos["user"].to_numpy().astype(np.int64) * (int(t_rank.max(initial=0)) + 1) + t_rank
+    by_user = np.argsort(key, kind="stable")
+    own_items = pos["item"].to_numpy()[by_user]
+    own_end = np.searchsorted(key[by_user], key, side="left")
+    own_start = np.searchsorted(key[by_user], key - t_rank, side="left")
+    pop_share, own_share = config.popular_negatives, config.history_negatives
 
     def draw(rows: np.ndarray) -> np.ndarray:
-        """One negative item for each positive of `rows`: popularity-weighted from the past, else uniform."""
+        """One negative item for each positive of `rows`: from the shopper's own past, from past sales, or uniform."""
         uniform = rng.integers(0, n_items, len(rows))
-        popular = (rng.random(len(rows)) < config.popular_negatives) & (earlier[rows] > 0)
-        picked = (rng.random(len(rows)) * earlier[rows]).astype(np.int64)
-        return np.where(popular, sold_items[np.minimum(picked, max(len(sold_items) - 1, 0))], uniform)
+        r = rng.random(len(rows))
+        own_n = own_end[rows] - own_start[rows]
+        own = (r < own_share) & (own_n > 0)
+        popular = (r >= own_share) & (r < own_share + pop_share) & (earlier[rows] > 0)
+        u = rng.random(len(rows))
+        own_pick = np.minimum(own_start[rows] + (u * own_n).astype(np.int64), max(n - 1, 0))
+        picked = np.minimum((u * earlier[rows]).astype(np.int64), max(n - 1, 0))
+        out = np.where(popular, sold_items[picked] if n else uniform, uniform)
+        return np.where(own, own_items[own_pick] if n else uniform, out)
 
     neg = np.stack([draw(np.arange(len(pos))) for _ in range(k)], 1) if len(pos) else np.zeros((0, k), np.int64)
     for _ in range(20):  # redraw the few that hit an item of the same basket
@@ -290,7 +312,6 @@ def _implicit_targets(events: pd.DataFrame, codes: dict, n_items: int,
             break
         neg[clash] = draw(np.nonzero(clash)[0])
     keep = ~np.isin(basket[:, None] * n_items + neg, bought)
-    n = len(pos)
     rows = np.concatenate([np.arange(n), np.repeat(np.arange(n), k)[keep.ravel()]])
     items = np.concatenate([pos["item"].to_numpy(), neg.ravel()[keep.ravel()]]).astype(np.int32)
     label = np.concatenate([np.ones(n, np.int8), np.zeros(int(keep.sum()), np.int8)])
