@@ -132,3 +132,27 @@ def test_signal_columns_are_bounded():
     got = log.signals(rng.integers(0, 5, 100), rng.integers(0, 3, 100), np.full(100, 40 * HOUR))
     assert np.isfinite(got).all() and got.min() >= 0 and got.max() < 4
     assert got[:, :N_PAIR].max() <= max(NO_AGE, np.log1p(n) / 4)
+
+
+def test_log_q_is_the_samplers_own_probability(shop):
+    """log_q = log(I Q(i | u, t)) with Q the mixture of `data/negatives.py`, checked example by example; 0 for
+    uniform negatives. The draws follow it: history negatives are own past items, at the rate Q gives."""
+    config = ExampleConfig(negatives=4, popular_negatives=0.3, history_negatives=0.4)
+    examples = build_examples(shop, config)
+    codes, _ = event_codes(shop)
+    buy = codes["event"] == EVENT_TYPES.index("purchase")
+    bought = pd.DataFrame({"user": codes["user"][buy], "item": codes["item"][buy], "t": codes["t"][buy]}
+                          ).drop_duplicates()
+    n_items = len(examples.item_ids)
+    rng = np.random.default_rng(0)
+    for row in rng.choice(len(examples), 200, replace=False):
+        u, i, t = examples.user[row], examples.item[row], examples.timestamp[row]
+        mine, shop_before = bought[(bought.user == u) & (bought.t < t)], bought[bought.t < t]
+        h = 0.4 if len(mine) else 0.0
+        p = 0.3 if len(shop_before) else 0.0
+        q = (h * (mine.item == i).mean() if len(mine) else 0.0) + (
+            p * (shop_before.item == i).mean() if len(shop_before) else 0.0) + (1 - h - p) / n_items
+        assert np.isclose(examples.log_q[row], np.log(max(n_items * q, 0.01)), atol=1e-4)
+    assert examples.log_q.max() > 1  # a shopper's favourite is drawn far more often than uniformly
+    uniform = build_examples(shop, ExampleConfig(negatives=4, popular_negatives=0.0, history_negatives=0.0))
+    assert (uniform.log_q == 0).all()

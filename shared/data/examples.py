@@ -10,15 +10,10 @@ Explicit feedback (the events hold impressions)
   ESMM click -> purchase funnel requires.
 Implicit feedback (no impressions at all: purchase logs, reviews)
   Each purchase (u, i, t) becomes a positive example (clicked = purchased = 1) and K negatives
-  (clicked = purchased = 0) at the same time and with the same history, whose items are drawn among those u did
-  not buy at time t: each, with probability `examples.history-negatives`, the item of one of u's own purchases
-  strictly before t (drawn uniformly among them, so in proportion to how often u bought it); with probability
-  `examples.popular-negatives`, the item of a purchase drawn uniformly among all the shop's purchases strictly
-  before t (in proportion to how often it sold until then, never from the future); else uniformly from the catalog
-  (and uniformly too where u, or the shop, has no earlier purchase). Labels then mean "bought rather than another
-  item this shopper might plausibly have bought": against uniform noise alone a model learns to tell a sold item
-  from one that never sells and ranks every shopper by one popularity list; popular negatives make it rank within
-  what sells, and history negatives teach it which of a shopper's past items they buy again.
+  (clicked = purchased = 0) at the same time and with the same history, drawn from plausible items: the shopper's
+  own past purchases (`examples.history-negatives`), the shop's past sales (`examples.popular-negatives`), else
+  uniformly; each example carries log_q, the sampling correction that keeps the learned score a ranking of the
+  whole catalog (`negatives.py` states both).
 History
   The shopper's events with timestamp < t (strictly), the last L of them with their event types, oldest first,
   right-aligned and padded on the left with item -1 / event -1 / age 0. Ages are in hours. Impressions are part
@@ -43,6 +38,7 @@ import pandas as pd
 from ..settings import Section
 from .contract import EVENT_TYPES
 from .loader import MerchantData
+from .negatives import implicit_targets
 from .signals import EventLog
 
 _NS_PER_HOUR = 3_600 * 1_000_000_000
@@ -117,6 +113,8 @@ class Examples:
     true_p_click, true_p_purchase (N,) float32 ground truth where the data has it (synthetic), else NaN
     signals (N, N_SIGNALS) float32: what the merchant's log says of (user, item) strictly before the example's
     time (`signals.py`: the item in the shopper's whole history, the item's recent clicks and purchases)
+    log_q (N,) float32: the negative sampler's correction log(I x Q(item | user, t)) (`negatives.py`); 0 for
+    explicit feedback and for uniform negatives
     implicit: built from purchases with sampled negatives
     """
 
@@ -134,10 +132,11 @@ class Examples:
     true_p_click: np.ndarray
     true_p_purchase: np.ndarray
     signals: np.ndarray
+    log_q: np.ndarray
     implicit: bool
 
     _PER_EXAMPLE = ("user", "item", "timestamp", "position", "clicked", "purchased", "history_item",
-                    "history_event", "history_age_hours", "true_p_click", "true_p_purchase", "signals")
+                    "history_event", "history_age_hours", "true_p_click", "true_p_purchase", "signals", "log_q")
 
     def __len__(self) -> int:
         return len(self.item)
@@ -225,7 +224,8 @@ def build_examples(data: MerchantData, config: ExampleConfig | None = None) -> E
     if has_impressions:
         frame = _explicit_targets(events, codes, config)
     else:
-        frame = _implicit_targets(events, codes, len(item_ids), config)
+        frame = implicit_targets(codes, len(item_ids), config.negatives, config.popular_negatives,
+                                 config.history_negatives, config.seed)
     hist_item, hist_event, hist_age = histories(frame["user"], frame["t"], b["user"], b["t"], b["item"],
                                                  b["event"], config.history_length)
     signals = EventLog.build(b["user"], b["item"], b["event"], b["t"]).signals(frame["user"], frame["item"], frame["t"])
@@ -234,7 +234,8 @@ def build_examples(data: MerchantData, config: ExampleConfig | None = None) -> E
         user=frame["user"], item=frame["item"], timestamp=frame["t"], position=frame["position"],
         clicked=frame["clicked"], purchased=frame["purchased"], history_item=hist_item,
         history_event=hist_event, history_age_hours=hist_age, true_p_click=frame["true_p_click"],
-        true_p_purchase=frame["true_p_purchase"], signals=signals, implicit=not has_impressions,
+        true_p_purchase=frame["true_p_purchase"], signals=signals,
+        log_q=frame.get("log_q", np.zeros(len(frame["item"]), np.float32)), implicit=not has_impressions,
     )
 
 
@@ -267,61 +268,6 @@ def _explicit_targets(events: pd.DataFrame, codes: dict, config: ExampleConfig) 
         "position": position, "clicked": clicked.astype(np.int8), "purchased": purchased.astype(np.int8),
         "true_p_click": _float_column(events, "true_p_click", is_imp),
         "true_p_purchase": _float_column(events, "true_p_purchase", is_imp),
-    }
-
-
-def _implicit_targets(events: pd.DataFrame, codes: dict, n_items: int,
-                      config: ExampleConfig) -> dict[str, np.ndarray]:
-    is_buy = codes["event"] == EVENT_TYPES.index("purchase")
-    pos = pd.DataFrame({"user": codes["user"][is_buy], "item": codes["item"][is_buy], "t": codes["t"][is_buy]})
-    pos = pos.drop_duplicates().reset_index(drop=True)
-    basket = pos.groupby(["user", "t"], sort=False).ngroup().to_numpy().astype(np.int64)
-    bought = np.unique(basket * n_items + pos["item"].to_numpy())
-    rng = np.random.default_rng([config.seed, 7])
-    k = config.negatives
-    n = len(pos)
-    sold_t = np.sort(pos["t"].to_numpy())
-    sold_items = pos["item"].to_numpy()[np.argsort(pos["t"].to_numpy(), kind="stable")]
-    earlier = np.searchsorted(sold_t, pos["t"].to_numpy(), side="left")  # purchases strictly before each one
-    # the shopper's own purchases strictly before each one: rows [own_start, own_end) of `by_user`
-    t_rank = np.unique(pos["t"].to_numpy(), return_inverse=True)[1].astype(np.int64)
-    key = pos["user"].to_numpy().astype(np.int64) * (int(t_rank.max(initial=0)) + 1) + t_rank
-    by_user = np.argsort(key, kind="stable")
-    own_items = pos["item"].to_numpy()[by_user]
-    own_end = np.searchsorted(key[by_user], key, side="left")
-    own_start = np.searchsorted(key[by_user], key - t_rank, side="left")
-    pop_share, own_share = config.popular_negatives, config.history_negatives
-
-    def draw(rows: np.ndarray) -> np.ndarray:
-        """One negative item for each positive of `rows`: from the shopper's own past, from past sales, or uniform."""
-        uniform = rng.integers(0, n_items, len(rows))
-        r = rng.random(len(rows))
-        own_n = own_end[rows] - own_start[rows]
-        own = (r < own_share) & (own_n > 0)
-        popular = (r >= own_share) & (r < own_share + pop_share) & (earlier[rows] > 0)
-        u = rng.random(len(rows))
-        own_pick = np.minimum(own_start[rows] + (u * own_n).astype(np.int64), max(n - 1, 0))
-        picked = np.minimum((u * earlier[rows]).astype(np.int64), max(n - 1, 0))
-        out = np.where(popular, sold_items[picked] if n else uniform, uniform)
-        return np.where(own, own_items[own_pick] if n else uniform, out)
-
-    neg = np.stack([draw(np.arange(len(pos))) for _ in range(k)], 1) if len(pos) else np.zeros((0, k), np.int64)
-    for _ in range(20):  # redraw the few that hit an item of the same basket
-        clash = np.isin(basket[:, None] * n_items + neg, bought)
-        if not clash.any():
-            break
-        neg[clash] = draw(np.nonzero(clash)[0])
-    keep = ~np.isin(basket[:, None] * n_items + neg, bought)
-    rows = np.concatenate([np.arange(n), np.repeat(np.arange(n), k)[keep.ravel()]])
-    items = np.concatenate([pos["item"].to_numpy(), neg.ravel()[keep.ravel()]]).astype(np.int32)
-    label = np.concatenate([np.ones(n, np.int8), np.zeros(int(keep.sum()), np.int8)])
-    order = np.argsort(rows, kind="stable")
-    rows, items, label = rows[order], items[order], label[order]
-    return {
-        "user": pos["user"].to_numpy(np.int32)[rows], "item": items, "t": pos["t"].to_numpy(np.int64)[rows],
-        "position": np.full(len(rows), -1, dtype=np.int32), "clicked": label, "purchased": label.copy(),
-        "true_p_click": np.full(len(rows), np.nan, np.float32),
-        "true_p_purchase": np.full(len(rows), np.nan, np.float32),
     }
 
 

@@ -57,8 +57,12 @@ class ESMMHead(nn.Module):
 
 
 def esmm_loss(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, clicked: torch.Tensor, purchased: torch.Tensor,
-              reduction: str = "mean") -> torch.Tensor:
-    """BCE(pCTR, clicked) + BCE(pCTCVR, purchased), computed in log space for stability. (B,) -> scalar or (B,)."""
+              reduction: str = "mean", log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE(pCTR, clicked) + BCE(pCTCVR, purchased), computed in log space for stability. (B,) -> scalar or (B,).
+    With `log_q` (B,), each example's negative-sampling correction (`data/negatives.py`), the click logit is
+    ctr_logit - log_q in both terms: the model's own logit then ranks the whole catalog, not the sampled one."""
+    if log_q is not None:
+        ctr_logit = ctr_logit - log_q
     click_loss = F.binary_cross_entropy_with_logits(ctr_logit, clicked, reduction="none")
     log_ctcvr = F.logsigmoid(ctr_logit) + F.logsigmoid(cvr_logit)
     log_not_ctcvr = torch.log1p(-torch.exp(log_ctcvr).clamp(max=1 - 1e-7))

@@ -67,6 +67,7 @@ class TrainingSet:
     true_p_click: np.ndarray
     true_p_purchase: np.ndarray
     signals: np.ndarray
+    log_q: np.ndarray
 
     def __len__(self) -> int:
         return len(self.item)
@@ -95,22 +96,25 @@ class TrainingSet:
             columns["true_p_click"].append(ex.true_p_click.astype(np.float32))
             columns["true_p_purchase"].append(ex.true_p_purchase.astype(np.float32))
             columns["signals"].append(ex.signals.astype(np.float32))
+            columns["log_q"].append(ex.log_q.astype(np.float32))
             user_offset += len(ex.user_ids)
         return cls(**{name: np.concatenate(values) for name, values in columns.items()})
 
 
 @dataclass
 class Batch:
-    """items (U,) catalog rows to encode; inputs index into those U rows; labels (B,)."""
+    """items (U,) catalog rows to encode; inputs index into those U rows; labels and sampling corrections
+    log_q (B,) (`data/negatives.py`)."""
 
     items: torch.Tensor
     inputs: ScoreInputs
     clicked: torch.Tensor
     purchased: torch.Tensor
+    log_q: torch.Tensor
 
     def to(self, device: torch.device | str) -> Batch:
         inputs = ScoreInputs(**{f.name: getattr(self.inputs, f.name).to(device) for f in fields(ScoreInputs)})
-        return Batch(self.items, inputs, self.clicked.to(device), self.purchased.to(device))
+        return Batch(self.items, inputs, self.clicked.to(device), self.purchased.to(device), self.log_q.to(device))
 
 
 def make_batch(data: TrainingSet, rows: np.ndarray) -> Batch:
@@ -130,7 +134,7 @@ def make_batch(data: TrainingSet, rows: np.ndarray) -> Batch:
         signals=torch.from_numpy(data.signals[rows]),
     )
     return Batch(torch.from_numpy(items), inputs, torch.from_numpy(data.clicked[rows]),
-                 torch.from_numpy(data.purchased[rows]))
+                 torch.from_numpy(data.purchased[rows]), torch.from_numpy(data.log_q[rows]))
 
 
 def batch_rows(data: TrainingSet, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:

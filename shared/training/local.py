@@ -94,14 +94,14 @@ def _private_inputs(model: ConversionModel, side: ItemSide, data: TrainingSet, r
 
 class EsmmCriterion(nn.Module):
     """The ESMM loss as a criterion with a `reduction`, as Opacus's ghost clipping needs (it asks for the
-    per-sample losses with reduction "none"). forward(ctr (B,), cvr (B,), clicked (B,), purchased (B,))."""
+    per-sample losses with reduction "none"). forward(ctr (B,), cvr (B,), clicked (B,), purchased (B,), log_q (B,))."""
 
     def __init__(self):
         super().__init__()
         self.reduction = "mean"
 
-    def forward(self, ctr, cvr, clicked, purchased):
-        return esmm_loss(ctr, cvr, clicked, purchased, reduction=self.reduction)
+    def forward(self, ctr, cvr, clicked, purchased, log_q):
+        return esmm_loss(ctr, cvr, clicked, purchased, reduction=self.reduction, log_q=log_q)
 
 
 def make_private(engine, private: nn.Module, optimizer: torch.optim.Optimizer, loader, *, noise: float,
@@ -126,7 +126,7 @@ def private_step(private: nn.Module, model: ConversionModel, side: ItemSide, dat
     criterion (from `make_private`: clipping per example, noise); returns the ESMM loss."""
     ctr, cvr = private(*_private_inputs(model, side, data, rows, device))
     loss = criterion(ctr, cvr, torch.from_numpy(data.clicked[rows]).to(device),
-                     torch.from_numpy(data.purchased[rows]).to(device))
+                     torch.from_numpy(data.purchased[rows]).to(device), torch.from_numpy(data.log_q[rows]).to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -80,7 +80,7 @@ def train_step(model: ConversionModel, side: ItemSide, data: TrainingSet, rows: 
     batch = make_batch(data, rows).to(device)
     items = side.encode(model, batch.items, device)
     ctr, cvr, _ = model.score(items, batch.inputs)
-    loss = esmm_loss(ctr, cvr, batch.clicked, batch.purchased)
+    loss = esmm_loss(ctr, cvr, batch.clicked, batch.purchased, log_q=batch.log_q)
     if extra_loss is not None:
         loss = loss + extra_loss()
     optimizer.zero_grad(set_to_none=True)
