@@ -350,10 +350,12 @@ def train_central_command(
             return lambda done, loss: bar.update(task, advance=done, loss=f"loss {loss:.4f}")
 
         def on_epoch_end(record: dict) -> None:
-            score = record["validation_ctcvr.auc"]
+            shown = [("CTCVR AUC", record["validation_ctcvr.auc"])]
+            if record["early_stop_metric"] != "ctcvr.auc":
+                shown.append(("next-basket NDCG@10", record[f"validation_{record['early_stop_metric']}"]))
+            text = ", ".join(f"{name} {'n/a' if v is None else f'{v:.4f}'}" for name, v in shown)
             bar.console.print(f"{time.perf_counter() - began:6.0f} s  epoch {record['epoch']}: train loss "
-                              f"{record['train_loss']:.4f}, validation CTCVR AUC "
-                              f"{'n/a' if score is None else f'{score:.4f}'}", highlight=False)
+                              f"{record['train_loss']:.4f}, validation {text}", highlight=False)
 
         try:
             result = train_central(data, out, model_config, train_config, example_config, names, cache_dir,
