@@ -69,6 +69,37 @@ def standing(entries: list[tuple[str, dict]]) -> list[str]:
     return [f"- Where the model stands today: {verdict}."]
 
 
+def per_merchant(table: pd.DataFrame) -> pd.DataFrame:
+    """Test next-basket NDCG@10 of each merchant's shoppers (rows, largest merchant first by test shoppers): every
+    model setting (mean over seeds) and the best baseline that merchant fits alone, with its name."""
+    rows = table[(table["split"] == "test") & (table["merchant"] != "all")]
+    ndcg = rows[rows["metric"] == KEY]
+    if ndcg.empty:
+        return pd.DataFrame()
+    size = rows[rows["metric"] == f"{PREFIX}.all.n"].groupby("merchant")["value"].max()
+    out: dict[str, dict[str, object]] = {}
+    for merchant, group in ndcg.groupby("merchant", sort=False):
+        entry: dict[str, object] = {"merchant": merchant, "shoppers": int(size.get(merchant, 0))}
+        models = group[~group["setting"].map(_is_baseline)]
+        for (setting, epsilon), cell in models.groupby(["setting", "epsilon"], dropna=False, sort=False):
+            entry[_label(str(setting), epsilon, 0, 1)] = float(cell["value"].mean())
+        local = group[group["setting"].map(_is_baseline)]
+        if len(local):
+            means = local.groupby("setting")["value"].mean()
+            entry["best local baseline"] = f"{means.idxmax()} {means.max():.4f}"
+        out[str(merchant)] = entry
+    frame = pd.DataFrame(out.values())
+    return frame.sort_values("shoppers", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    head = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" if c in ("merchant", "best local baseline") else "---:" for c in frame.columns) + "|"
+    body = ["| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |"
+            for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
 def next_basket_lines(table: pd.DataFrame) -> list[str]:
     """The report section (empty when no run ranked next baskets)."""
     entries = rankers(table)
@@ -83,4 +114,9 @@ def next_basket_lines(table: pd.DataFrame) -> list[str]:
              *standing(entries), ""]
     for variant, words in tables.VARIANT_TITLES.items():
         lines += [f"### {words[0].upper() + words[1:]}", "", tables.markdown(entries, variant), ""]
+    merchants = per_merchant(table)
+    if not merchants.empty:
+        lines += ["### Per merchant", "", "NDCG@10 over each merchant's own test shoppers (every item; shoppers = "
+                  "those asked): each model setting, mean over seeds (local-only: the merchant's own model), and "
+                  "the best of the baselines the merchant fits on its own purchases.", "", _markdown(merchants), ""]
     return lines
