@@ -701,6 +701,7 @@ def simulate_command(
     console.print(f"[green]completed[/] run {outcome.run_id} in {outcome.seconds:.0f} s; results in {run_dir}",
                   highlight=False)
     _show_recommendations(run_dir, folders)
+    _show_served_vs_baselines(run_dir, folders)
 
 
 def _show_recommendations(run_dir: Path, folders: list[Path], k: int = 5) -> None:
@@ -718,6 +719,19 @@ def _show_recommendations(run_dir: Path, folders: list[Path], k: int = 5) -> Non
                         f"{recommender.version})")
     _recommendation_table(table, answer, recommender.implicit)
     console.print(table)
+
+
+def _show_served_vs_baselines(run_dir: Path, folders: list[Path]) -> None:
+    """The last tables: each merchant's served model beside the baselines it fits alone, on its next baskets."""
+    from fedcvr.simulations.served_baselines import served_vs_baselines
+
+    began = time.perf_counter()
+    rankers = served_vs_baselines(run_dir, folders, say=lambda text: err_console.print(f"[dim]{text}[/]",
+                                                                                        highlight=False))
+    if rankers:
+        _print_basket_tables("Test split, next basket: each merchant's served model beside the baselines it fits "
+                             "alone (simulations/served_baselines.py)", rankers)
+        console.print(f"[dim]next-basket comparison in {time.perf_counter() - began:.0f} s[/]", highlight=False)
 
 
 def _recommendation_table(table: Table, answer: dict, implicit: bool) -> None:

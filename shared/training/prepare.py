@@ -20,8 +20,9 @@ SPLITS = ("train", "validation", "test")
 @dataclass
 class Prepared:
     """The merchants' data as one catalog and three training sets, plus each merchant's catalog rows; for purchase
-    logs (no impressions) also the next-basket tasks at the validation and test cuts (`evaluation/baskets.py`);
-    `logs[k]`: merchant k's events in catalog codes, for the signals of ranked candidates (`data/signals.py`)."""
+    logs (no impressions; `implicit`), or when asked for, also the next-basket tasks at the validation and test cuts
+    (`evaluation/baskets.py`); `logs[k]`: merchant k's events in catalog codes, for the signals of ranked candidates
+    (`data/signals.py`)."""
 
     names: list[str]
     catalog: Catalog
@@ -29,11 +30,8 @@ class Prepared:
     candidates: dict[int, np.ndarray]
     logs: dict[int, EventLog]
     baskets: dict[str, BasketTask] = field(default_factory=dict)
-
-    @property
-    def implicit(self) -> bool:
-        """Purchase logs: ranked by next basket (`baskets`), not by each purchase."""
-        return bool(self.baskets)
+    implicit: bool = False
+    """Purchase logs: ranked by next basket (`baskets`), not by each purchase."""
 
 
 def select_merchants(data_root: Path, names: list[str] | None) -> list[Path]:
@@ -48,7 +46,9 @@ def select_merchants(data_root: Path, names: list[str] | None) -> list[Path]:
     return [by_name[n] for n in names]
 
 
-def prepare(merchants: list[MerchantData], example_config: ExampleConfig) -> Prepared:
+def prepare(merchants: list[MerchantData], example_config: ExampleConfig, next_basket: bool = False) -> Prepared:
+    """The merchants' examples, split by time, in one catalog; next-basket tasks for purchase logs, and for logs
+    with impressions too when `next_basket` (the shoppers' purchases after the cut, ranked from all before it)."""
     catalog = Catalog.from_items([m.items for m in merchants])
     if len(catalog) == 0:
         raise ModelConfigError("the merchants' items tables hold zero items: there is nothing to encode or rank")
@@ -66,7 +66,7 @@ def prepare(merchants: list[MerchantData], example_config: ExampleConfig) -> Pre
             parts[name].append(getattr(split, name))
         implicit = implicit and examples.implicit
         logs[k] = merchant_log(m, catalog, offset)
-        if implicit:
+        if implicit or next_basket:
             for name, cut, end in (("validation", split.validation_start, split.test_start),
                                    ("test", split.test_start, None)):
                 if cut is not None:
@@ -77,5 +77,6 @@ def prepare(merchants: list[MerchantData], example_config: ExampleConfig) -> Pre
     if len(splits["train"]) == 0:
         raise ModelConfigError("the training split is empty: the merchants' events yield no examples")
     candidates = {k: np.unique(catalog.codes(m.items["item_id"].to_numpy())) for k, m in enumerate(merchants)}
-    baskets = {name: BasketTask.concat(found) for name, found in tasks.items() if found} if implicit else {}
-    return Prepared([m.name for m in merchants], catalog, splits, candidates, logs, baskets)
+    baskets = ({name: BasketTask.concat(found) for name, found in tasks.items() if found}
+               if implicit or next_basket else {})
+    return Prepared([m.name for m in merchants], catalog, splits, candidates, logs, baskets, implicit)
