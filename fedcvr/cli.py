@@ -558,6 +558,9 @@ def simulate_command(
     secagg: Annotated[bool, typer.Option(
         "--secagg", help="Secure aggregation (SecAgg+, secagg = true): the server sees only the sum of the updates; "
                          "needs at least 3 merchants.")] = False,
+    personalise: Annotated[bool | None, typer.Option(
+        "--personalise/--no-personalise", help="After the last round each node fine-tunes its local layers (never "
+        "sent) and serves global + local (personalise). (default: the app's, true)")] = None,
     run_config: Annotated[str, typer.Option(
         "--run-config", help="More run config overrides, \"key=value ...\" with TOML values (numbers, true/false, "
                              "text in quotes), e.g. \"round-timeout=120 train.lr=0.003\".")] = "",
@@ -639,6 +642,8 @@ def simulate_command(
         settings.append(sim.Setting("local-epochs", local_epochs, "--local-epochs"))
     if secagg:
         settings.append(sim.Setting("secagg", True, "--secagg"))
+    if personalise is not None:
+        settings.append(sim.Setting("personalise", personalise, "--personalise" if personalise else "--no-personalise"))
     try:
         overrides, notes = sim.build_run_config(declared, app_dir, settings, extra)
         _check_run_config({**declared, **overrides})
@@ -894,6 +899,9 @@ def coordinator_run_command(
         "--min-nodes", help="Merchant nodes to wait for before the first round.")] = 3,
     secagg: Annotated[bool, typer.Option(
         "--secagg", help="Secure aggregation (SecAgg+): the coordinator sees only the sum of the updates.")] = False,
+    personalise: Annotated[bool | None, typer.Option(
+        "--personalise/--no-personalise", help="After the last round each node fine-tunes its local layers (never "
+        "sent) and serves global + local (personalise). (default: the app's, true)")] = None,
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="Continue a stopped run from its last checkpoint: the stopped run's --out folder.")] = None,
     run_config: Annotated[str, typer.Option(
@@ -929,6 +937,9 @@ def coordinator_run_command(
             settings.append(sim.Setting("num-server-rounds", rounds, "--rounds"))
         if secagg:
             settings.append(sim.Setting("secagg", True, "--secagg"))
+        if personalise is not None:
+            settings.append(sim.Setting("personalise", personalise,
+                                        "--personalise" if personalise else "--no-personalise"))
         if resume is not None:
             from fedcvr.server.checkpoint import CheckpointError, checkpoint_folder
 

@@ -572,9 +572,11 @@ def test_cli_writes_the_run_config_history_csv_and_table(market, tmp_path, faked
 
 def test_cli_no_dp_and_history_from_rounds_jsonl(market, tmp_path, faked_run):
     faked_run["history"] = False
-    result = invoke("--data", str(market), "--rounds", "1", "--out", str(tmp_path / "run"), "--no-dp")
+    result = invoke("--data", str(market), "--rounds", "1", "--out", str(tmp_path / "run"), "--no-dp",
+                    "--no-personalise")
     assert result.exit_code == 0, result.output
     assert faked_run["config"]["dp.enabled"] is False and faked_run["config"]["strategy"] == "fedavg"
+    assert faked_run["config"]["personalise"] is False
     assert "from rounds.jsonl" in result.output
     assert (tmp_path / "run" / "history.csv").read_text().startswith("round,")
 
