@@ -314,6 +314,9 @@ def train_central_command(
                                           help="Window W of the popularity baseline, in days (tuned on validation "
                                                "unless --no-tune). [default: 30]"),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune each baseline's setting on the validation split."),
+    run_config: str = typer.Option("", "--run-config", help="Model, training and example settings as run config "
+                                   "keys, \"key=value ...\" with TOML values, e.g. \"examples.negatives=8 "
+                                   "model.dim=128\" (the options above win)."),
 ) -> None:
     """Train the conversion model on the union of the merchants (no federation, no privacy): the upper bound
     that federated results are compared with. Prints the model, a popularity baseline and, on synthetic data,
@@ -327,19 +330,25 @@ def train_central_command(
     from fedcvr.shared.model.config import ModelConfig, TrainConfig
     from fedcvr.shared.model.errors import ModelConfigError
     from fedcvr.simulations.central import train_central
+    from fedcvr.simulations.launcher import LaunchError, parse_run_config
 
     try:
-        model_config = ModelConfig.from_run_config({}, encoder=encoder, adapter_layers=adapter_layers,
+        extra = parse_run_config(run_config)
+        model_config = ModelConfig.from_run_config(extra, encoder=encoder, adapter_layers=adapter_layers,
                                                    adapter_size=adapter_size)
-        train_config = TrainConfig.from_run_config({}, epochs=epochs, batch_size=batch_size, lr=lr, device=device,
+        train_config = TrainConfig.from_run_config(extra, epochs=epochs, batch_size=batch_size, lr=lr, device=device,
                                                    seed=seed)
-        example_config = ExampleConfig(test_from=test_from)
+        example_config = ExampleConfig.from_run_config(extra, test_from=test_from or None)
         baseline_names = check_names([n.strip() for n in baselines.split(",") if n.strip()], "--baselines")
         baseline_config = BaselineConfig.from_run_config({}, popularity_days=popularity_days, tune=tune)
-    except ModelConfigError as err:
+    except (ModelConfigError, LaunchError) as err:
         _fail(str(err))
     except (BaselineError, ValueError) as err:
         _fail(str(err).replace("examples.test-from", "--test-from"))
+    unknown = sorted(set(extra) - set(ModelConfig.KEYS) - set(TrainConfig.KEYS) - set(ExampleConfig.KEYS))
+    if unknown:
+        _fail(f"--run-config: {', '.join(unknown)} not used by train-central; it reads the model.*, adapter.*, "
+              "train.* and examples.* keys")
     names = [n.strip() for n in merchants.split(",") if n.strip()] or None
     began = time.perf_counter()  # each stage line says when it began
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),

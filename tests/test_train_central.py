@@ -16,13 +16,14 @@ def test_cli_trains_and_writes_a_model_folder(tiny_market, tiny_bert, tmp_path):
     out = tmp_path / "model"
     result = CliRunner().invoke(app, ["train-central", "--data", str(tiny_market), "--out", str(out),
                                       "--merchants", "merchant-01,merchant-02", "--epochs", "2",
-                                      "--encoder", str(tiny_bert), "--adapter-layers", "1", "--batch-size", "256"])
+                                      "--encoder", str(tiny_bert), "--adapter-layers", "1", "--batch-size", "256",
+                                      "--run-config", "examples.history-length=5 model.dim=16"])
     assert result.exit_code == 0, result.output
     for split in ("train split", "validation split", "test split"):
         assert split in result.output
     assert "popularity" in result.output and "oracle" in result.output and "ndcg@10" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS", "config.json", "encoder.json", "metrics.json",
-                                                     "weights.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS", "config.json", "encoder.json", "local.safetensors",
+                                                     "metrics.json", "weights.safetensors"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["splits"]["test"]) == {"model", "popularity", "oracle"}
     assert len(metrics["history"]) <= 2 and 0.0 < metrics["splits"]["test"]["model"]["ctcvr.auc"] < 1.0
@@ -33,6 +34,7 @@ def test_cli_trains_and_writes_a_model_folder(tiny_market, tiny_bert, tmp_path):
     assert "ndcg@10" not in metrics["splits"]["train"]["popularity"]
     settings = json.loads((out / "config.json").read_text())
     assert settings["merchants"] == ["merchant-01", "merchant-02"] and settings["model"]["adapter_layers"] == 1
+    assert settings["examples"]["history_length"] == 5 and settings["model"]["dim"] == 16  # from --run-config
     model, _, _ = load_model_folder(out)
     assert len(model.item_encoder.layers) == 1
 
@@ -42,6 +44,9 @@ def test_cli_trains_and_writes_a_model_folder(tiny_market, tiny_bert, tmp_path):
     (["--encoder", "/no/such/bert"], "is not a Hugging Face model folder"),
     (["--adapter-layers", "7"], "adapter.layers = 7: the encoder"),
     (["--device", "tpu"], "train.device = 'tpu'"),
+    (["--run-config", "examples.negatives=0"], "examples.negatives must be >= 1"),
+    (["--run-config", "dp.enabled=false"], "dp.enabled not used by train-central"),
+    (["--run-config", "examples.negatives"], "--run-config: cannot read"),
 ])
 def test_cli_bad_settings_exit_2_with_a_clear_message(tiny_market, tiny_bert, tmp_path, args, message):
     base = ["train-central", "--data", str(tiny_market), "--out", str(tmp_path / "m"), "--encoder", str(tiny_bert)]
