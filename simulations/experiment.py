@@ -51,6 +51,8 @@ from fedcvr.simulations.benchmarks.common import machine
 from fedcvr.simulations.launcher import flatten
 
 SETTINGS = ("centralized", "local-only", "fedavg", "fedprox", "fedadam")
+LOCAL_SUFFIX = " + local"
+"""Setting suffix of global + local rows: a run's model after each node personalised its local layers."""
 AUDIT = "audit"
 AUDIT_METRICS = ("mia.loss.auc", "mia.loss.tpr@1%fpr", "mia.lr.auc", "mia.lr.tpr@1%fpr", "members", "non-members",
                  "max-epsilon", "delta")
@@ -378,7 +380,7 @@ def _personalised_rows(experiment: Experiment, run: Run, merged: dict, per_node:
 
     if not merged:
         return []
-    local = Run(f"{run.setting} + local", run.epsilon, run.seed)
+    local = Run(run.setting + LOCAL_SUFFIX, run.epsilon, run.seed)
     rows = _rows(local, experiment.data, experiment.rounds, "test", "all", merged, FINAL)
     for index, folder in enumerate(folders):
         if index in per_node:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fedcvr.simulations.basket_report import next_basket_lines
+from fedcvr.simulations.experiment import LOCAL_SUFFIX
 from fedcvr.simulations.heterogeneity import overlap_of_results
 
 NO_DP = "no DP"
@@ -195,13 +196,15 @@ def plot_convergence(table: pd.DataFrame, path: Path) -> bool:
 
 
 def merchant_gains(table: pd.DataFrame) -> pd.DataFrame:
-    """Per federated run and merchant: federated minus local-only test CTCVR AUC (same ε and seed)."""
+    """Per federated run and merchant: federated minus local-only test CTCVR AUC (same ε and seed); global + local
+    ('SETTING + local') against the merchant's lone model with its own local layers ('local-only + local')."""
     test = table[(table.split == "test") & (table.merchant != "all")]
     auc = test[test.metric == "ctcvr.auc"]
     size = test[test.metric == "train-examples"].groupby("merchant")["value"].max()
-    alone = auc[auc.setting == "local-only"].set_index(["epsilon", "seed", "merchant"])["value"]
     rows = []
-    for _, row in auc[auc.setting != "local-only"].iterrows():
+    for _, row in auc[~auc.setting.str.startswith("local-only")].iterrows():
+        suffix = LOCAL_SUFFIX if str(row["setting"]).endswith(LOCAL_SUFFIX) else ""
+        alone = auc[auc.setting == "local-only" + suffix].set_index(["epsilon", "seed", "merchant"])["value"]
         key = (row["epsilon"], row["seed"], row["merchant"])
         match = alone[[k == key or (pd.isna(k[0]) and pd.isna(key[0]) and k[1:] == key[1:])
                        for k in alone.index]]
@@ -210,6 +213,11 @@ def merchant_gains(table: pd.DataFrame) -> pd.DataFrame:
                          "merchant": row["merchant"], "train_examples": size.get(row["merchant"], np.nan),
                          "gain": row["value"] - match.iloc[0]})
     return pd.DataFrame(rows, columns=["setting", "epsilon", "seed", "merchant", "train_examples", "gain"])
+
+
+def finished_runs(table: pd.DataFrame) -> int:
+    """Runs in the table: global + local rows ('SETTING + local') belong to their setting's run."""
+    return int(table.loc[~table.setting.str.endswith(LOCAL_SUFFIX), "run_id"].nunique())
 
 
 def _eps_label(epsilon: float | None) -> str:
@@ -221,7 +229,8 @@ def gain_tables(gains: pd.DataFrame, setting: str) -> tuple[pd.DataFrame, pd.Dat
     of `setting` at each ε over seeds (no DP first, then ε from large to small)."""
     sizes = gains.groupby("merchant")["train_examples"].first()
     by_setting = gains.pivot_table(index="merchant", columns="setting", values="gain", aggfunc="mean")
-    by_setting = by_setting[[s for s in SETTING_ORDER if s in by_setting.columns]]
+    by_setting = by_setting[[s for base in SETTING_ORDER for s in (base, base + LOCAL_SUFFIX)
+                             if s in by_setting.columns]]
     order = sorted({None if pd.isna(e) else float(e) for e in gains["epsilon"]},
                    key=lambda e: -math.inf if e is None else -e)
     labelled = gains[gains.setting == setting].assign(eps=lambda g: g["epsilon"].map(_eps_label))
@@ -672,7 +681,7 @@ def write_report(results: Path) -> Path:
         f"{', '.join(map(str, meta.get('epsilons', [])))}; seeds: "
         f"{meta.get('seeds', sorted(int(s) for s in table.seed.unique()))}; "
         f"rounds: {meta.get('rounds', '?')}; run config overrides: {meta.get('run_config', {})}",
-        f"- runs finished: {table.run_id.nunique()}{_planned(meta, table.run_id.nunique())}; total wall time of "
+        f"- runs finished: {finished_runs(table)}{_planned(meta, finished_runs(table))}; total wall time of "
         f"the runs: {wall / 60:.1f} min",
         *machines(results, table, meta),
         *data_mismatch(table),
