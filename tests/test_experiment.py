@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from fedcvr.cli import app
 from fedcvr.simulations.experiment import (
+    LOCAL_SUFFIX,
     TABLE_COLUMNS,
     Experiment,
     ExperimentError,
@@ -87,7 +88,11 @@ def test_a_grid_runs_into_a_tidy_table_and_resumes(tmp_path, tiny_market, tiny_b
     assert fed_progress[0].startswith("round 1/1: validation CTCVR AUC 0.") and ", ε " in fed_progress[0]
     assert fed_progress[1:] == []
     assert ("local-only-eps8-seed0", "merchant-02 alone (2/3): round 1/1") in progressed
-    assert set(table["run_id"]) == {r.run_id for r in experiment.runs()}
+    own = ~table["setting"].str.endswith(LOCAL_SUFFIX)
+    assert set(table.loc[own, "run_id"]) == {r.run_id for r in experiment.runs()}
+    # global + local (personalise = true, the default): every federated and local-only run adds its rows
+    assert set(table.loc[~own, "run_id"]) == {f"{s}{LOCAL_SUFFIX}-{e}-seed0"
+                                              for s in ("local-only", "fedavg", "fedadam") for e in ("epsnone", "eps8")}
     fed = table[(table.run_id == "fedavg-eps8-seed0")]
     auc = fed[(fed.metric == "ctcvr.auc") & (fed.split == "test") & (fed.merchant == "all")]["value"]
     assert len(auc) == 1 and 0 < auc.iloc[0] < 1
