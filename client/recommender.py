@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from fedcvr.shared.data.contract import EVENT_TYPES
+from fedcvr.shared.data.examples import event_codes
 from fedcvr.shared.data.loader import load_merchant
 from fedcvr.shared.data.pseudonym import KEY_FILE, merchant_key, pseudonym
 from fedcvr.shared.data.signals import EventLog
@@ -224,12 +225,10 @@ class Recommender:
                                           rows["event"].astype(str).to_numpy(dtype=object), ages)
         purchases = events[events["event"] == "purchase"]
         self._bought = {str(u): set(g.astype(str)) for u, g in purchases.groupby("user_id")["item_id"]}
-        item_codes, item_ids = pd.factorize(events["item_id"].astype(str))
-        user_codes, user_ids = pd.factorize(events["user_id"].astype(str))
-        t = events["timestamp"].to_numpy("datetime64[ns]").astype(np.int64)
-        self._log = EventLog.build(user_codes, item_codes, pd.Index(EVENT_TYPES).get_indexer(events["event"]), t)
-        self._log_items = pd.Index(item_ids)
-        self._log_users = {u: i for i, u in enumerate(user_ids)}
+        codes, user_ids = event_codes(self.data)  # the encoding training examples use (items: rows of the items table)
+        self._log = EventLog.build(codes["user"], codes["item"], codes["event"], codes["t"])
+        self._log_items = pd.Index(self.data.items["item_id"].astype(str))
+        self._log_users = {str(u): i for i, u in enumerate(user_ids)}
         self._whole_history = {str(u): list(dict.fromkeys(g.astype(str)))
                                for u, g in events.groupby("user_id", sort=False)["item_id"]}
         counts = events.groupby(["item_id", "event"]).size().unstack(fill_value=0)
@@ -288,18 +287,19 @@ class Recommender:
         evaluation use), at the shop's "now" (its last event + 1 s, the time history ages are counted back from). A
         stored shopper (`stored`): from the shop's log, over their whole history. An ad-hoc history: the
         candidate-in-history part from the events given, the item statistics from the shop's log."""
-        items = self._log_items.get_indexer(snap.index.item_ids[rows].astype(str))
+        row_ids = snap.index.item_ids[rows].astype(str)
+        items = self._log_items.get_indexer(row_ids)
         now = self._shop_now
         if stored and user_id in self._log_users:
             return self._log.grid(np.array([self._log_users[user_id]]), items, np.array([now]))[0]
         ids = pd.Index(pd.unique(np.concatenate([np.asarray(history.item_ids, dtype=object),
-                                                 snap.index.item_ids[rows].astype(str).astype(object)])))
+                                                 row_ids.astype(object)])))
         times = now - (np.asarray(history.age_hours, np.float64) * 3.6e12).astype(np.int64)
         own = EventLog.build(np.zeros(len(history), np.int64), ids.get_indexer(history.item_ids),
                              pd.Index(EVENT_TYPES).get_indexer(history.events), times)
         at = np.full(len(rows), now, np.int64)
         return np.concatenate([own.pair_signals(np.zeros(len(rows), np.int64),
-                                                ids.get_indexer(snap.index.item_ids[rows].astype(str)), at),
+                                                ids.get_indexer(row_ids), at),
                                self._log.item_signals(items, at)], 1)
 
     def _history(self, user_id: str | None, history: History | None, snap: CatalogSnapshot) -> tuple[History, bool]:
@@ -351,7 +351,8 @@ class Recommender:
         rows = self.retrieve(snap, history, allowed, max(self.candidates, k))
         past = [snap.index.position[i] for i in (self._whole_history.get(user_id, []) if stored else history.item_ids)
                 if i in snap.index.position]
-        rows = np.concatenate([rows, [r for r in dict.fromkeys(past) if allowed[r] and r not in set(rows)]]
+        retrieved = set(rows.tolist())
+        rows = np.concatenate([rows, [r for r in dict.fromkeys(past) if allowed[r] and r not in retrieved]]
                               ).astype(np.int64)
         signals = self.signals(user_id, history, rows, snap, stored)
         scores = score_rows(self.model, snap.index, rows, history, signals)

@@ -542,6 +542,11 @@ def _check_run_config(values: dict) -> None:
     NodeSettings.from_run_config(values)
 
 
+PersonaliseOption = Annotated[bool | None, typer.Option(
+    "--personalise/--no-personalise", help="After the last round each node fine-tunes its local layers (never sent) "
+    "and serves global + local (personalise). (default: the app's, true)")]
+
+
 @app.command("simulate")
 def simulate_command(
     data: Annotated[Path | None, typer.Option(
@@ -567,9 +572,7 @@ def simulate_command(
     secagg: Annotated[bool, typer.Option(
         "--secagg", help="Secure aggregation (SecAgg+, secagg = true): the server sees only the sum of the updates; "
                          "needs at least 3 merchants.")] = False,
-    personalise: Annotated[bool | None, typer.Option(
-        "--personalise/--no-personalise", help="After the last round each node fine-tunes its local layers (never "
-        "sent) and serves global + local (personalise). (default: the app's, true)")] = None,
+    personalise: PersonaliseOption = None,
     run_config: Annotated[str, typer.Option(
         "--run-config", help="More run config overrides, \"key=value ...\" with TOML values (numbers, true/false, "
                              "text in quotes), e.g. \"round-timeout=120 train.lr=0.003\".")] = "",
@@ -908,9 +911,7 @@ def coordinator_run_command(
         "--min-nodes", help="Merchant nodes to wait for before the first round.")] = 3,
     secagg: Annotated[bool, typer.Option(
         "--secagg", help="Secure aggregation (SecAgg+): the coordinator sees only the sum of the updates.")] = False,
-    personalise: Annotated[bool | None, typer.Option(
-        "--personalise/--no-personalise", help="After the last round each node fine-tunes its local layers (never "
-        "sent) and serves global + local (personalise). (default: the app's, true)")] = None,
+    personalise: PersonaliseOption = None,
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="Continue a stopped run from its last checkpoint: the stopped run's --out folder.")] = None,
     run_config: Annotated[str, typer.Option(

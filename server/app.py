@@ -261,23 +261,22 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
                             train_config=ConfigRecord({"federation-id": federation}),
                             evaluate_config=ConfigRecord({"split": "validation", "rank": config.rank_validation}))
     final = final_arrays(result.arrays, initial, config.num_server_rounds - done)
-    test_messages = strategy.configure_evaluate(config.num_server_rounds - done, final,
-                                                ConfigRecord({"split": "test"}), grid)
-    test_replies = [r for r in grid.send_and_receive(test_messages, timeout=config.round_timeout)
-                    if not r.has_error()]
-    test = merge_evaluations([dict(r.content["metrics"]) for r in test_replies]) if test_replies else {}
-    log(INFO, "Final global model on the nodes' test splits: %s",
-        ", ".join(f"{k} {v:.4f}" for k, v in test.items()
-                  if k in ("ctcvr.auc", "click.auc", "ndcg@10", "nb.all.ndcg@10")))
-    test_personalised = {}
-    if PersonaliseConfig.from_run_config(run_config).enabled:  # global + local: each node's layers tuned first
-        messages = strategy.configure_evaluate(config.num_server_rounds - done, final,
-                                               ConfigRecord({"split": "test", "personalised": True}), grid)
+    shown = ("ctcvr.auc", "click.auc", "ndcg@10", "nb.all.ndcg@10")
+
+    def test_on_nodes(personalised: bool) -> dict:
+        """The final model's merged test metrics on the nodes (with `personalised`: global + local)."""
+        messages = strategy.configure_evaluate(config.num_server_rounds - done, final, ConfigRecord(
+            {"split": "test", **({"personalised": True} if personalised else {})}), grid)
         replies = [r for r in grid.send_and_receive(messages, timeout=config.round_timeout) if not r.has_error()]
-        test_personalised = merge_evaluations([dict(r.content["metrics"]) for r in replies]) if replies else {}
-        log(INFO, "Global + local (personalised on each node) on the nodes' test splits: %s",
-            ", ".join(f"{k} {v:.4f}" for k, v in test_personalised.items()
-                      if k in ("ctcvr.auc", "click.auc", "ndcg@10", "nb.all.ndcg@10")))
+        merged = merge_evaluations([dict(r.content["metrics"]) for r in replies]) if replies else {}
+        log(INFO, "%s on the nodes' test splits: %s",
+            "Global + local (personalised on each node)" if personalised else "Final global model",
+            ", ".join(f"{k} {v:.4f}" for k, v in merged.items() if k in shown))
+        return merged
+
+    test = test_on_nodes(False)
+    # global + local: each node's local layers tuned first
+    test_personalised = test_on_nodes(True) if PersonaliseConfig.from_run_config(run_config).enabled else {}
     version = model_version(final)
     saved = push_back(grid, final, version, config.round_timeout)
     summary = {"strategy": config.strategy, "rounds": book.rows, "test": test,

@@ -30,21 +30,15 @@ import numpy as np
 import pandas as pd
 
 from .contract import EVENT_TYPES
+from .signals import KeyedEvents
 
 MIN_Q_RATIO = 0.01  # floor of I x Q(i | u, t)
 
 
 def _before(keys: np.ndarray, t_rank: np.ndarray, q_keys: np.ndarray, q_rank: np.ndarray) -> np.ndarray:
     """For each query (key, time rank): how many of the rows (keys, t_rank) have the same key and an earlier time."""
-    codes, uniques = pd.factorize(keys)
-    span = int(max(t_rank.max(initial=0), q_rank.max(initial=0))) + 1
-    stamped = np.sort(codes.astype(np.int64) * span + t_rank)
-    q_codes = pd.Index(uniques).get_indexer(q_keys).astype(np.int64)
-    known = q_codes >= 0
-    at = np.where(known, q_codes * span + q_rank, 0)
-    count = np.searchsorted(stamped, at, side="left") - np.searchsorted(stamped, np.where(known, q_codes * span, 0),
-                                                                         side="left")
-    return np.where(known, count, 0)
+    stride = int(max(t_rank.max(initial=0), q_rank.max(initial=0))) + 1
+    return KeyedEvents.build(keys, t_rank, t_rank, stride).count_before(q_keys, q_rank, stride)
 
 
 def implicit_targets(codes: dict[str, np.ndarray], n_items: int, negatives: int, popular_share: float,

@@ -50,7 +50,7 @@ def _log(count: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _Keyed:
+class KeyedEvents:
     """Events as sorted composite keys key * stride + time rank (ranks into the log's distinct times), so that
     "events of key k before time t" is a range of one sorted array."""
 
@@ -59,7 +59,7 @@ class _Keyed:
     times: np.ndarray  # event times in the order of `composite`
 
     @classmethod
-    def build(cls, key: np.ndarray, rank: np.ndarray, t: np.ndarray, stride: int) -> _Keyed:
+    def build(cls, key: np.ndarray, rank: np.ndarray, t: np.ndarray, stride: int) -> KeyedEvents:
         keys, index = np.unique(key, return_inverse=True)
         composite = index.astype(np.int64) * stride + rank
         order = np.argsort(composite, kind="stable")
@@ -80,6 +80,11 @@ class _Keyed:
     def start(self, index: np.ndarray, found: np.ndarray, stride: int) -> np.ndarray:
         return np.where(found, np.searchsorted(self.composite, index * stride, side="left"), 0)
 
+    def count_before(self, key: np.ndarray, rank: np.ndarray, stride: int) -> np.ndarray:
+        """For each query: how many events of `key` have a time rank below `rank` (0 for a key never seen)."""
+        index, found = self.locate(key)
+        return self.before(index, found, rank, stride) - self.start(index, found, stride)
+
 
 @dataclass
 class EventLog:
@@ -88,8 +93,8 @@ class EventLog:
 
     distinct_times: np.ndarray
     stride: int
-    pairs: _Keyed  # key (user, item, event)
-    items: _Keyed  # key (item, event)
+    pairs: KeyedEvents  # key (user, item, event)
+    items: KeyedEvents  # key (item, event)
     purchase_times: np.ndarray  # every purchase's time, sorted
     n_items: int
 
@@ -102,8 +107,8 @@ class EventLog:
         n_items = int(item.max()) + 1 if len(item) else 1
         pair_key = (user * n_items + item) * _TYPES + event
         item_key = item * _TYPES + event
-        return cls(distinct_times, stride, _Keyed.build(pair_key, rank, t, stride),
-                   _Keyed.build(item_key, rank, t, stride), np.sort(t[event == _PURCHASE]), n_items)
+        return cls(distinct_times, stride, KeyedEvents.build(pair_key, rank, t, stride),
+                   KeyedEvents.build(item_key, rank, t, stride), np.sort(t[event == _PURCHASE]), n_items)
 
     @classmethod
     def empty(cls) -> EventLog:
@@ -148,13 +153,14 @@ class EventLog:
         """(Q, N_SIGNALS - N_PAIR): the item-statistics and shop-scale part of `signals`."""
         safe_item, known_item, t, rank = self._queries(item, t)
         out = np.zeros((len(t), N_SIGNALS - N_PAIR), np.float32)
+        window_starts = [self._rank(t - days * _NS_PER_DAY) for days in WINDOWS_DAYS]
         column = 0
         for name in ITEM_EVENTS:
             index, found = self.items.locate(safe_item * _TYPES + EVENT_TYPES.index(name))
             found &= known_item
             end = self.items.before(index, found, rank, self.stride)
-            for days in WINDOWS_DAYS:
-                begin = self.items.before(index, found, self._rank(t - days * _NS_PER_DAY), self.stride)
+            for window_start in window_starts:
+                begin = self.items.before(index, found, window_start, self.stride)
                 out[:, column] = _log(end - begin)
                 column += 1
         recent = (np.searchsorted(self.purchase_times, t, side="left")
