@@ -31,7 +31,7 @@ from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 from fedcvr.shared.privacy import DPConfig, PrivacyLedger, PrivacyLedgerError, dp_report
 from fedcvr.shared.training.local import train_round
 from fedcvr.shared.training.loop import ItemSide, model_sums, resolve_device
-from fedcvr.shared.training.personalise import PersonaliseConfig, personalise
+from fedcvr.shared.training.personalise import Outcome, PersonaliseConfig, personalise
 from fedcvr.shared.training.prepare import Prepared, prepare
 
 
@@ -76,12 +76,14 @@ class MerchantNode:
         self.side = ItemSide(cache.states(self.prepared.catalog.texts), torch.from_numpy(self.prepared.catalog.numeric),
                              self.prepared.catalog.item_ids)
         self.model = ConversionModel(self.backbone, settings.model).to(self.device)
-        self._personal: tuple[str, Any, dict[str, torch.Tensor]] | None = None  # (weights digest, memory, head)
+        self._personal: tuple[str, Any, dict[str, torch.Tensor] | None] | None = None  # (digest, memory, head)
+        self.outcome: Outcome | None = None  # the last personalisation's (`personalise.py`)
 
     def load(self, arrays: Mapping[str, torch.Tensor], personalised: bool = False) -> None:
         """Load global weights: the global model alone, or with `personalised` global + local (`personalise.py`):
-        the node's local layers fine-tuned on its own training split for these global weights (trained once per
-        distinct weights, then reused by evaluation and by the saved model)."""
+        the node's local layers fine-tuned on its own training split for these global weights, kept where its
+        validation split rates them higher (trained once per distinct weights, then reused by evaluation and by the
+        saved model)."""
         load_trainable_state(self.model, dict(arrays))
         self.model.memory = None
         if not personalised:
@@ -89,12 +91,12 @@ class MerchantNode:
         digest = weights_digest(arrays)
         if self._personal is None or self._personal[0] != digest:
             s = self.settings
-            personalise(self.model, self.side, self.prepared.splits["train"], s.personalise, s.train.batch_size,
-                        s.train.seed, self.device)
+            self.outcome = personalise(self.model, self.side, self.prepared, s.personalise, s.train.batch_size,
+                                       s.train.seed, self.device)
             head = {k: v.detach().clone() for k, v in self.model.head.state_dict().items()}
-            self._personal = (digest, self.model.memory, head)
+            self._personal = (digest, self.model.memory, head if self.outcome.kept else None)
         _, self.model.memory, head = self._personal
-        if self.settings.personalise.head:
+        if head is not None and self.settings.personalise.head:
             self.model.head.load_state_dict(head)
 
     def train(self, arrays: Mapping[str, torch.Tensor], state, server_round: int, proximal_mu: float = 0.0,

@@ -317,11 +317,14 @@ def train_central_command(
     run_config: str = typer.Option("", "--run-config", help="Model, training and example settings as run config "
                                    "keys, \"key=value ...\" with TOML values, e.g. \"examples.negatives=8 "
                                    "model.dim=128\" (the options above win)."),
+    personalise: PersonaliseOption = None,
 ) -> None:
     """Train the conversion model on the union of the merchants (no federation, no privacy): the upper bound
-    that federated results are compared with. Prints the model, a popularity baseline and, on synthetic data,
-    the ground-truth oracle side by side for each split; on purchase logs also the next-basket table (every item,
-    and new items only) with the model and the classic baselines fitted on the pooled purchases."""
+    that federated results are compared with. Then personalises as nodes do (a local item memory, kept where
+    validation rates it higher). Prints the model, the model with its local layers ("model + local"), a popularity
+    baseline and, on synthetic data, the ground-truth oracle side by side for each split; on purchase logs also the
+    next-basket table (every item, and new items only) with the model and the classic baselines fitted on the
+    pooled purchases."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from fedcvr.shared.data.contract import DataValidationError
@@ -329,6 +332,7 @@ def train_central_command(
     from fedcvr.shared.evaluation.baselines import BaselineConfig, BaselineError, check_names
     from fedcvr.shared.model.config import ModelConfig, TrainConfig
     from fedcvr.shared.model.errors import ModelConfigError
+    from fedcvr.shared.training.personalise import PersonaliseConfig
     from fedcvr.simulations.central import train_central
     from fedcvr.simulations.launcher import LaunchError, parse_run_config
 
@@ -341,14 +345,16 @@ def train_central_command(
         example_config = ExampleConfig.from_run_config(extra, test_from=test_from or None)
         baseline_names = check_names([n.strip() for n in baselines.split(",") if n.strip()], "--baselines")
         baseline_config = BaselineConfig.from_run_config({}, popularity_days=popularity_days, tune=tune)
+        personalise_config = PersonaliseConfig.from_run_config(extra, enabled=personalise)
     except (ModelConfigError, LaunchError) as err:
         _fail(str(err))
     except (BaselineError, ValueError) as err:
         _fail(str(err).replace("examples.test-from", "--test-from"))
-    unknown = sorted(set(extra) - set(ModelConfig.KEYS) - set(TrainConfig.KEYS) - set(ExampleConfig.KEYS))
+    unknown = sorted(set(extra) - set(ModelConfig.KEYS) - set(TrainConfig.KEYS) - set(ExampleConfig.KEYS)
+                     - set(PersonaliseConfig.KEYS))
     if unknown:
         _fail(f"--run-config: {', '.join(unknown)} not used by train-central; it reads the model.*, adapter.*, "
-              "train.* and examples.* keys")
+              "train.*, examples.* and personalise* keys")
     names = [n.strip() for n in merchants.split(",") if n.strip()] or None
     began = time.perf_counter()  # each stage line says when it began
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
@@ -368,7 +374,7 @@ def train_central_command(
 
         try:
             result = train_central(data, out, model_config, train_config, example_config, names, cache_dir,
-                                   baseline_names, baseline_config,
+                                   baseline_names, baseline_config, personalise_config,
                                    on_stage=lambda text: bar.console.print(
                                        f"[dim]{time.perf_counter() - began:6.0f} s  {text}[/]", highlight=False),
                                    on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end)
@@ -380,7 +386,8 @@ def train_central_command(
     for split, by_model in result.metrics.items():
         console.print(_metrics_table(split, by_model))
     if any(k.startswith("nb.") for k in result.metrics.get("test", {}).get("model", {})):
-        rankers = [("model", result.metrics["test"]["model"])]
+        rankers = [(name, result.metrics["test"][name]) for name in ("model", "model + local")
+                   if name in result.metrics["test"]]
         rankers += [(_baseline_label(b), b.metrics) for b in result.baselines]
         _print_basket_tables("Test split, next basket", rankers)
     console.print(f"[green]saved[/] the model (best epoch {result.best_epoch}) to {out} in {result.seconds:.0f} s")

@@ -1,9 +1,11 @@
 """Centralised training: the non-private upper bound that federated results are compared with.
 
 Trains one conversion model on the union of the merchants' training splits, stops early on the validation
-CTCVR AUC, and evaluates every split with the model, a popularity baseline and (on synthetic data) the
-ground-truth oracle. On purchase logs the held-out splits are also ranked by next basket (`shared/evaluation`),
-with the classic baselines fitted on the pooled purchases beside the model.
+figure of `shared/training/selection.py` (CTCVR AUC, or next-basket NDCG@10 on purchase logs), then personalises
+as nodes do (`shared/training/personalise.py`: a local item memory, kept where validation rates it higher), and
+evaluates every split with the model ("model"), the model with its local layers ("model + local"), a popularity
+baseline and (on synthetic data) the ground-truth oracle. On purchase logs the held-out splits are also ranked by
+next basket (`shared/evaluation`), with the classic baselines fitted on the pooled purchases beside the model.
 
 Popularity baseline: each item's click and purchase rates over the training impressions, smoothed towards the
 overall rates with 10 pseudo-impressions: score_i = (events_i + 10 x overall rate) / (impressions_i + 10).
@@ -42,13 +44,12 @@ from fedcvr.shared.training.loop import (
     resolve_device,
     train_epoch,
 )
+from fedcvr.shared.training.personalise import PersonaliseConfig, personalise
 from fedcvr.shared.training.prepare import SPLITS, Prepared, prepare, select_merchants
+from fedcvr.shared.training.selection import AUC_METRIC, selection_metric
 
 SMOOTHING = 10.0
-EARLY_STOP_METRIC = "ctcvr.auc"
-BASKET_STOP_METRIC = "nb.all.ndcg@10"
-"""Early stopping reads the validation CTCVR AUC, or on purchase logs (sampled negatives, whose AUC says little of a
-full-catalog ranking) the validation next-basket NDCG@10: the test's own metric, on the validation cut."""
+LOCAL = "model + local"
 # Ranking every purchase against its merchant's whole catalog costs (purchases x catalog) scorings: on the training
 # split that is most of an evaluation's time (48.6M of 60.9M pairs in Online Retail's six countries), for a figure
 # nobody reads, so the final evaluation ranks the held-out splits only.
@@ -118,6 +119,7 @@ def evaluate_all(model: ConversionModel, side: ItemSide, prepared: Prepared, dev
 def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_config: TrainConfig,
                   example_config: ExampleConfig, merchants: list[str] | None = None, cache_root: Path | None = None,
                   baselines: tuple[str, ...] | list[str] = (), baseline_config: BaselineConfig | None = None,
+                  personalise_config: PersonaliseConfig | None = None,
                   on_stage: Callable[[str], None] | None = None,
                   on_epoch_start: Callable[[int, int], Callable[[int, float], None] | None] | None = None,
                   on_epoch_end: Callable[[dict[str, float]], None] | None = None) -> CentralResult:
@@ -141,7 +143,6 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
     side = ItemSide(cache.states(prepared.catalog.texts), torch.from_numpy(prepared.catalog.numeric),
                     prepared.catalog.item_ids)
     model = ConversionModel(backbone, model_config).to(device)
-    model.attach_memory(prepared.catalog.item_ids)  # pooled data: one item memory, trained with the rest
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=train_config.lr,
                                  weight_decay=train_config.weight_decay)
     result = CentralResult(metrics={})
@@ -153,13 +154,12 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
         loss = train_epoch(model, side, prepared.splits["train"], optimizer, train_config.batch_size, rng, device,
                            progress)
         # early stopping: no full-catalog ranking each epoch, except the validation next baskets of purchase logs
-        by_basket = prepared.implicit and len(prepared.baskets.get("validation", ())) > 0
-        metric = BASKET_STOP_METRIC if by_basket else EARLY_STOP_METRIC
+        metric = selection_metric(prepared)
         validation = evaluate_all(model, side, prepared, device, ("validation",),
-                                  ranked=("validation",) if by_basket else ()).get("validation", {})
+                                  ranked=("validation",) if metric != AUC_METRIC else ()).get("validation", {})
         found = validation.get("model") or {}
         score = found.get(metric)
-        record = {"epoch": epoch, "train_loss": loss, f"validation_{EARLY_STOP_METRIC}": found.get(EARLY_STOP_METRIC),
+        record = {"epoch": epoch, "train_loss": loss, f"validation_{AUC_METRIC}": found.get(AUC_METRIC),
                   "early_stop_metric": metric, f"validation_{metric}": score}
         result.history.append(record)
         if on_epoch_end:
@@ -175,6 +175,16 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
     load_full_state(model, best_state)
     say("evaluating train, validation and test splits")
     result.metrics = evaluate_all(model, side, prepared, device)
+    personalise_config = personalise_config or PersonaliseConfig()
+    if personalise_config.enabled:
+        say("personalising: a local item memory, kept where validation rates it higher")
+        result.personalised = personalise(model, side, prepared, personalise_config, train_config.batch_size,
+                                          train_config.seed, device)
+        say(result.personalised.describe())
+        # dropped: the model is exactly as it came, so are its figures
+        local = evaluate_all(model, side, prepared, device) if result.personalised.kept else result.metrics
+        for split, found in local.items():
+            result.metrics[split][LOCAL] = dict(found["model"])
     if baselines and prepared.implicit:
         say(f"fitting the baselines on the pooled purchases before each cut: {', '.join(baselines)}")
         result.baselines = run_baselines(list(baselines), prepared, baseline_config or BaselineConfig(), "pooled",
@@ -182,7 +192,8 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
                                          say)
     result.seconds = time.perf_counter() - started
     settings = {"train": train_config.to_dict(), "examples": example_config.to_dict(), "merchants": prepared.names,
-                "best_epoch": result.best_epoch}
+                "best_epoch": result.best_epoch,
+                "personalised": None if result.personalised is None else result.personalised.describe()}
     save_model_folder(out, model, backbone, settings, {"splits": result.metrics, "history": result.history,
                                                        "seconds": result.seconds,
                                                        "baselines": [baseline_record(b) for b in result.baselines]})

@@ -418,13 +418,17 @@ def run_local_only(experiment: Experiment, run: Run, run_config: dict[str, Any],
 
 def run_centralized(experiment: Experiment, run: Run, run_config: dict[str, Any], data_root: Path) -> list[dict]:
     from fedcvr.client.node import NodeSettings
-    from fedcvr.simulations.central import train_central
+    from fedcvr.simulations.central import LOCAL, train_central
 
     settings = NodeSettings.from_run_config(run_config)
     result = train_central(data_root, Path(run_config["out-dir"]) / "model", settings.model, settings.train,
-                           settings.examples)
-    test = result.metrics.get("test", {}).get("model", {})
-    return _rows(run, experiment.data, 0, "test", "all", test, FINAL)
+                           settings.examples, personalise_config=settings.personalise)
+    test = result.metrics.get("test", {})
+    rows = _rows(run, experiment.data, 0, "test", "all", test.get("model", {}), FINAL)
+    if LOCAL in test:
+        rows += _rows(Run(run.setting + LOCAL_SUFFIX, run.epsilon, run.seed), experiment.data, 0, "test", "all",
+                      test[LOCAL], FINAL)
+    return rows
 
 
 def run_baseline_grid(experiment: Experiment, run: Run, run_config: dict[str, Any], folders: list[Path],

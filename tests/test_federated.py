@@ -57,8 +57,10 @@ def test_fedavg_with_dp_trains_reports_epsilon_and_pushes_the_model_back(tiny_ma
 
 def test_no_shopper_data_leaves_a_node(tiny_market, tiny_bert, tmp_path, server_identity):
     """Every reply of every node carries only weights and numbers: no user id, item id, title or event row; and
-    never the local item memory, which stays in the node's model folder (personalise = true, the default)."""
-    grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run", **{"num-server-rounds": 1})
+    never the local item memory, which stays in the node's model folder (personalise = true, the default; kept
+    whatever validation says, personalise-select = false, so that every node has one)."""
+    grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run", **{"num-server-rounds": 1,
+                                                                             "personalise-select": False})
     summary = run_training(grid, run_config, ServerConfig.from_run_config(run_config))
     assert 0 < summary["test_personalised"]["ctcvr.auc"] < 1  # global + local, evaluated on each node
     for folder in merchant_folders(tiny_market):

@@ -17,7 +17,7 @@ def test_cli_trains_and_writes_a_model_folder(tiny_market, tiny_bert, tmp_path):
     result = CliRunner().invoke(app, ["train-central", "--data", str(tiny_market), "--out", str(out),
                                       "--merchants", "merchant-01,merchant-02", "--epochs", "2",
                                       "--encoder", str(tiny_bert), "--adapter-layers", "1", "--batch-size", "256",
-                                      "--run-config", "examples.history-length=5 model.dim=16"])
+                                      "--run-config", "examples.history-length=5 model.dim=16 personalise-select=false"])
     assert result.exit_code == 0, result.output
     for split in ("train split", "validation split", "test split"):
         assert split in result.output
@@ -25,7 +25,9 @@ def test_cli_trains_and_writes_a_model_folder(tiny_market, tiny_bert, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS", "config.json", "encoder.json", "local.safetensors",
                                                      "metrics.json", "weights.safetensors"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["splits"]["test"]) == {"model", "popularity", "oracle"}
+    # personalised as nodes are (the local memory kept whatever validation says: personalise-select = false)
+    assert set(metrics["splits"]["test"]) == {"model", "model + local", "popularity", "oracle"}
+    assert "model + local" in result.output
     assert len(metrics["history"]) <= 2 and 0.0 < metrics["splits"]["test"]["model"]["ctcvr.auc"] < 1.0
     # the held-out splits are ranked against the whole catalog; the training split is not (most of the cost)
     for split in ("validation", "test"):

@@ -8,6 +8,10 @@ Run config keys:
   personalise-epochs   epochs of that fine-tuning
   personalise-lr       its Adam learning rate
   personalise-head     also fine-tune the scoring head (its copy on this node)
+  personalise-select   true (default): keep the local layers only where they beat the global model alone on the
+                       node's own validation split (`selection.py`: next-basket NDCG@10 on purchase logs, CTCVR AUC
+                       otherwise), so that personalising never serves a node a model its own data rates worse;
+                       false: always keep them
 
 What is trained here never leaves the node: no update is sent after it, so it is not part of the federation's
 DP-SGD (the ledger's epsilon covers every weight that leaves a node). The personalised model is what the node
@@ -26,6 +30,8 @@ from ..model.esmm import ConversionModel
 from ..settings import Section
 from .data import TrainingSet
 from .loop import ItemSide, train_epoch
+from .prepare import Prepared
+from .selection import selection_metric, validation_score
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,11 @@ class PersonaliseConfig(Section):
     epochs: int = 2
     lr: float = 0.01
     head: bool = False
+    select: bool = True
 
     ERROR = ModelConfigError
     KEYS = {"personalise": "enabled", "personalise-epochs": "epochs", "personalise-lr": "lr",
-            "personalise-head": "head"}
+            "personalise-head": "head", "personalise-select": "select"}
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -47,13 +54,50 @@ class PersonaliseConfig(Section):
             raise ModelConfigError(f"personalise-lr = {self.lr!r}: must be > 0, e.g. 0.01")
 
 
-def personalise(model: ConversionModel, side: ItemSide, data: TrainingSet, config: PersonaliseConfig,
-                batch_size: int, seed: int, device: torch.device) -> float:
-    """Attach a local item memory over the side's items (or keep the one there) and train it (and with
-    `config.head` the head) for `config.epochs` epochs on `data`, every other weight frozen; returns the last
-    epoch's mean loss (nan when `data` is empty: the model is left as it was)."""
-    if len(data) == 0:
-        return float("nan")
+@dataclass(frozen=True)
+class Outcome:
+    """What personalising did: `kept` the local layers or not, the validation `metric` of the global model alone
+    (`global_score`) and of global + local (`local_score`); scores are None where the split has no value."""
+
+    kept: bool
+    metric: str
+    global_score: float | None
+    local_score: float | None
+
+    def describe(self) -> str:
+        def text(score: float | None) -> str:
+            return "none" if score is None else f"{score:.4f}"
+        verdict = "kept" if self.kept else "dropped (global alone serves)"
+        return (f"local layers {verdict}: validation {self.metric} {text(self.global_score)} global, "
+                f"{text(self.local_score)} global + local")
+
+
+def personalise(model: ConversionModel, side: ItemSide, prepared: Prepared, config: PersonaliseConfig,
+                batch_size: int, seed: int, device: torch.device) -> Outcome:
+    """Attach a local item memory over the side's items and train it (and with `config.head` the head) for
+    `config.epochs` epochs on the training split of `prepared`, every other weight frozen. With `config.select`,
+    keep them only where global + local scores strictly higher than the global model alone on the validation
+    split (no value there: the global model stays); otherwise the model is left exactly as it came."""
+    train = prepared.splits["train"]
+    metric = selection_metric(prepared)
+    model.memory = None
+    if len(train) == 0:
+        return Outcome(False, metric, None, None)
+    before = validation_score(model, side, prepared, device) if config.select else None
+    head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+    _fit_local(model, side, train, config, batch_size, seed, device)
+    if not config.select:
+        return Outcome(True, metric, None, None)
+    after = validation_score(model, side, prepared, device)
+    kept = before is not None and after is not None and after > before
+    if not kept:
+        model.memory = None
+        model.head.load_state_dict(head)
+    return Outcome(kept, metric, before, after)
+
+
+def _fit_local(model: ConversionModel, side: ItemSide, train: TrainingSet, config: PersonaliseConfig, batch_size: int,
+               seed: int, device: torch.device) -> float:
     memory = model.attach_memory(side.item_ids)
     local = list(memory.parameters()) + (list(model.head.parameters()) if config.head else [])
     keep = {p: p.requires_grad for p in model.parameters()}
@@ -65,7 +109,7 @@ def personalise(model: ConversionModel, side: ItemSide, data: TrainingSet, confi
         rng = np.random.default_rng([seed, 11])
         loss = float("nan")
         for _ in range(config.epochs):
-            loss = train_epoch(model, side, data, optimizer, batch_size, rng, device)
+            loss = train_epoch(model, side, train, optimizer, batch_size, rng, device)
     finally:
         for p, flag in keep.items():
             p.requires_grad_(flag)

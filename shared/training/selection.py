@@ -1,0 +1,41 @@
+"""The one validation figure that chooses between models: the epoch kept by early stopping, and whether a node's
+personalised layers replace the global model alone (`personalise.py`).
+
+- Purchase logs (no impressions): the validation next-basket NDCG@10, `nb.all.ndcg@10`, each shopper's next basket
+  ranked against the merchant's whole catalog (the test's own metric, on the validation cut). Their sampled
+  negatives make a CTCVR AUC say little about a full-catalog ranking.
+- Logs with impressions: the validation CTCVR AUC, `ctcvr.auc`, P(score of a purchased impression > score of an
+  impression not bought).
+Higher is better for both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import metrics
+from .loop import ItemSide, model_sums
+from .prepare import Prepared
+
+AUC_METRIC = "ctcvr.auc"
+BASKET_METRIC = "nb.all.ndcg@10"
+
+
+def selection_metric(prepared: Prepared) -> str:
+    """The metric that chooses on this data (see the module doc)."""
+    by_basket = prepared.implicit and len(prepared.baskets.get("validation", ())) > 0
+    return BASKET_METRIC if by_basket else AUC_METRIC
+
+
+def validation_score(model, side: ItemSide, prepared: Prepared, device: torch.device) -> float | None:
+    """The model's `selection_metric` on the validation split; None when it has no value there (no validation
+    examples, or no purchase among them)."""
+    data = prepared.splits["validation"]
+    if len(data) == 0:
+        return None
+    metric = selection_metric(prepared)
+    by_basket = metric == BASKET_METRIC
+    sums = model_sums(model, side, data, prepared.candidates, prepared.logs, device, rank=by_basket,
+                      basket=prepared.baskets.get("validation") if by_basket else None)
+    value = metrics.finalise(sums).get(metric)
+    return None if value is None else float(value)

@@ -1,0 +1,77 @@
+"""Personalisation after push-back (`shared/training/personalise.py`): a node's local layers replace the global
+model alone only where its own validation split rates them higher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
+from fedcvr.shared.data.loader import merchant_folders
+from fedcvr.shared.model.weights import trainable_state
+from fedcvr.shared.training import personalise as module
+from fedcvr.shared.training.personalise import PersonaliseConfig, personalise
+from fedcvr.shared.training.selection import AUC_METRIC, BASKET_METRIC, selection_metric, validation_score
+
+
+def settings(tiny_bert, **overrides) -> NodeSettings:
+    return NodeSettings.from_run_config({
+        "model.encoder": str(tiny_bert), "model.dim": 8, "model.attention-hidden": 8, "model.head-hidden": 8,
+        "model.max-text-tokens": 32, "examples.history-length": 8, "train.batch-size": 128, "dp.enabled": False,
+        "personalise-head": True, **overrides})
+
+
+@pytest.fixture
+def node(tiny_market, tiny_bert):
+    return MerchantNode(merchant_folders(tiny_market)[0], settings(tiny_bert))
+
+
+def head_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+
+
+@pytest.mark.parametrize("scores, kept", [((0.60, 0.55), False), ((0.60, 0.60), False), ((0.55, 0.60), True),
+                                          ((None, 0.60), False)])
+def test_local_layers_are_kept_only_where_validation_rates_them_higher(node, monkeypatch, scores, kept):
+    calls = iter(scores)
+    monkeypatch.setattr(module, "validation_score", lambda *args: next(calls))
+    before = head_state(node.model)
+    outcome = personalise(node.model, node.side, node.prepared, node.settings.personalise, 128, 0, node.device)
+    assert outcome.kept is kept and (outcome.global_score, outcome.local_score) == scores
+    assert (node.model.memory is not None) is kept
+    same_head = all(torch.equal(before[k], v) for k, v in node.model.head.state_dict().items())
+    assert same_head is not kept  # personalise-head: a dropped head is the global one again, exactly
+    assert ("kept" if kept else "dropped") in outcome.describe()
+
+
+def test_without_select_the_local_layers_are_always_kept(node, monkeypatch):
+    monkeypatch.setattr(module, "validation_score", lambda *args: pytest.fail("select = false reads no validation"))
+    config = PersonaliseConfig(select=False)
+    outcome = personalise(node.model, node.side, node.prepared, config, 128, 0, node.device)
+    assert outcome.kept and node.model.memory is not None
+
+
+def test_the_node_serves_global_alone_where_local_does_not_help(node, monkeypatch):
+    """A node whose validation rates global + local lower evaluates and saves the global model alone."""
+    weights = trainable_state(node.model)
+    monkeypatch.setattr(module, "validation_score", lambda model, *args: 0.5 if model.memory is None else 0.4)
+    personal = node.evaluate(weights, "test", personalised=True)
+    alone = node.evaluate(weights, "test")
+    assert node.outcome is not None and not node.outcome.kept
+    assert merge_evaluations([personal]) == pytest.approx(merge_evaluations([alone]))
+
+
+def test_selection_metric_and_a_real_validation_score(node, tiny_purchase_market, tiny_bert):
+    assert selection_metric(node.prepared) == AUC_METRIC  # impressions
+    score = validation_score(node.model, node.side, node.prepared, node.device)
+    assert score is not None and 0.0 <= score <= 1.0
+    shop = MerchantNode(merchant_folders(tiny_purchase_market)[0],
+                        settings(tiny_bert, **{"examples.test-from": "2024-03-01"}))
+    assert selection_metric(shop.prepared) == BASKET_METRIC  # purchase logs: the next basket
+    score = validation_score(shop.model, shop.side, shop.prepared, shop.device)
+    assert score is not None and 0.0 <= score <= 1.0
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ValueError, match="personalise-select = 'yes': expected true or false"):
+        PersonaliseConfig.from_run_config({"personalise-select": "yes"})
