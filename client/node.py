@@ -147,7 +147,8 @@ class MerchantNode:
         `personalise` (the default) global + local, the node's item memory in the folder's local file."""
         self.load(arrays, self.settings.personalise.enabled)
         settings = {"train": self.settings.train.to_dict(), "examples": self.settings.examples.to_dict(),
-                    "version": version, "merchant": self.folder.name}
+                    "version": version, "merchant": self.folder.name,
+                    "personalised": None if self.outcome is None else self.outcome.describe()}
         folder = save_model_folder(model_dir, self.model, self.backbone, settings,
                                    {"history": history or []} if history is not None else None)
         (folder / "VERSION").write_text(version + "\n")
