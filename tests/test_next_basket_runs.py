@@ -124,6 +124,8 @@ def test_an_experiment_reports_the_model_beside_the_baselines(tmp_path, tiny_pur
     test = table[(table.split == "test") & (table.merchant == "all") & (table.metric == "nb.all.ndcg@10")]
     settings = set(test.setting)
     assert {"centralized", "local-only", "fedavg"} <= settings
+    # personalise = true (the default): every model run also reports global + local, centralized included
+    assert {"centralized + local", "local-only + local", "fedavg + local"} <= settings
     assert {f"{name} ({scope})" for name in BASELINES for scope in ("pooled", "local")} <= settings
     # each merchant's own baselines also have rows of their own, and one shopper count holds for every row
     assert {"shop-1", "shop-2", "shop-3"} <= set(table[table.setting == "popularity (local)"].merchant)
