@@ -11,7 +11,13 @@ from fedcvr.shared.data.loader import merchant_folders
 from fedcvr.shared.model.weights import trainable_state
 from fedcvr.shared.training import personalise as module
 from fedcvr.shared.training.personalise import PersonaliseConfig, personalise
-from fedcvr.shared.training.selection import AUC_METRIC, BASKET_METRIC, selection_metric, validation_score
+from fedcvr.shared.training.selection import (
+    AUC_METRIC,
+    BASKET_METRIC,
+    Validation,
+    selection_metric,
+    validation_score,
+)
 
 
 def settings(tiny_bert, **overrides) -> NodeSettings:
@@ -30,18 +36,20 @@ def head_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.head.state_dict().items()}
 
 
-@pytest.mark.parametrize("scores, kept", [((0.60, 0.55), False), ((0.60, 0.60), False), ((0.55, 0.60), True),
-                                          ((None, 0.60), False)])
-def test_local_layers_are_kept_only_where_validation_rates_them_higher(node, monkeypatch, scores, kept):
+@pytest.mark.parametrize("scores, units, kept", [((0.60, 0.55), 40, False), ((0.60, 0.60), 40, False),
+                                                 ((0.55, 0.60), 40, True), ((None, 0.60), 40, False),
+                                                 ((0.55, 0.60), 29, False)])  # fewer than min-validation (30)
+def test_local_layers_are_kept_only_where_validation_rates_them_higher(node, monkeypatch, scores, units, kept):
     calls = iter(scores)
-    monkeypatch.setattr(module, "validation_score", lambda *args: next(calls))
+    monkeypatch.setattr(module, "validation_score", lambda *args: Validation(next(calls), units))
     before = head_state(node.model)
     outcome = personalise(node.model, node.side, node.prepared, node.settings.personalise, 128, 0, node.device)
     assert outcome.kept is kept and (outcome.global_score, outcome.local_score) == scores
     assert (node.model.memory is not None) is kept
     same_head = all(torch.equal(before[k], v) for k, v in node.model.head.state_dict().items())
     assert same_head is not kept  # personalise-head: a dropped head is the global one again, exactly
-    assert ("kept" if kept else "dropped") in outcome.describe()
+    assert ("kept" if kept else "dropped") in outcome.describe() and f"over {units} units" in outcome.describe()
+    assert ("too few" in outcome.describe()) is (units < 30)
 
 
 def test_without_select_the_local_layers_are_always_kept(node, monkeypatch):
@@ -54,7 +62,8 @@ def test_without_select_the_local_layers_are_always_kept(node, monkeypatch):
 def test_the_node_serves_global_alone_where_local_does_not_help(node, monkeypatch):
     """A node whose validation rates global + local lower evaluates and saves the global model alone."""
     weights = trainable_state(node.model)
-    monkeypatch.setattr(module, "validation_score", lambda model, *args: 0.5 if model.memory is None else 0.4)
+    monkeypatch.setattr(module, "validation_score",
+                        lambda model, *args: Validation(0.5 if model.memory is None else 0.4, 100))
     personal = node.evaluate(weights, "test", personalised=True)
     alone = node.evaluate(weights, "test")
     assert node.outcome is not None and not node.outcome.kept
@@ -64,14 +73,18 @@ def test_the_node_serves_global_alone_where_local_does_not_help(node, monkeypatc
 def test_selection_metric_and_a_real_validation_score(node, tiny_purchase_market, tiny_bert):
     assert selection_metric(node.prepared) == AUC_METRIC  # impressions
     score = validation_score(node.model, node.side, node.prepared, node.device)
-    assert score is not None and 0.0 <= score <= 1.0
+    assert score.value is not None and 0.0 <= score.value <= 1.0
+    assert score.units == int(node.prepared.splits["validation"].purchased.sum()) > 0  # validation purchases
     shop = MerchantNode(merchant_folders(tiny_purchase_market)[0],
                         settings(tiny_bert, **{"examples.test-from": "2024-03-01"}))
     assert selection_metric(shop.prepared) == BASKET_METRIC  # purchase logs: the next basket
     score = validation_score(shop.model, shop.side, shop.prepared, shop.device)
-    assert score is not None and 0.0 <= score <= 1.0
+    assert score.value is not None and 0.0 <= score.value <= 1.0
+    assert score.units == len(shop.prepared.baskets["validation"]) > 0  # shoppers asked for a next basket
 
 
 def test_bad_settings_name_the_key():
     with pytest.raises(ValueError, match="personalise-select = 'yes': expected true or false"):
         PersonaliseConfig.from_run_config({"personalise-select": "yes"})
+    with pytest.raises(ValueError, match="personalise-min-validation = -1: must be 0 or more"):
+        PersonaliseConfig.from_run_config({"personalise-min-validation": -1})

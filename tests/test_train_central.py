@@ -17,7 +17,8 @@ def test_cli_trains_and_writes_a_model_folder(tiny_market, tiny_bert, tmp_path):
     result = CliRunner().invoke(app, ["train-central", "--data", str(tiny_market), "--out", str(out),
                                       "--merchants", "merchant-01,merchant-02", "--epochs", "2",
                                       "--encoder", str(tiny_bert), "--adapter-layers", "1", "--batch-size", "256",
-                                      "--run-config", "examples.history-length=5 model.dim=16 personalise-select=false"])
+                                      "--run-config",
+                                      "examples.history-length=5 model.dim=16 personalise-select=false"])
     assert result.exit_code == 0, result.output
     for split in ("train split", "validation split", "test split"):
         assert split in result.output

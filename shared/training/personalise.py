@@ -12,6 +12,10 @@ Run config keys:
                        node's own validation split (`selection.py`: next-basket NDCG@10 on purchase logs, CTCVR AUC
                        otherwise), so that personalising never serves a node a model its own data rates worse;
                        false: always keep them
+  personalise-min-validation
+                       with select: keep them only where that validation figure rests on at least this many
+                       units (validation purchases for the AUC, shoppers asked for a next basket for NDCG@10); a
+                       split smaller than that cannot tell a real gain from noise, and the global model stays
 
 What is trained here never leaves the node: no update is sent after it, so it is not part of the federation's
 DP-SGD (the ledger's epsilon covers every weight that leaves a node). The personalised model is what the node
@@ -41,15 +45,19 @@ class PersonaliseConfig(Section):
     lr: float = 0.01
     head: bool = False
     select: bool = True
+    min_validation: int = 30
 
     ERROR = ModelConfigError
     KEYS = {"personalise": "enabled", "personalise-epochs": "epochs", "personalise-lr": "lr",
-            "personalise-head": "head", "personalise-select": "select"}
+            "personalise-head": "head", "personalise-select": "select",
+            "personalise-min-validation": "min_validation"}
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ModelConfigError(f"personalise-epochs = {self.epochs!r}: must be at least 1 (or set "
                                    "personalise = false to serve the global model alone)")
+        if self.min_validation < 0:
+            raise ModelConfigError(f"personalise-min-validation = {self.min_validation!r}: must be 0 or more, e.g. 30")
         if not self.lr > 0:
             raise ModelConfigError(f"personalise-lr = {self.lr!r}: must be > 0, e.g. 0.01")
 
@@ -57,19 +65,23 @@ class PersonaliseConfig(Section):
 @dataclass(frozen=True)
 class Outcome:
     """What personalising did: `kept` the local layers or not, the validation `metric` of the global model alone
-    (`global_score`) and of global + local (`local_score`); scores are None where the split has no value."""
+    (`global_score`) and of global + local (`local_score`) over `units` validation units (purchases or next-basket
+    shoppers); scores are None where the split has no value or was not read."""
 
     kept: bool
     metric: str
     global_score: float | None
     local_score: float | None
+    units: int = 0
+    too_few: bool = False
 
     def describe(self) -> str:
         def text(score: float | None) -> str:
             return "none" if score is None else f"{score:.4f}"
         verdict = "kept" if self.kept else "dropped (global alone serves)"
+        few = " (too few to choose on: personalise-min-validation)" if self.too_few else ""
         return (f"local layers {verdict}: validation {self.metric} {text(self.global_score)} global, "
-                f"{text(self.local_score)} global + local")
+                f"{text(self.local_score)} global + local, over {self.units} units{few}")
 
 
 def personalise(model: ConversionModel, side: ItemSide, prepared: Prepared, config: PersonaliseConfig,
@@ -77,7 +89,8 @@ def personalise(model: ConversionModel, side: ItemSide, prepared: Prepared, conf
     """Attach a local item memory over the side's items and train it (and with `config.head` the head) for
     `config.epochs` epochs on the training split of `prepared`, every other weight frozen. With `config.select`,
     keep them only where global + local scores strictly higher than the global model alone on the validation
-    split (no value there: the global model stays); otherwise the model is left exactly as it came."""
+    split, over at least `config.min_validation` units (no value there, or fewer units: the global model stays);
+    otherwise the model is left exactly as it came."""
     train = prepared.splits["train"]
     metric = selection_metric(prepared)
     model.memory = None
@@ -89,11 +102,12 @@ def personalise(model: ConversionModel, side: ItemSide, prepared: Prepared, conf
     if not config.select:
         return Outcome(True, metric, None, None)
     after = validation_score(model, side, prepared, device)
-    kept = before is not None and after is not None and after > before
+    too_few = after.units < config.min_validation
+    kept = (before.value is not None and after.value is not None and after.value > before.value and not too_few)
     if not kept:
         model.memory = None
         model.head.load_state_dict(head)
-    return Outcome(kept, metric, before, after)
+    return Outcome(kept, metric, before.value, after.value, after.units, too_few)
 
 
 def _fit_local(model: ConversionModel, side: ItemSide, train: TrainingSet, config: PersonaliseConfig, batch_size: int,

@@ -6,10 +6,14 @@ personalised layers replace the global model alone (`personalise.py`).
   negatives make a CTCVR AUC say little about a full-catalog ranking.
 - Logs with impressions: the validation CTCVR AUC, `ctcvr.auc`, P(score of a purchased impression > score of an
   impression not bought).
-Higher is better for both.
+Higher is better for both. Each figure comes with the number of units behind it (`Validation.units`: the
+validation purchases for the AUC, the shoppers asked for a next basket for NDCG@10), so that a choice can refuse to
+rest on a handful of them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -27,15 +31,25 @@ def selection_metric(prepared: Prepared) -> str:
     return BASKET_METRIC if by_basket else AUC_METRIC
 
 
-def validation_score(model, side: ItemSide, prepared: Prepared, device: torch.device) -> float | None:
-    """The model's `selection_metric` on the validation split; None when it has no value there (no validation
-    examples, or no purchase among them)."""
+@dataclass(frozen=True)
+class Validation:
+    """A model's `selection_metric` on the validation split (None where it has no value: no validation examples,
+    or no purchase among them) and the units behind it (purchases, or next-basket shoppers)."""
+
+    value: float | None
+    units: int
+
+
+def validation_score(model, side: ItemSide, prepared: Prepared, device: torch.device) -> Validation:
+    """The model's `selection_metric` on the validation split, with the units behind it."""
     data = prepared.splits["validation"]
     if len(data) == 0:
-        return None
+        return Validation(None, 0)
     metric = selection_metric(prepared)
     by_basket = metric == BASKET_METRIC
     sums = model_sums(model, side, data, prepared.candidates, prepared.logs, device, rank=by_basket,
                       basket=prepared.baskets.get("validation") if by_basket else None)
-    value = metrics.finalise(sums).get(metric)
-    return None if value is None else float(value)
+    final = metrics.finalise(sums)
+    value = final.get(metric)
+    units = final.get("nb.all.n" if by_basket else "ctcvr.positives") or 0
+    return Validation(None if value is None else float(value), int(units))
