@@ -57,6 +57,7 @@ def test_without_select_the_local_layers_are_always_kept(node, monkeypatch):
     config = PersonaliseConfig(select=False)
     outcome = personalise(node.model, node.side, node.prepared, config, 128, 0, node.device)
     assert outcome.kept and node.model.memory is not None
+    assert outcome.describe() == "local layers kept (personalise-select = false: validation not read)"
 
 
 def test_the_node_serves_global_alone_where_local_does_not_help(node, monkeypatch):

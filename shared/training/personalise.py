@@ -78,6 +78,8 @@ class Outcome:
     def describe(self) -> str:
         def text(score: float | None) -> str:
             return "none" if score is None else f"{score:.4f}"
+        if self.kept and self.global_score is None:
+            return "local layers kept (personalise-select = false: validation not read)"
         verdict = "kept" if self.kept else "dropped (global alone serves)"
         few = " (too few to choose on: personalise-min-validation)" if self.too_few else ""
         return (f"local layers {verdict}: validation {self.metric} {text(self.global_score)} global, "
