@@ -43,7 +43,8 @@ def test_local_layers_are_kept_only_where_validation_rates_them_higher(node, mon
     calls = iter(scores)
     monkeypatch.setattr(module, "validation_score", lambda *args: Validation(next(calls), units))
     before = head_state(node.model)
-    outcome = personalise(node.model, node.side, node.prepared, node.settings.personalise, 128, 0, node.device)
+    config = PersonaliseConfig(head=True, min_validation=30)
+    outcome = personalise(node.model, node.side, node.prepared, config, 128, 0, node.device)
     assert outcome.kept is kept and (outcome.global_score, outcome.local_score) == scores
     assert (node.model.memory is not None) is kept
     same_head = all(torch.equal(before[k], v) for k, v in node.model.head.state_dict().items())
