@@ -46,7 +46,7 @@ from fedcvr.shared.training.loop import (
 )
 from fedcvr.shared.training.personalise import PersonaliseConfig, personalise
 from fedcvr.shared.training.prepare import SPLITS, Prepared, prepare, select_merchants
-from fedcvr.shared.training.selection import AUC_METRIC, selection_metric
+from fedcvr.shared.training.selection import AUC_METRIC, selection_metric, validation_score
 
 SMOOTHING = 10.0
 LOCAL = "model + local"
@@ -90,19 +90,18 @@ class CentralResult:
     """Purchase logs: the classic baselines on the same next-basket test, fitted on the pooled data."""
 
 
-def evaluate_all(model: ConversionModel, side: ItemSide, prepared: Prepared, device: torch.device,
-                 splits: tuple[str, ...] = SPLITS, ranked: tuple[str, ...] = RANKED_SPLITS
+def evaluate_all(model: ConversionModel, side: ItemSide, prepared: Prepared, device: torch.device
                  ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Per split: finalised metrics of the model, the popularity baseline and (where known) the oracle; the
-    full-catalog ranking metrics (NDCG@K, HR@K) only for the `ranked` splits."""
+    full-catalog ranking metrics (NDCG@K, HR@K) only for the RANKED_SPLITS."""
     embeddings = embed_catalog(model, side, device)
     pop_ctr, pop_ctcvr = popularity(prepared.splits["train"], len(prepared.catalog))
     out: dict[str, dict[str, dict[str, float | None]]] = {}
-    for name in splits:
+    for name in SPLITS:
         data = prepared.splits[name]
         if len(data) == 0:
             continue
-        rank = name in ranked
+        rank = name in RANKED_SPLITS
         basket = prepared.baskets.get(name)
         out[name] = {"model": metrics.finalise(model_sums(model, side, data, prepared.candidates, prepared.logs, device,
                                                          embeddings, rank=rank, basket=basket))}
@@ -155,11 +154,9 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
                            progress)
         # early stopping: no full-catalog ranking each epoch, except the validation next baskets of purchase logs
         metric = selection_metric(prepared)
-        validation = evaluate_all(model, side, prepared, device, ("validation",),
-                                  ranked=("validation",) if metric != AUC_METRIC else ()).get("validation", {})
-        found = validation.get("model") or {}
-        score = found.get(metric)
-        record = {"epoch": epoch, "train_loss": loss, f"validation_{AUC_METRIC}": found.get(AUC_METRIC),
+        validation = validation_score(model, side, prepared, device)
+        score = validation.value
+        record = {"epoch": epoch, "train_loss": loss, f"validation_{AUC_METRIC}": validation.metrics.get(AUC_METRIC),
                   "early_stop_metric": metric, f"validation_{metric}": score}
         result.history.append(record)
         if on_epoch_end:

@@ -41,7 +41,7 @@ def head_state(model) -> dict[str, torch.Tensor]:
                                                  ((0.55, 0.60), 29, False)])  # fewer than min-validation (30)
 def test_local_layers_are_kept_only_where_validation_rates_them_higher(node, monkeypatch, scores, units, kept):
     calls = iter(scores)
-    monkeypatch.setattr(module, "validation_score", lambda *args: Validation(next(calls), units))
+    monkeypatch.setattr(module, "validation_score", lambda *args: Validation(next(calls), units, {}))
     before = head_state(node.model)
     config = PersonaliseConfig(head=True, min_validation=30)
     outcome = personalise(node.model, node.side, node.prepared, config, 128, 0, node.device)
@@ -65,7 +65,7 @@ def test_the_node_serves_global_alone_where_local_does_not_help(node, monkeypatc
     """A node whose validation rates global + local lower evaluates and saves the global model alone."""
     weights = trainable_state(node.model)
     monkeypatch.setattr(module, "validation_score",
-                        lambda model, *args: Validation(0.5 if model.memory is None else 0.4, 100))
+                        lambda model, *args: Validation(0.5 if model.memory is None else 0.4, 100, {}))
     personal = node.evaluate(weights, "test", personalised=True)
     alone = node.evaluate(weights, "test")
     assert node.outcome is not None and not node.outcome.kept

@@ -34,17 +34,19 @@ def selection_metric(prepared: Prepared) -> str:
 @dataclass(frozen=True)
 class Validation:
     """A model's `selection_metric` on the validation split (None where it has no value: no validation examples,
-    or no purchase among them) and the units behind it (purchases, or next-basket shoppers)."""
+    or no purchase among them), the units behind it (purchases, or next-basket shoppers) and every finalised
+    validation metric it was read from (empty without validation examples)."""
 
     value: float | None
     units: int
+    metrics: dict[str, float | None]
 
 
 def validation_score(model, side: ItemSide, prepared: Prepared, device: torch.device) -> Validation:
     """The model's `selection_metric` on the validation split, with the units behind it."""
     data = prepared.splits["validation"]
     if len(data) == 0:
-        return Validation(None, 0)
+        return Validation(None, 0, {})
     metric = selection_metric(prepared)
     by_basket = metric == BASKET_METRIC
     sums = model_sums(model, side, data, prepared.candidates, prepared.logs, device, rank=by_basket,
@@ -52,4 +54,4 @@ def validation_score(model, side: ItemSide, prepared: Prepared, device: torch.de
     final = metrics.finalise(sums)
     value = final.get(metric)
     units = final.get("nb.all.n" if by_basket else "ctcvr.positives") or 0
-    return Validation(None if value is None else float(value), int(units))
+    return Validation(None if value is None else float(value), int(units), final)
