@@ -44,7 +44,7 @@ from fedcvr.shared.training.loop import (
     resolve_device,
     train_epoch,
 )
-from fedcvr.shared.training.personalise import PersonaliseConfig, personalise
+from fedcvr.shared.training.personalise import Outcome, PersonaliseConfig, personalise
 from fedcvr.shared.training.prepare import SPLITS, Prepared, prepare, select_merchants
 from fedcvr.shared.training.selection import AUC_METRIC, selection_metric, validation_score
 
@@ -88,6 +88,8 @@ class CentralResult:
     seconds: float = 0.0
     baselines: list[BaselineResult] = field(default_factory=list)
     """Purchase logs: the classic baselines on the same next-basket test, fitted on the pooled data."""
+    personalised: Outcome | None = None
+    """What personalising did (None with personalise = false)."""
 
 
 def evaluate_all(model: ConversionModel, side: ItemSide, prepared: Prepared, device: torch.device

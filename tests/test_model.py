@@ -17,6 +17,7 @@ from fedcvr.shared.model.encoder import BottleneckAdapter, load_backbone, masked
 from fedcvr.shared.model.errors import ModelConfigError
 from fedcvr.shared.model.esmm import ConversionModel, ScoreInputs, esmm_loss
 from fedcvr.shared.model.folder import load_model_folder, save_model_folder
+from fedcvr.shared.model.memory import ItemMemory, load_memory, save_memory
 from fedcvr.shared.model.prefix_cache import PrefixCache
 from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 
@@ -302,3 +303,17 @@ def test_prepare_refuses_zero_items_and_zero_examples():
                                        "timestamp": pd.to_datetime([])}))
     with pytest.raises(ModelConfigError, match="zero items"):
         prepare([empty], ExampleConfig())
+
+
+def test_a_damaged_local_blend_is_refused_by_name(tmp_path):
+    memory = ItemMemory(["a", "b"], 4)
+    with torch.no_grad():
+        memory.blend.fill_(2.0)
+    save_memory(memory, tmp_path / "local.safetensors")
+    assert float(load_memory(tmp_path / "local.safetensors", 4).blend) == 2.0
+    for bad in (float("nan"), -1.0, 1e9):
+        with torch.no_grad():
+            memory.blend.fill_(bad)
+        save_memory(memory, tmp_path / "local.safetensors")
+        with pytest.raises(ValueError, match="local.safetensors: the local blend weight .* is not a number between"):
+            load_memory(tmp_path / "local.safetensors", 4)

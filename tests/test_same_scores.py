@@ -39,9 +39,10 @@ def test_recommend_scores_each_item_exactly_as_the_next_basket_evaluation(tmp_pa
     data = load_merchant(full)
     prepared = prepare([data], ExampleConfig(test_from=str(cut), history_length=HISTORY))
     memory = model.attach_memory(prepared.catalog.item_ids)
-    with torch.no_grad():  # a trained memory: every item its own offset
+    with torch.no_grad():  # a trained memory: every item its own offset, and a blend of the repeat prior
         memory.table.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
         memory.table.weight[-1] = 0
+        memory.blend.fill_(1.0)
     model.eval()
     save_model_folder(tmp_path / "model", model, backbone, {"examples": {"history_length": HISTORY}})
 
@@ -53,6 +54,7 @@ def test_recommend_scores_each_item_exactly_as_the_next_basket_evaluation(tmp_pa
     evaluated = basket_scorer(model, embed_catalog(model, side, device), device)(task, pool)
 
     recommender = Recommender(tmp_path / "model", shop)
+    assert float(recommender.model.memory.blend) == 1.0  # the local layers travel through the model folder
     assert recommender.implicit and recommender.history_length == HISTORY
     user_ids = event_codes(data)[1]
     item_ids = [str(i) for i in prepared.catalog.item_ids[pool]]

@@ -10,7 +10,7 @@ from conftest import purchase_log
 from fedcvr.shared.data.contract import EVENT_TYPES
 from fedcvr.shared.data.examples import ExampleConfig, build_examples, event_codes
 from fedcvr.shared.data.loader import load_merchant
-from fedcvr.shared.data.signals import N_PAIR, N_SIGNALS, NO_AGE, WINDOWS_DAYS, EventLog, unseen_pair
+from fedcvr.shared.data.signals import N_PAIR, N_SIGNALS, NO_AGE, WINDOWS_DAYS, EventLog, repeat_prior, unseen_pair
 
 HOUR = 3_600 * 1_000_000_000
 DAY = 24 * HOUR
@@ -156,3 +156,16 @@ def test_log_q_is_the_samplers_own_probability(shop):
     assert examples.log_q.max() > 1  # a shopper's favourite is drawn far more often than uniformly
     uniform = build_examples(shop, ExampleConfig(negatives=4, popular_negatives=0.0, history_negatives=0.0))
     assert (uniform.log_q == 0).all()
+
+
+def test_repeat_prior_ranks_own_purchases_by_count_then_carts_then_best_sellers():
+    """The head's signal path starts from `repeat_prior`: on one shopper's candidates it orders what the shopper
+    bought (most often first), then what they carted, then the shop's 30-day best sellers."""
+    buy, cart = EVENT_TYPES.index("purchase"), EVENT_TYPES.index("cart")
+    events = [(0, 1, buy)] * 3 + [(0, 2, buy), (0, 3, cart)] + [(s, 4, buy) for s in range(1, 21)] + \
+        [(1, 5, buy), (2, 5, buy)]
+    u, i, e = (np.array(col) for col in zip(*events))
+    log = EventLog.build(u, i, e, np.arange(len(events)) * HOUR + 100 * DAY)
+    candidates = np.array([6, 5, 4, 3, 2, 1])
+    scores = log.grid(np.array([0]), candidates, np.array([102 * DAY]))[0] @ repeat_prior()
+    assert list(candidates[np.argsort(-scores, kind="stable")]) == [1, 2, 3, 4, 5, 6]

@@ -42,6 +42,18 @@ def test_cli_trains_and_writes_a_model_folder(tiny_market, tiny_bert, tmp_path):
     assert len(model.item_encoder.layers) == 1
 
 
+def test_cli_without_personalisation_serves_the_model_alone(tiny_market, tiny_bert, tmp_path):
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["train-central", "--data", str(tiny_market), "--out", str(out),
+                                      "--merchants", "merchant-01", "--epochs", "1", "--encoder", str(tiny_bert),
+                                      "--batch-size", "256", "--no-personalise",
+                                      "--run-config", "examples.history-length=5 model.dim=16"])
+    assert result.exit_code == 0, result.output
+    assert "model + local" not in result.output and "local.safetensors" not in {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["personalised"] is None
+    assert set(json.loads((out / "metrics.json").read_text())["splits"]["test"]) == {"model", "popularity", "oracle"}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--merchants", "merchant-09"], "merchant-09 not found"),
     (["--encoder", "/no/such/bert"], "is not a Hugging Face model folder"),

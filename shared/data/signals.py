@@ -38,6 +38,21 @@ _TYPES = len(EVENT_TYPES)
 _PURCHASE = EVENT_TYPES.index("purchase")
 
 
+def repeat_prior() -> np.ndarray:
+    """(N_SIGNALS,) weights of a linear score of the signals that ranks as the classic "the shopper's own past
+    purchases, most often bought first, then what the shop sold most in the last 30 days" list does: a bought item
+    scores 3 plus twice its purchase-count signal (about 3.2 to 5), a carted or clicked one 1 or 0.5 more, and every
+    item its 30-day purchase signal (0 to about 2, below any bought item's 3). A node blends the model's score with
+    it where its own validation split says so (`model/memory.py`, `training/personalise.py`)."""
+    out = np.zeros(N_SIGNALS, np.float32)
+    out[3 * _PURCHASE] = 3.0
+    out[3 * _PURCHASE + 1] = 2.0
+    out[3 * EVENT_TYPES.index("cart")] = 1.0
+    out[3 * EVENT_TYPES.index("click")] = 0.5
+    out[N_PAIR + ITEM_EVENTS.index("purchase") * len(WINDOWS_DAYS) + WINDOWS_DAYS.index(30)] = 1.0
+    return out
+
+
 def unseen_pair() -> np.ndarray:
     """(N_PAIR,) the candidate-in-history signals of an item the shopper never touched."""
     out = np.zeros(N_PAIR, np.float32)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.signals import N_SIGNALS
+from ..data.signals import N_SIGNALS, repeat_prior
 from .config import ModelConfig
 from .encoder import Backbone, ItemEncoder, load_backbone
 from .memory import ItemMemory
@@ -110,6 +110,7 @@ class ConversionModel(nn.Module):
         self.head = ESMMHead(config.dim, config.head_hidden, config.max_position, config.ctr_prior,
                              config.cvr_prior)
         self.memory: ItemMemory | None = None  # local, never sent (`memory.py`); see `attach_memory`
+        self.register_buffer("repeat_prior", torch.from_numpy(repeat_prior()), persistent=False)
 
     def attach_memory(self, item_ids) -> ItemMemory:
         """Give the model a local item memory over `item_ids` (rows at zero: it scores as before), or keep the one
@@ -127,7 +128,14 @@ class ConversionModel(nn.Module):
         target = items[batch.target]
         user, weights = self.user_tower(*self._behaviour_inputs(items, batch), target)
         ctr, cvr = self.head(user, target, batch.position, batch.signals)
-        return ctr, cvr, weights
+        return ctr + self.local_blend(batch.signals), cvr, weights
+
+    def local_blend(self, signals: torch.Tensor) -> torch.Tensor | float:
+        """(..., N_SIGNALS) -> (...) what the node's local memory adds to the click logit: its `blend` weight x the
+        repeat prior's score of the signals (`memory.py`); 0 without a memory."""
+        if self.memory is None:
+            return 0.0
+        return self.memory.blend * (signals @ self.repeat_prior)
 
     def score_candidates(self, items: torch.Tensor, batch: ScoreInputs, candidates: torch.Tensor,
                          signals: torch.Tensor) -> torch.Tensor:
@@ -139,8 +147,10 @@ class ConversionModel(nn.Module):
         user = self.user_tower.against(*self._behaviour_inputs(items, batch), targets)  # (n, k, D)
         n, k, dim = user.shape
         flat_targets = targets[None].expand(n, k, dim).reshape(n * k, dim)
+        flat_signals = signals.reshape(n * k, -1)
         ctr, cvr = self.head(user.reshape(n * k, dim), flat_targets,
-                             torch.zeros(n * k, dtype=torch.long, device=items.device), signals.reshape(n * k, -1))
+                             torch.zeros(n * k, dtype=torch.long, device=items.device), flat_signals)
+        ctr = ctr + self.local_blend(flat_signals)
         return (torch.sigmoid(ctr) * torch.sigmoid(cvr)).view(n, k)
 
     @staticmethod

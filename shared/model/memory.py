@@ -6,6 +6,11 @@ item beyond what its text says. Items without a row (new items, another shop's i
 embedding alone, so cold start stays. The rows start at zero, so a model with a fresh memory scores exactly as
 the global model does.
 
+The memory also holds the node's weight `blend` of the repeat prior (`data/signals.py: repeat_prior`, the classic
+"own past purchases, then the shop's best sellers" score of the shop's signals), added to the click logit: chosen
+after training on the node's own validation split (`training/personalise.py`), 0 = none. A blend of the model with
+the strongest classic baseline on real shops, local like the table.
+
 The memory is keyed by item id, not by row: a node's catalog order and the serving catalog's can differ. Its
 parameters are named `memory.*`; `weights.trainable_state` (what federated messages carry and aggregation sees)
 leaves them out, and a model folder keeps them in their own file (`folder.LOCAL`).
@@ -24,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 PREFIX = "memory."
+MAX_BLEND = 10.0
 
 
 class ItemMemory(nn.Module):
@@ -34,6 +40,7 @@ class ItemMemory(nn.Module):
         self.item_ids = pd.Index([str(i) for i in item_ids])
         self.table = nn.Embedding(len(self.item_ids) + 1, dim)  # the last row is "no row", kept at zero
         nn.init.zeros_(self.table.weight)
+        self.blend = nn.Parameter(torch.zeros(()), requires_grad=False)  # chosen on validation, not trained
 
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:
         """Row of each item id, -1 where the memory has none."""
@@ -51,12 +58,14 @@ class ItemMemory(nn.Module):
         known = np.flatnonzero(rows >= 0)
         with torch.no_grad():
             out.table.weight[torch.from_numpy(known)] = self.table.weight[torch.from_numpy(rows[known])]
+            out.blend.copy_(self.blend)
         return out.to(self.table.weight.device)
 
 
 def save_memory(memory: ItemMemory, path) -> None:
     """Write the memory's table with its item ids (JSON, in the file's metadata)."""
-    save_file({"table": memory.table.weight.detach().contiguous().cpu()}, str(path),
+    save_file({"table": memory.table.weight.detach().contiguous().cpu(), "blend": memory.blend.detach().cpu()},
+              str(path),
               metadata={"item_ids": json.dumps(list(memory.item_ids))})
 
 
@@ -65,11 +74,16 @@ def load_memory(path, dim: int) -> ItemMemory:
     with safe_open(str(path), framework="pt") as handle:
         item_ids = json.loads((handle.metadata() or {}).get("item_ids", "[]"))
         table = handle.get_tensor("table")
+        blend = handle.get_tensor("blend") if "blend" in handle.keys() else torch.zeros(())
     if tuple(table.shape) != (len(item_ids) + 1, dim):
         raise ValueError(f"{path}: the local item memory holds a table of shape {tuple(table.shape)}, but "
                          f"{len(item_ids)} item ids and model.dim = {dim} need ({len(item_ids) + 1}, {dim}); the file "
                          "belongs to another model: delete it to serve the global model alone")
+    if blend.shape != () or not torch.isfinite(blend) or not 0 <= float(blend) <= MAX_BLEND:
+        raise ValueError(f"{path}: the local blend weight {blend.tolist()!r} is not a number between 0 and "
+                         f"{MAX_BLEND}; the file is damaged: delete it to serve the global model alone")
     memory = ItemMemory(item_ids, dim)
     with torch.no_grad():
         memory.table.weight.copy_(table)
+        memory.blend.copy_(blend)
     return memory

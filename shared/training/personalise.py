@@ -12,6 +12,9 @@ Run config keys:
                        node's own validation split (`selection.py`: next-basket NDCG@10 on purchase logs, CTCVR AUC
                        otherwise), so that personalising never serves a node a model its own data rates worse;
                        false: always keep them
+  personalise-blend    true (default): with select, also try adding BLENDS x the repeat prior's score (the classic
+                       "own past purchases, then best sellers" ranking, `data/signals.py: repeat_prior`) to the click
+                       logit, and keep the weight the validation split rates highest (0 where none is higher)
   personalise-min-validation
                        with select: keep them only where that validation figure rests on at least this many
                        units (validation purchases for the AUC, shoppers asked for a next basket for NDCG@10); 0 (the
@@ -46,11 +49,12 @@ class PersonaliseConfig(Section):
     lr: float = 0.01
     head: bool = False
     select: bool = True
+    blend: bool = True
     min_validation: int = 0
 
     ERROR = ModelConfigError
     KEYS = {"personalise": "enabled", "personalise-epochs": "epochs", "personalise-lr": "lr",
-            "personalise-head": "head", "personalise-select": "select",
+            "personalise-head": "head", "personalise-select": "select", "personalise-blend": "blend",
             "personalise-min-validation": "min_validation"}
 
     def __post_init__(self) -> None:
@@ -65,9 +69,10 @@ class PersonaliseConfig(Section):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What personalising did: `kept` the local layers or not, the validation `metric` of the global model alone
-    (`global_score`) and of global + local (`local_score`) over `units` validation units (purchases or next-basket
-    shoppers); scores are None where the split has no value or was not read."""
+    """What personalising did: `kept` the local layers or not (the item memory's table: `memory`; the repeat prior's
+    weight: `blend`), the validation `metric` of the global model alone (`global_score`) and of global + local
+    (`local_score`, the best of those tried) over `units` validation units (purchases or next-basket shoppers);
+    scores are None where the split has no value or was not read."""
 
     kept: bool
     metric: str
@@ -75,25 +80,33 @@ class Outcome:
     local_score: float | None
     units: int = 0
     too_few: bool = False
+    memory: bool = False
+    blend: float = 0.0
 
     def describe(self) -> str:
         def text(score: float | None) -> str:
             return "none" if score is None else f"{score:.4f}"
         if self.kept and self.global_score is None:
             return "local layers kept (personalise-select = false: validation not read)"
-        verdict = "kept" if self.kept else "dropped (global alone serves)"
+        parts = (["item memory"] if self.memory else []) + ([f"repeat blend {self.blend:g}"] if self.blend else [])
+        verdict = f"kept ({', '.join(parts)})" if self.kept else "dropped (global alone serves)"
         few = " (too few to choose on: personalise-min-validation)" if self.too_few else ""
         return (f"local layers {verdict}: validation {self.metric} {text(self.global_score)} global, "
                 f"{text(self.local_score)} global + local, over {self.units} units{few}")
+
+
+BLENDS = (0.5, 1.0, 2.0)  # weights of the repeat prior tried on validation (personalise-blend)
 
 
 def personalise(model: ConversionModel, side: ItemSide, prepared: Prepared, config: PersonaliseConfig,
                 batch_size: int, seed: int, device: torch.device) -> Outcome:
     """Attach a local item memory over the side's items and train it (and with `config.head` the head) for
     `config.epochs` epochs on the training split of `prepared`, every other weight frozen. With `config.select`,
-    keep them only where global + local scores strictly higher than the global model alone on the validation
-    split, over at least `config.min_validation` units (no value there, or fewer units: the global model stays);
-    otherwise the model is left exactly as it came."""
+    keep it only where global + local scores strictly higher than the global model alone on the validation split;
+    with `config.blend` too, try each of BLENDS as the memory's repeat-prior weight, on top of the better of the two,
+    and keep the best. The local layers stay only where the best scores strictly higher than the global model alone,
+    over at least `config.min_validation` units (no value there, or fewer units: the global model stays, and the
+    model is left exactly as it came)."""
     train = prepared.splits["train"]
     metric = selection_metric(prepared)
     model.memory = None
@@ -103,20 +116,40 @@ def personalise(model: ConversionModel, side: ItemSide, prepared: Prepared, conf
     head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
     _fit_local(model, side, train, config, batch_size, seed, device)
     if not config.select:
-        return Outcome(True, metric, None, None)
-    after = validation_score(model, side, prepared, device)
-    too_few = after.units < config.min_validation
-    kept = (before.value is not None and after.value is not None and after.value > before.value and not too_few)
-    if not kept:
-        model.memory = None
+        return Outcome(True, metric, None, None, memory=True)
+    fitted = validation_score(model, side, prepared, device)
+    if before.value is None or fitted.value is None:
+        return _drop(model, head, Outcome(False, metric, before.value, fitted.value, fitted.units))
+    best, with_memory = max(before.value, fitted.value), fitted.value > before.value
+    if not with_memory:  # a zero table scores exactly as the global model: the blend is tried on that alone
+        with torch.no_grad():
+            model.memory.table.weight.zero_()
         model.head.load_state_dict(head)
-    return Outcome(kept, metric, before.value, after.value, after.units, too_few)
+    blend = 0.0
+    for weight in BLENDS if config.blend else ():
+        with torch.no_grad():
+            model.memory.blend.fill_(weight)
+        found = validation_score(model, side, prepared, device).value
+        if found is not None and found > best:
+            best, blend = found, weight
+    with torch.no_grad():
+        model.memory.blend.fill_(blend)
+    too_few = fitted.units < config.min_validation
+    outcome = Outcome(best > before.value and not too_few, metric, before.value, best, fitted.units, too_few,
+                      with_memory, blend)
+    return outcome if outcome.kept else _drop(model, head, outcome)
+
+
+def _drop(model: ConversionModel, head: dict[str, torch.Tensor], outcome: Outcome) -> Outcome:
+    model.memory = None
+    model.head.load_state_dict(head)
+    return outcome
 
 
 def _fit_local(model: ConversionModel, side: ItemSide, train: TrainingSet, config: PersonaliseConfig, batch_size: int,
                seed: int, device: torch.device) -> float:
     memory = model.attach_memory(side.item_ids)
-    local = list(memory.parameters()) + (list(model.head.parameters()) if config.head else [])
+    local = [memory.table.weight] + (list(model.head.parameters()) if config.head else [])
     keep = {p: p.requires_grad for p in model.parameters()}
     chosen = {id(p) for p in local}
     try:
