@@ -7,10 +7,11 @@ import tomllib
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import REPO_ROOT, make_tiny_bert
 from fedcvr.shared.data.examples import ExampleConfig
-from fedcvr.shared.data.signals import N_SIGNALS
+from fedcvr.shared.data.signals import N_SIGNALS, repeat_prior
 from fedcvr.shared.model import prefix_cache as prefix_module
 from fedcvr.shared.model.config import ModelConfig, TrainConfig
 from fedcvr.shared.model.encoder import BottleneckAdapter, load_backbone, masked_mean
@@ -308,12 +309,18 @@ def test_prepare_refuses_zero_items_and_zero_examples():
 def test_a_damaged_local_blend_is_refused_by_name(tmp_path):
     memory = ItemMemory(["a", "b"], 4)
     with torch.no_grad():
-        memory.blend.fill_(2.0)
-    save_memory(memory, tmp_path / "local.safetensors")
-    assert float(load_memory(tmp_path / "local.safetensors", 4).blend) == 2.0
-    for bad in (float("nan"), -1.0, 1e9):
+        memory.blend.copy_(2 * torch.from_numpy(repeat_prior()))
+    path = tmp_path / "local.safetensors"
+    save_memory(memory, path)
+    assert torch.equal(load_memory(path, 4).blend, memory.blend)
+    for bad in (float("nan"), 1e9):
         with torch.no_grad():
-            memory.blend.fill_(bad)
-        save_memory(memory, tmp_path / "local.safetensors")
-        with pytest.raises(ValueError, match="local.safetensors: the local blend weight .* is not a number between"):
-            load_memory(tmp_path / "local.safetensors", 4)
+            memory.blend[3] = bad
+        save_memory(memory, path)
+        with pytest.raises(ValueError, match="local.safetensors: the local blend holds .* but the model needs"):
+            load_memory(path, 4)
+    save_file({"table": torch.zeros(3, 4), "blend": torch.zeros(5)}, str(path), metadata={"item_ids": '["a", "b"]'})
+    with pytest.raises(ValueError, match=r"the local blend holds \(5,\) weights"):
+        load_memory(path, 4)
+    save_file({"table": torch.zeros(3, 4)}, str(path), metadata={"item_ids": '["a", "b"]'})  # a file of before blends
+    assert float(load_memory(path, 4).blend.abs().sum()) == 0.0

@@ -8,9 +8,10 @@ import torch
 
 from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
 from fedcvr.shared.data.loader import merchant_folders
+from fedcvr.shared.data.signals import N_SIGNALS, PRIORS
 from fedcvr.shared.model.weights import trainable_state
 from fedcvr.shared.training import personalise as module
-from fedcvr.shared.training.personalise import PersonaliseConfig, personalise
+from fedcvr.shared.training.personalise import BLENDS, PersonaliseConfig, personalise
 from fedcvr.shared.training.selection import (
     AUC_METRIC,
     BASKET_METRIC,
@@ -54,36 +55,40 @@ def test_local_layers_are_kept_only_where_validation_rates_them_higher(node, mon
     assert ("too few" in outcome.describe()) is (units < 30)
 
 
-@pytest.mark.parametrize("memory_helps, best_blend", [(False, 1.0), (True, 2.0), (True, 0.0), (False, 0.0)])
-def test_the_repeat_blend_weight_is_chosen_on_validation(node, monkeypatch, memory_helps, best_blend):
-    """personalise-blend: each weight of BLENDS is tried on top of the better of global and global + memory; the
-    best strictly higher one is kept in the local memory and adds weight x the repeat prior to the click logit."""
+@pytest.mark.parametrize("memory_helps, best_blend", [(False, "repeat x 1"), (True, "popular x 2"),
+                                                      (True, ""), (False, "")])
+def test_the_blend_is_chosen_on_validation(node, monkeypatch, memory_helps, best_blend):
+    """personalise-blend: each prior of PRIORS at each weight of BLENDS is tried on top of the better of global and
+    global + memory; the best strictly higher one is kept in the local memory and adds its score of the signals to
+    the click logit."""
+    def trials():
+        return {f"{name} x {w:g}": w * torch.from_numpy(prior()) for name, prior in PRIORS.items() for w in BLENDS}
+
     def score(model, *args):
         if model.memory is None:
             return Validation(0.5, 100, {})
         memory_gain = 0.01 if memory_helps and bool(model.memory.table.weight.abs().sum() > 0) else 0.0
-        blend = float(model.memory.blend)
-        return Validation(0.5 + memory_gain + (0.02 if blend == best_blend and blend else 0.0), 100, {})
+        hit = any(name == best_blend and torch.equal(model.memory.blend, w) for name, w in trials().items())
+        return Validation(0.5 + memory_gain + (0.02 if hit else 0.0), 100, {})
 
     monkeypatch.setattr(module, "validation_score", score)
     before = head_state(node.model)
     outcome = personalise(node.model, node.side, node.prepared, PersonaliseConfig(head=True), 128, 0, node.device)
-    assert module.BLENDS == (0.5, 1.0, 2.0)
-    assert outcome.kept is (memory_helps or best_blend > 0) and outcome.blend == best_blend
+    assert BLENDS == (0.5, 1.0, 2.0) and set(PRIORS) == {"repeat", "popular"}
+    assert outcome.kept is (memory_helps or best_blend != "") and outcome.blend == best_blend
     assert outcome.memory is memory_helps
     if not outcome.kept:
         assert node.model.memory is None and "dropped" in outcome.describe()
         return
-    assert float(node.model.memory.blend) == best_blend
     assert ("item memory" in outcome.describe()) is memory_helps
-    assert (f"repeat blend {best_blend:g}" in outcome.describe()) is (best_blend > 0)
+    assert (f"blend {best_blend}" in outcome.describe()) is (best_blend != "")
     same_head = all(torch.equal(before[k], v) for k, v in node.model.head.state_dict().items())
     assert same_head is not memory_helps  # without the memory, the global head and a zero table (= global)
     if not memory_helps:
         assert float(node.model.memory.table.weight.abs().sum()) == 0.0
-    signals = torch.rand(3, node.model.repeat_prior.numel())
-    expected = best_blend * (signals @ node.model.repeat_prior)
-    torch.testing.assert_close(node.model.local_blend(signals), expected)
+    blend = trials().get(best_blend, torch.zeros(N_SIGNALS))
+    signals = torch.rand(3, N_SIGNALS)
+    torch.testing.assert_close(node.model.local_blend(signals), signals @ blend)
 
 
 def test_without_select_the_local_layers_are_always_kept(node, monkeypatch):

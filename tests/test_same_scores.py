@@ -12,6 +12,7 @@ import torch
 from fedcvr.client.recommender import Recommender
 from fedcvr.shared.data.examples import ExampleConfig, event_codes
 from fedcvr.shared.data.loader import load_merchant
+from fedcvr.shared.data.signals import repeat_prior
 from fedcvr.shared.model.config import ModelConfig
 from fedcvr.shared.model.esmm import initial_model
 from fedcvr.shared.model.folder import save_model_folder
@@ -42,7 +43,7 @@ def test_recommend_scores_each_item_exactly_as_the_next_basket_evaluation(tmp_pa
     with torch.no_grad():  # a trained memory: every item its own offset, and a blend of the repeat prior
         memory.table.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
         memory.table.weight[-1] = 0
-        memory.blend.fill_(1.0)
+        memory.blend.copy_(torch.from_numpy(repeat_prior()))
     model.eval()
     save_model_folder(tmp_path / "model", model, backbone, {"examples": {"history_length": HISTORY}})
 
@@ -54,7 +55,8 @@ def test_recommend_scores_each_item_exactly_as_the_next_basket_evaluation(tmp_pa
     evaluated = basket_scorer(model, embed_catalog(model, side, device), device)(task, pool)
 
     recommender = Recommender(tmp_path / "model", shop)
-    assert float(recommender.model.memory.blend) == 1.0  # the local layers travel through the model folder
+    # the local layers travel through the model folder
+    assert torch.equal(recommender.model.memory.blend, torch.from_numpy(repeat_prior()))
     assert recommender.implicit and recommender.history_length == HISTORY
     user_ids = event_codes(data)[1]
     item_ids = [str(i) for i in prepared.catalog.item_ids[pool]]

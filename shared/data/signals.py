@@ -42,15 +42,26 @@ def repeat_prior() -> np.ndarray:
     """(N_SIGNALS,) weights of a linear score of the signals that ranks as the classic "the shopper's own past
     purchases, most often bought first, then what the shop sold most in the last 30 days" list does: a bought item
     scores 3 plus twice its purchase-count signal (about 3.2 to 5), a carted or clicked one 1 or 0.5 more, and every
-    item its 30-day purchase signal (0 to about 2, below any bought item's 3). A node blends the model's score with
-    it where its own validation split says so (`model/memory.py`, `training/personalise.py`)."""
-    out = np.zeros(N_SIGNALS, np.float32)
+    item its 30-day purchase signal (0 to about 2, below any bought item's 3)."""
+    out = popular_prior()
     out[3 * _PURCHASE] = 3.0
     out[3 * _PURCHASE + 1] = 2.0
     out[3 * EVENT_TYPES.index("cart")] = 1.0
     out[3 * EVENT_TYPES.index("click")] = 0.5
+    return out
+
+
+def popular_prior() -> np.ndarray:
+    """(N_SIGNALS,) weights of the classic "the shop's best sellers of the last 30 days" score: its 30-day purchase
+    signal alone (shops whose shoppers rarely buy an item twice)."""
+    out = np.zeros(N_SIGNALS, np.float32)
     out[N_PAIR + ITEM_EVENTS.index("purchase") * len(WINDOWS_DAYS) + WINDOWS_DAYS.index(30)] = 1.0
     return out
+
+
+PRIORS = {"repeat": repeat_prior, "popular": popular_prior}
+"""The classic rankers as linear scores of the signals, that a node may blend into its model's score
+(`model/memory.py`, `training/personalise.py`)."""
 
 
 def unseen_pair() -> np.ndarray:

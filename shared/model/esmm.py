@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.signals import N_SIGNALS, repeat_prior
+from ..data.signals import N_SIGNALS
 from .config import ModelConfig
 from .encoder import Backbone, ItemEncoder, load_backbone
 from .memory import ItemMemory
@@ -110,7 +110,6 @@ class ConversionModel(nn.Module):
         self.head = ESMMHead(config.dim, config.head_hidden, config.max_position, config.ctr_prior,
                              config.cvr_prior)
         self.memory: ItemMemory | None = None  # local, never sent (`memory.py`); see `attach_memory`
-        self.register_buffer("repeat_prior", torch.from_numpy(repeat_prior()), persistent=False)
 
     def attach_memory(self, item_ids) -> ItemMemory:
         """Give the model a local item memory over `item_ids` (rows at zero: it scores as before), or keep the one
@@ -131,11 +130,11 @@ class ConversionModel(nn.Module):
         return ctr + self.local_blend(batch.signals), cvr, weights
 
     def local_blend(self, signals: torch.Tensor) -> torch.Tensor | float:
-        """(..., N_SIGNALS) -> (...) what the node's local memory adds to the click logit: its `blend` weight x the
-        repeat prior's score of the signals (`memory.py`); 0 without a memory."""
+        """(..., N_SIGNALS) -> (...) what the node's local memory adds to the click logit: the score of the signals
+        under its `blend` weights (`memory.py`); 0 without a memory."""
         if self.memory is None:
             return 0.0
-        return self.memory.blend * (signals @ self.repeat_prior)
+        return signals @ self.memory.blend
 
     def score_candidates(self, items: torch.Tensor, batch: ScoreInputs, candidates: torch.Tensor,
                          signals: torch.Tensor) -> torch.Tensor:

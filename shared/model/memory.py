@@ -6,10 +6,10 @@ item beyond what its text says. Items without a row (new items, another shop's i
 embedding alone, so cold start stays. The rows start at zero, so a model with a fresh memory scores exactly as
 the global model does.
 
-The memory also holds the node's weight `blend` of the repeat prior (`data/signals.py: repeat_prior`, the classic
-"own past purchases, then the shop's best sellers" score of the shop's signals), added to the click logit: chosen
-after training on the node's own validation split (`training/personalise.py`), 0 = none. A blend of the model with
-the strongest classic baseline on real shops, local like the table.
+The memory also holds the node's `blend`: weights (N_SIGNALS,) of a linear score of the shop's signals added to the
+click logit, w x one of the classic rankers of `data/signals.py: PRIORS` ("own past purchases, then best sellers";
+"best sellers"), chosen after training on the node's own validation split (`training/personalise.py`); zero = none.
+A blend of the model with the strongest classic baseline of this shop, local like the table.
 
 The memory is keyed by item id, not by row: a node's catalog order and the serving catalog's can differ. Its
 parameters are named `memory.*`; `weights.trainable_state` (what federated messages carry and aggregation sees)
@@ -28,8 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..data.signals import N_SIGNALS
+
 PREFIX = "memory."
-MAX_BLEND = 10.0
+MAX_BLEND = 50.0  # largest weight a blend may hold (BLENDS x the priors' weights stay far below)
 
 
 class ItemMemory(nn.Module):
@@ -40,7 +42,7 @@ class ItemMemory(nn.Module):
         self.item_ids = pd.Index([str(i) for i in item_ids])
         self.table = nn.Embedding(len(self.item_ids) + 1, dim)  # the last row is "no row", kept at zero
         nn.init.zeros_(self.table.weight)
-        self.blend = nn.Parameter(torch.zeros(()), requires_grad=False)  # chosen on validation, not trained
+        self.blend = nn.Parameter(torch.zeros(N_SIGNALS), requires_grad=False)  # chosen on validation, not trained
 
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:
         """Row of each item id, -1 where the memory has none."""
@@ -74,14 +76,17 @@ def load_memory(path, dim: int) -> ItemMemory:
     with safe_open(str(path), framework="pt") as handle:
         item_ids = json.loads((handle.metadata() or {}).get("item_ids", "[]"))
         table = handle.get_tensor("table")
-        blend = handle.get_tensor("blend") if "blend" in handle.keys() else torch.zeros(())
+        blend = handle.get_tensor("blend") if "blend" in handle.keys() else torch.zeros(N_SIGNALS)
     if tuple(table.shape) != (len(item_ids) + 1, dim):
         raise ValueError(f"{path}: the local item memory holds a table of shape {tuple(table.shape)}, but "
                          f"{len(item_ids)} item ids and model.dim = {dim} need ({len(item_ids) + 1}, {dim}); the file "
                          "belongs to another model: delete it to serve the global model alone")
-    if blend.shape != () or not torch.isfinite(blend) or not 0 <= float(blend) <= MAX_BLEND:
-        raise ValueError(f"{path}: the local blend weight {blend.tolist()!r} is not a number between 0 and "
-                         f"{MAX_BLEND}; the file is damaged: delete it to serve the global model alone")
+    if tuple(blend.shape) != (N_SIGNALS,) or not bool(torch.isfinite(blend).all()) or \
+            float(blend.abs().max()) > MAX_BLEND:
+        raise ValueError(f"{path}: the local blend holds {tuple(blend.shape)} weights, largest "
+                         f"{float(blend.abs().max()) if blend.numel() else 0.0!r}, but the model needs {N_SIGNALS} "
+                         f"finite weights of at most {MAX_BLEND}; the file is damaged or belongs to another version: "
+                         "delete it to serve the global model alone")
     memory = ItemMemory(item_ids, dim)
     with torch.no_grad():
         memory.table.weight.copy_(table)

@@ -12,9 +12,10 @@ Run config keys:
                        node's own validation split (`selection.py`: next-basket NDCG@10 on purchase logs, CTCVR AUC
                        otherwise), so that personalising never serves a node a model its own data rates worse;
                        false: always keep them
-  personalise-blend    true (default): with select, also try adding BLENDS x the repeat prior's score (the classic
-                       "own past purchases, then best sellers" ranking, `data/signals.py: repeat_prior`) to the click
-                       logit, and keep the weight the validation split rates highest (0 where none is higher)
+  personalise-blend    true (default): with select, also try adding w x a classic ranker's score of the signals to
+                       the click logit, for each ranker of `data/signals.py: PRIORS` ("own past purchases, then best
+                       sellers"; "best sellers") and w in BLENDS, and keep the one the validation split rates highest
+                       (none where none is higher)
   personalise-min-validation
                        with select: keep them only where that validation figure rests on at least this many
                        units (validation purchases for the AUC, shoppers asked for a next basket for NDCG@10); 0 (the
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..data.signals import PRIORS
 from ..model.errors import ModelConfigError
 from ..model.esmm import ConversionModel
 from ..settings import Section
@@ -69,10 +71,10 @@ class PersonaliseConfig(Section):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What personalising did: `kept` the local layers or not (the item memory's table: `memory`; the repeat prior's
-    weight: `blend`), the validation `metric` of the global model alone (`global_score`) and of global + local
-    (`local_score`, the best of those tried) over `units` validation units (purchases or next-basket shoppers);
-    scores are None where the split has no value or was not read."""
+    """What personalising did: `kept` the local layers or not (the item memory's table: `memory`; a classic
+    ranker blended in: `blend`, e.g. "repeat x 0.5", "" for none), the validation `metric` of the global model alone
+    (`global_score`) and of global + local (`local_score`, the best of those tried) over `units` validation units
+    (purchases or next-basket shoppers); scores are None where the split has no value or was not read."""
 
     kept: bool
     metric: str
@@ -81,21 +83,21 @@ class Outcome:
     units: int = 0
     too_few: bool = False
     memory: bool = False
-    blend: float = 0.0
+    blend: str = ""
 
     def describe(self) -> str:
         def text(score: float | None) -> str:
             return "none" if score is None else f"{score:.4f}"
         if self.kept and self.global_score is None:
             return "local layers kept (personalise-select = false: validation not read)"
-        parts = (["item memory"] if self.memory else []) + ([f"repeat blend {self.blend:g}"] if self.blend else [])
+        parts = (["item memory"] if self.memory else []) + ([f"blend {self.blend}"] if self.blend else [])
         verdict = f"kept ({', '.join(parts)})" if self.kept else "dropped (global alone serves)"
         few = " (too few to choose on: personalise-min-validation)" if self.too_few else ""
         return (f"local layers {verdict}: validation {self.metric} {text(self.global_score)} global, "
                 f"{text(self.local_score)} global + local, over {self.units} units{few}")
 
 
-BLENDS = (0.5, 1.0, 2.0)  # weights of the repeat prior tried on validation (personalise-blend)
+BLENDS = (0.5, 1.0, 2.0)  # weights of each prior tried on validation (personalise-blend)
 
 
 def personalise(model: ConversionModel, side: ItemSide, prepared: Prepared, config: PersonaliseConfig,
@@ -103,10 +105,10 @@ def personalise(model: ConversionModel, side: ItemSide, prepared: Prepared, conf
     """Attach a local item memory over the side's items and train it (and with `config.head` the head) for
     `config.epochs` epochs on the training split of `prepared`, every other weight frozen. With `config.select`,
     keep it only where global + local scores strictly higher than the global model alone on the validation split;
-    with `config.blend` too, try each of BLENDS as the memory's repeat-prior weight, on top of the better of the two,
-    and keep the best. The local layers stay only where the best scores strictly higher than the global model alone,
-    over at least `config.min_validation` units (no value there, or fewer units: the global model stays, and the
-    model is left exactly as it came)."""
+    with `config.blend` too, try each prior of PRIORS at each weight of BLENDS as the memory's blend, on top of the
+    better of the two, and keep the best. The local layers stay only where the best scores strictly higher than the
+    global model alone, over at least `config.min_validation` units (no value there, or fewer units: the global
+    model stays, and the model is left exactly as it came)."""
     train = prepared.splits["train"]
     metric = selection_metric(prepared)
     model.memory = None
@@ -125,15 +127,17 @@ def personalise(model: ConversionModel, side: ItemSide, prepared: Prepared, conf
         with torch.no_grad():
             model.memory.table.weight.zero_()
         model.head.load_state_dict(head)
-    blend = 0.0
-    for weight in BLENDS if config.blend else ():
-        with torch.no_grad():
-            model.memory.blend.fill_(weight)
-        found = validation_score(model, side, prepared, device).value
-        if found is not None and found > best:
-            best, blend = found, weight
+    blend, chosen = "", torch.zeros_like(model.memory.blend)
+    for name, prior in PRIORS.items() if config.blend else ():
+        for weight in BLENDS:
+            trial = weight * torch.from_numpy(prior()).to(chosen.device)
+            with torch.no_grad():
+                model.memory.blend.copy_(trial)
+            found = validation_score(model, side, prepared, device).value
+            if found is not None and found > best:
+                best, blend, chosen = found, f"{name} x {weight:g}", trial
     with torch.no_grad():
-        model.memory.blend.fill_(blend)
+        model.memory.blend.copy_(chosen)
     too_few = fitted.units < config.min_validation
     outcome = Outcome(best > before.value and not too_few, metric, before.value, best, fitted.units, too_few,
                       with_memory, blend)
