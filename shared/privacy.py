@@ -16,7 +16,7 @@ Keys (kebab-case, as in pyproject.toml):
   dp.optimizer       the optimiser of DP rounds: "sgd" (momentum 0.9, default) or "adam". Adam divides each
                      coordinate by the root of its second moment, which under DP noise is about the noise itself,
                      so every coordinate without much signal still moves about lr a step in a random direction;
-                     with SGD noise moves weights in proportion to its size (measured in the README)
+                     with SGD noise moves weights in proportion to its size (measured in docs/experiments.md)
   dp.lr              learning rate of DP rounds; 0 = train.lr
 
 A client round, in outline:

@@ -1,4 +1,4 @@
-"""A real deployment on loopback, following the README runbooks command for command.
+"""A real deployment on loopback, following the runbooks of docs/deployment.md command for command.
 
 One SuperLink (`fedcvr coordinator start`, TLS + node authentication) and three merchant nodes
 (`fedcvr merchant start`) run `fedcvr coordinator run --secagg` with DP-SGD. Along the way: a client that holds
@@ -127,7 +127,7 @@ def test_runbooks_on_loopback_tls_auth_dp_secagg_dropout_and_restart(tmp_path, t
     merchants = sorted(p for p in tiny_market.iterdir() if p.is_dir())
     procs = Processes(logs)
     try:
-        # ---- coordinator: keys, SuperLink, registration (README "Runbook: coordinator")
+        # ---- coordinator: keys, SuperLink, registration (docs/deployment.md "Runbook: coordinator")
         made = fedcvr("keys", "init", str(keys), "--superlink-host", "127.0.0.1", "--merchants", "4")
         assert made.returncode == 0, made.stderr
         start_link = [FEDCVR, "coordinator", "start", "--home", str(home), "--keys", str(keys),
@@ -141,8 +141,8 @@ def test_runbooks_on_loopback_tls_auth_dp_secagg_dropout_and_restart(tmp_path, t
         registered = registered_nodes(home)
         assert len(registered) == 3
 
-        # ---- someone with ca.pem and the merchants' address, but not the coordinator's machine (README: the
-        # merchants' port serves the Fleet API alone): no register, unregister or listing of nodes or runs
+        # ---- someone with ca.pem and the merchants' address, but not the coordinator's machine (docs/deployment.md:
+        # the merchants' port serves the Fleet API alone): no register, unregister or listing of nodes or runs
         rogue = tmp_path / "rogue-flwr"
         rogue.mkdir()
         (rogue / "config.toml").write_text(f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = '
@@ -154,7 +154,7 @@ def test_runbooks_on_loopback_tls_auth_dp_secagg_dropout_and_restart(tmp_path, t
             assert "successfully" not in done.stdout
         assert registered_nodes(home) == registered  # nothing was registered or unregistered
 
-        # ---- merchants (README "Runbook: merchant")
+        # ---- merchants (docs/deployment.md "Runbook: merchant")
         def merchant(i: int, key: int) -> list[str]:
             return [FEDCVR, "merchant", "start", "--data-dir", str(merchants[(i - 1) % 3]),
                     "--model-dir", str(tmp_path / f"merchant-{i}" / "model"), "--superlink", f"127.0.0.1:{link_port}",

@@ -1,7 +1,7 @@
 """A small version of the federated quality claims, with the packaged MiniLM (frozen embeddings) on a small
 synthetic marketplace: FedAvg without DP reaches 0.95 of centralised training's test CTCVR AUC, and with DP-SGD at
 ε = 8 the federated model predicts the smallest merchant's purchases better than that merchant training alone under
-the same budget. The full-size figures are in the README and the reference experiments."""
+the same budget. The full-size figures are in the reference experiments (simulations/results/)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The per-example gradient-norm report behind the README's account of what DP clipping costs."""
+"""The per-example gradient-norm report behind docs/experiments.md's account of what DP clipping costs."""
 
 from __future__ import annotations
 
