@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from fedcvr.shared import metrics
 from fedcvr.shared.data.examples import ExampleConfig
 from fedcvr.shared.data.loader import load_merchant
 from fedcvr.shared.model.config import ModelConfig, TrainConfig
@@ -223,13 +221,6 @@ def node_for(folder: Path, run_config: Mapping[str, Any]) -> MerchantNode:
             _NODES.pop(next(iter(_NODES)))  # the oldest
         _NODES[key] = MerchantNode(folder, NodeSettings.from_run_config(run_config))
     return _NODES[key]
-
-
-def merge_evaluations(records: list[Mapping[str, Any]]) -> dict[str, float]:
-    """Server side: add up the nodes' metric sums, then finalise (None values dropped)."""
-    parts = [metrics.MetricSums.from_record({k: v for k, v in r.items() if k != "num-examples"}) for r in records]
-    final = metrics.finalise(metrics.merge_all(parts))
-    return {k: float(v) for k, v in final.items() if v is not None and np.isfinite(v)}
 
 
 def resolve_model_dir(node_config: Mapping[str, Any], run_config: Mapping[str, Any], merchant: str) -> Path:

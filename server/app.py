@@ -24,7 +24,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedcvr.client.app import SAVE_MODEL_ACTION
-from fedcvr.client.node import merge_evaluations
 from fedcvr.shared.census import (
     CENSUS_MESSAGE_TYPE,
     CENSUS_RECORD,
@@ -32,6 +31,7 @@ from fedcvr.shared.census import (
     format_census,
     merge_census,
 )
+from fedcvr.shared.metrics import merge_evaluations
 from fedcvr.shared.model.config import ModelConfig
 from fedcvr.shared.model.esmm import initial_model
 from fedcvr.shared.model.folder import save_model_folder

@@ -32,7 +32,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from fedcvr.client.node import merge_evaluations
+from fedcvr.shared.metrics import merge_evaluations
 
 from .robust import combine, screen_updates
 

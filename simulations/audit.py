@@ -64,7 +64,7 @@ def split_members(n: int, seed: int, max_members: int = 0) -> tuple[np.ndarray, 
 
 def membership_auc(members: np.ndarray, non_members: np.ndarray) -> float:
     """P(score of a random member > score of a random non-member), ties counted half (Mann-Whitney U / n m)."""
-    from fedcvr.shared.metrics import auc
+    from fedcvr.shared.node_metrics import auc
 
     labels = np.r_[np.ones(len(members)), np.zeros(len(non_members))]
     return float(auc(labels, np.concatenate([members, non_members])))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedcvr.shared import metrics
+from fedcvr.shared import metrics, node_metrics
 from fedcvr.shared.data.examples import ExampleConfig
 from fedcvr.shared.data.loader import load_merchant
 from fedcvr.shared.evaluation.baselines import BaselineConfig
@@ -71,7 +71,7 @@ def popularity_ranks(data: TrainingSet, ctcvr: np.ndarray, candidates: dict[int,
         pool = candidates[int(merchant)]
         rows = np.flatnonzero((data.merchant == merchant) & (data.purchased > 0))
         scores = np.broadcast_to(ctcvr[pool], (len(rows), len(pool)))
-        ranks.append(metrics.rank_of(ctcvr[data.item[rows]], scores))
+        ranks.append(node_metrics.rank_of(ctcvr[data.item[rows]], scores))
     return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
 

@@ -331,7 +331,8 @@ def run_federated(experiment: Experiment, run: Run, run_config: dict[str, Any], 
                   progress: Progress = _quiet) -> list[dict]:
     import logging
 
-    from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
+    from fedcvr.client.node import MerchantNode, NodeSettings
+    from fedcvr.shared.metrics import merge_evaluations
     from fedcvr.shared.model.folder import load_model_folder
     from fedcvr.shared.model.weights import trainable_state
     from fedcvr.simulations.inprocess import run_federation
@@ -376,7 +377,7 @@ def _personalised_rows(experiment: Experiment, run: Run, merged: dict, per_node:
                        folders: list[Path]) -> list[dict]:
     """Rows of global + local (setting 'SETTING + local'): the test metrics after each node personalised its
     local layers (run config `personalise`), merged and per merchant; none when the run did not personalise."""
-    from fedcvr.client.node import merge_evaluations
+    from fedcvr.shared.metrics import merge_evaluations
 
     if not merged:
         return []
@@ -391,7 +392,8 @@ def _personalised_rows(experiment: Experiment, run: Run, merged: dict, per_node:
 
 def run_local_only(experiment: Experiment, run: Run, run_config: dict[str, Any], folders: list[Path],
                    progress: Progress = _quiet) -> list[dict]:
-    from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
+    from fedcvr.client.node import MerchantNode, NodeSettings
+    from fedcvr.shared.metrics import merge_evaluations
     from fedcvr.simulations.local_only import initial_weights, train_alone
 
     start, settings = initial_weights(run_config), NodeSettings.from_run_config(run_config)

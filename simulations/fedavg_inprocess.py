@@ -16,8 +16,9 @@ import time
 
 from flwr.app import RecordDict
 
-from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
+from fedcvr.client.node import MerchantNode, NodeSettings
 from fedcvr.shared.data.loader import merchant_folders
+from fedcvr.shared.metrics import merge_evaluations
 from fedcvr.simulations import launcher
 from fedcvr.simulations.local_only import initial_weights
 

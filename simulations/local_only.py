@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
-from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
+from fedcvr.client.node import MerchantNode, NodeSettings
 from fedcvr.shared import metrics
 from fedcvr.shared.evaluation import basket_metrics
 from fedcvr.shared.evaluation.baselines import BaselineConfig
 from fedcvr.shared.evaluation.next_basket import BaselineResult, baseline_record, run_baselines
+from fedcvr.shared.metrics import merge_evaluations
 from fedcvr.shared.model.esmm import initial_model
 from fedcvr.shared.model.folder import load_model_folder
 from fedcvr.shared.model.weights import trainable_state

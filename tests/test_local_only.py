@@ -85,7 +85,8 @@ def test_inprocess_fedavg_script_reports_the_global_models_test_auc(tiny_market,
 def test_inprocess_federation_keeps_each_nodes_test_sums(tiny_market, tiny_bert, tmp_path):
     """A grid's per-merchant test rows come from the nodes' own replies to the final test evaluation: the same
     metrics as evaluating the saved global model on each merchant's test split again, without the second pass."""
-    from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
+    from fedcvr.client.node import MerchantNode, NodeSettings
+    from fedcvr.shared.metrics import merge_evaluations
     from fedcvr.shared.model.folder import load_model_folder
     from fedcvr.shared.model.weights import trainable_state
     from fedcvr.simulations.inprocess import run_federation

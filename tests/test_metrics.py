@@ -19,10 +19,8 @@ from fedcvr.shared.metrics import (
     formula_for,
     merge,
     merge_all,
-    prediction_sums,
-    rank_of,
-    ranking_sums,
 )
+from fedcvr.shared.node_metrics import prediction_sums, rank_of, ranking_sums
 
 AUC_TOLERANCE = 2e-3
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcvr.client.node import MerchantNode, NodeSettings, merge_evaluations
+from fedcvr.client.node import MerchantNode, NodeSettings
 from fedcvr.shared.data.loader import merchant_folders
 from fedcvr.shared.data.signals import N_SIGNALS, PRIORS
+from fedcvr.shared.metrics import merge_evaluations
 from fedcvr.shared.model.weights import trainable_state
 from fedcvr.shared.training import personalise as module
 from fedcvr.shared.training.personalise import BLENDS, PersonaliseConfig, personalise

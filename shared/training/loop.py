@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import metrics
+from .. import metrics, node_metrics
 from ..data.signals import EventLog
 from ..evaluation.baskets import BasketTask
 from ..evaluation.next_basket import ranking_sums
@@ -169,7 +169,7 @@ def rank_purchases(model: ConversionModel, item_embeddings: torch.Tensor, data: 
             scores = model.score_candidates(item_embeddings, _inputs(data, rows, device), pool,
                                             signals).cpu().numpy()
             target_col = np.searchsorted(candidates[int(merchant)], data.item[rows])
-            ranks.append(metrics.rank_of(scores[np.arange(len(rows)), target_col], scores))
+            ranks.append(node_metrics.rank_of(scores[np.arange(len(rows)), target_col], scores))
     return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
 
@@ -201,9 +201,9 @@ def basket_scorer(model: ConversionModel, item_embeddings: torch.Tensor, device:
 def evaluation_sums(data: TrainingSet, p_ctr: np.ndarray, p_ctcvr: np.ndarray,
                     ranks: np.ndarray | None) -> metrics.MetricSums:
     """Mergeable metric sums of one set of predictions (and, if given, of full-catalog ranks)."""
-    sums = metrics.prediction_sums(data.clicked, data.purchased, p_ctr, p_ctcvr, data.user)
+    sums = node_metrics.prediction_sums(data.clicked, data.purchased, p_ctr, p_ctcvr, data.user)
     if ranks is not None:
-        sums = metrics.combine(sums, metrics.ranking_sums(ranks))
+        sums = metrics.combine(sums, node_metrics.ranking_sums(ranks))
     return sums
 
 
