@@ -26,17 +26,17 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from fedcvr.shared import protocol
 from fedcvr.shared.census import CENSUS_ACTION, CENSUS_RECORD, local_census
 from fedcvr.shared.data.contract import DataValidationError
 from fedcvr.shared.model.errors import ModelConfigError
 from fedcvr.shared.privacy import PrivacyConfigError, PrivacyLedgerError
-from fedcvr.shared.secagg import TRAIN_SIZE_ACTION, TRAIN_SIZE_KEY, is_secure_instruction
+from fedcvr.shared.secagg import is_secure_instruction
 
 from .data_source import DataSourceError, resolve_data_dir
 from .node import ledger_path, node_for, resolve_model_dir, resumed_ledger_path
 from .secagg import SecureTrainingError, secure_train
 
-SAVE_MODEL_ACTION = "save_model"
 _EXPECTED = (DataSourceError, DataValidationError, ModelConfigError, PrivacyConfigError, PrivacyLedgerError, ValueError)
 
 app = ClientApp()
@@ -52,9 +52,10 @@ def train_once(arrays: dict, config: Mapping[str, Any], context: Context) -> tup
     """One local round on this node's merchant: (new weights or None when declined, metrics, reason)."""
     folder = resolve_data_dir(context.node_config, context.run_config)
     node = node_for(folder, context.run_config)
-    return node.train(arrays, context.state, int(config.get("server-round", 1)), float(config.get("proximal-mu", 0.0)),
+    return node.train(arrays, context.state, int(config.get(protocol.SERVER_ROUND, 1)),
+                      float(config.get(protocol.PROXIMAL_MU, 0.0)),
                       ledger_file=ledger_path(context.node_config, context.run_config, folder),
-                      federation=str(config.get("federation-id", "")),
+                      federation=str(config.get(protocol.FEDERATION_ID, "")),
                       resumed_file=resumed_ledger_path(context.node_config, context.run_config, folder))
 
 
@@ -66,8 +67,8 @@ def _train_for_secure_round(context: Context):
             log(ERROR, "fedcvr node %s: %s: %s", context.node_id, type(err).__name__, err)
             raise SecureTrainingError(f"{type(err).__name__}: {err}") from err
         if new is None:
-            log(ERROR, "fedcvr node %s: declined to train: %s", context.node_id, reason)
-            raise SecureTrainingError(f"declined to train: {reason}")
+            log(ERROR, "fedcvr node %s: %s", context.node_id, protocol.declined_reason(reason))
+            raise SecureTrainingError(protocol.declined_reason(reason))
         return new, report
     return train
 
@@ -77,51 +78,54 @@ def train(message: Message, context: Context) -> Message:
     if is_secure_instruction(message):  # a stage of a SecAgg+ round: the same training, a masked update out
         return secure_train(message, context, _train_for_secure_round(context))
     try:
-        arrays, report, reason = train_once(message.content["arrays"].to_torch_state_dict(),
-                                            message.content["config"], context)
+        arrays, report, reason = train_once(message.content[protocol.ARRAYS].to_torch_state_dict(),
+                                            message.content[protocol.CONFIG], context)
     except _EXPECTED as err:
         return _error(message, context, err)
     if arrays is None:
-        return _error(message, context, f"declined to train: {reason}")
-    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(report)}), reply_to=message)
+        return _error(message, context, protocol.declined_reason(reason))
+    return Message(RecordDict({protocol.ARRAYS: ArrayRecord(arrays), protocol.METRICS: MetricRecord(report)}),
+                   reply_to=message)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     try:
         node = node_for(resolve_data_dir(context.node_config, context.run_config), context.run_config)
-        split = str(message.content["config"].get("split", "validation"))
-        rank = bool(message.content["config"].get("rank", True))
-        personalised = bool(message.content["config"].get("personalised", False))
-        record = node.evaluate(message.content["arrays"].to_torch_state_dict(), split, rank=rank,
+        config = message.content[protocol.CONFIG]
+        split = str(config.get(protocol.SPLIT, "validation"))
+        rank = bool(config.get(protocol.RANK, True))
+        personalised = bool(config.get(protocol.PERSONALISED, False))
+        record = node.evaluate(message.content[protocol.ARRAYS].to_torch_state_dict(), split, rank=rank,
                                personalised=personalised and node.settings.personalise.enabled)
     except _EXPECTED as err:
         return _error(message, context, err)
-    return Message(RecordDict({"metrics": MetricRecord(record)}), reply_to=message)
+    return Message(RecordDict({protocol.METRICS: MetricRecord(record)}), reply_to=message)
 
 
-@app.query(SAVE_MODEL_ACTION)
+@app.query(protocol.SAVE_MODEL)
 def save_model(message: Message, context: Context) -> Message:
     try:
         folder = resolve_data_dir(context.node_config, context.run_config)
         node = node_for(folder, context.run_config)
-        version = str(message.content["config"]["model-version"])
+        version = str(message.content[protocol.CONFIG][protocol.MODEL_VERSION])
         target = resolve_model_dir(context.node_config, context.run_config, folder.name)
-        saved = node.save_model(message.content["arrays"].to_torch_state_dict(), target, version)
+        saved = node.save_model(message.content[protocol.ARRAYS].to_torch_state_dict(), target, version)
     except _EXPECTED as err:
         return _error(message, context, err)
-    return Message(RecordDict({"saved": ConfigRecord({"model-version": version, "model-dir": str(saved)})}),
-                   reply_to=message)
+    return Message(RecordDict({protocol.SAVED: ConfigRecord({protocol.MODEL_VERSION: version,
+                                                              protocol.MODEL_DIR: str(saved)})}), reply_to=message)
 
 
-@app.query(TRAIN_SIZE_ACTION)
+@app.query(protocol.TRAIN_SIZE)
 def train_size(message: Message, context: Context) -> Message:
     """The size of this node's training split: the weight of its update under secure aggregation."""
     try:
         node = node_for(resolve_data_dir(context.node_config, context.run_config), context.run_config)
     except _EXPECTED as err:
         return _error(message, context, err)
-    return Message(RecordDict({"size": MetricRecord({TRAIN_SIZE_KEY: node.train_size()})}), reply_to=message)
+    return Message(RecordDict({protocol.SIZE: MetricRecord({protocol.TRAIN_SIZE_KEY: node.train_size()})}),
+                   reply_to=message)
 
 
 @app.query(CENSUS_ACTION)

@@ -24,9 +24,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedcvr.server.deploy import DeployError, parse_address
 from fedcvr.shared import superexec
 from fedcvr.shared.data.loader import MerchantData, load_merchant
+from fedcvr.shared.deploy import DeployError, parse_address
 
 DEFAULT_NODE_PORT = 9094  # the SuperNode's local API for its ClientApp processes; one per node on a machine
 

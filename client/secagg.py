@@ -20,7 +20,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.logger import log
 from flwr.compat.common import recorddict_compat as compat
 
-from fedcvr.shared.secagg import MAX_WEIGHT_KEY, TRAIN_SIZE_KEY, WEIGHT_NAMES_KEY
+from fedcvr.shared import protocol
+from fedcvr.shared.secagg import MAX_WEIGHT_KEY, WEIGHT_NAMES_KEY
 
 # (weights, instruction config) -> (new weights, metrics); raises with the reason when the node cannot train
 TrainFn = Callable[[dict[str, torch.Tensor], Mapping[str, Any]], tuple[Mapping[str, torch.Tensor], dict[str, Any]]]
@@ -44,7 +45,7 @@ def legacy_fit(message: Message, train: TrainFn) -> Message:
     if missing:
         raise SecureTrainingError(f"the local model has no weights {missing[:3]}: the coordinator and this node "
                                   "use different model settings.")
-    weight = int(report.get(TRAIN_SIZE_KEY, report["num-examples"]))
+    weight = int(report.get(protocol.TRAIN_SIZE_KEY, report[protocol.NUM_EXAMPLES]))
     cap = float(fitins.config.get(MAX_WEIGHT_KEY, weight))
     if weight > cap:
         log(WARNING, "This node has %d training examples; its update weighs secagg-max-weight = %g", weight, cap)

@@ -596,6 +596,7 @@ def simulate_command(
     out, 2 for bad options or data (found before anything starts)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fedcvr.shared import deploy as shared_deploy
     from fedcvr.simulations import launcher as sim
 
     if data is not None and merchants is not None:
@@ -629,7 +630,7 @@ def simulate_command(
     if sim.packed_into_app(app_dir, run_dir):
         _fail(f"--out {out} lies inside the Flower App folder {app_dir} and its .gitignore does not exclude it, so "
               "`flwr run` would pack the run's files into the app: choose a folder under runs/ or outside the app")
-    bin_dir = sim.flwr_bin_dir()
+    bin_dir = shared_deploy.flwr_bin_dir()
     if not (bin_dir / "flwr").is_file():
         _fail(f"no `flwr` next to this Python in {bin_dir}: install fedcvr with its dependencies in that "
               "environment (`pip install -e .`)")
@@ -842,7 +843,7 @@ def coordinator_start_command(
     import sys
 
     from fedcvr.server import deploy
-    from fedcvr.simulations.launcher import flwr_bin_dir
+    from fedcvr.shared import deploy as shared_deploy
 
     if insecure and keys is not None:
         _fail("--insecure turns TLS and node authentication off, but --keys was given: pass one of them")
@@ -853,12 +854,12 @@ def coordinator_start_command(
         _fail(f"--port {port} is not a port number, e.g. 9092")
     home_dir = deploy.CoordinatorHome(home.expanduser().resolve())
     try:
-        control_host, control_port = deploy.parse_address(control_address, "--control-address")
+        control_host, control_port = shared_deploy.parse_address(control_address, "--control-address")
         tls = None if insecure else deploy.TlsFiles.from_keys_dir(keys.expanduser())
         address = deploy.control_address(control_host, control_port, tls.names() if tls else None, port)
         home_dir.folder.mkdir(parents=True, exist_ok=True)
         deploy.write_connection(home_dir, address, tls.ca if tls else None)
-    except deploy.DeployError as err:
+    except shared_deploy.DeployError as err:
         _fail(str(err))
     if insecure:
         _warn_insecure()
@@ -874,7 +875,7 @@ def coordinator_start_command(
         console.print(f"Merchants connect with --superlink {'|'.join(tls.names())}:{port} --ca {tls.ca}; register "
                       f"each merchant's key: fedcvr coordinator register merchant-NN.pub --home {home_dir.folder}",
                       highlight=False)
-    _exec(command, deploy.env_for(home_dir.flwr_home, flwr_bin_dir()))
+    _exec(command, shared_deploy.env_for(home_dir.flwr_home, shared_deploy.flwr_bin_dir()))
 
 
 @coordinator_app.command("register")
@@ -886,18 +887,19 @@ def coordinator_register_command(
     import subprocess
 
     from fedcvr.server import deploy
-    from fedcvr.simulations.launcher import flwr_bin_dir
+    from fedcvr.shared import deploy as shared_deploy
 
     home_dir = deploy.CoordinatorHome(home.expanduser().resolve())
     try:
         key = deploy.check_public_key(public_key.expanduser())
         connection = home_dir.connection()
-    except deploy.DeployError as err:
+    except shared_deploy.DeployError as err:
         _fail(str(err))
     if connection.get("insecure"):
         _fail("this SuperLink runs with --insecure, without node authentication: there is nothing to register")
-    env = deploy.env_for(home_dir.flwr_home, flwr_bin_dir())
-    done = subprocess.run(deploy.register_command(flwr_bin_dir(), key), env=env, capture_output=True, text=True,
+    bin_dir = shared_deploy.flwr_bin_dir()
+    env = shared_deploy.env_for(home_dir.flwr_home, bin_dir)
+    done = subprocess.run(deploy.register_command(bin_dir, key), env=env, capture_output=True, text=True,
                           check=False)
     output = (done.stdout + done.stderr).strip()
     if done.returncode != 0 or "registered successfully" not in output:
@@ -934,6 +936,7 @@ def coordinator_run_command(
     import time
 
     from fedcvr.server import deploy, follow
+    from fedcvr.shared import deploy as shared_deploy
     from fedcvr.simulations import launcher as sim
 
     if rounds is not None and rounds < 1:
@@ -968,7 +971,7 @@ def coordinator_run_command(
         overrides, _ = sim.build_run_config(declared, app_dir, settings, extra, fixed={"out-dir": "--out"},
                                             command="fedcvr coordinator run")
         _check_run_config({**declared, **overrides})
-    except (deploy.DeployError, sim.LaunchError, ValueError) as err:
+    except (shared_deploy.DeployError, sim.LaunchError, ValueError) as err:
         _fail(str(err))
     if sim.packed_into_app(app_dir, run_dir):
         _fail(f"--out {out} lies inside the Flower App folder {app_dir}: choose a folder outside it (or under runs/)")
@@ -979,8 +982,8 @@ def coordinator_run_command(
     log_path = run_dir / sim.FLOWER_LOG
     console.print(f"Run on the SuperLink at {connection.get('address')}; Flower's output goes to {log_path}",
                   highlight=False)
-    bin_dir = sim.flwr_bin_dir()
-    env = deploy.env_for(home_dir.flwr_home, bin_dir)
+    bin_dir = shared_deploy.flwr_bin_dir()
+    env = shared_deploy.env_for(home_dir.flwr_home, bin_dir)
 
     def on_line(text: str) -> None:
         if text and not _STREAM_COPY.match(text):  # flwr streams each log line twice; once is enough
@@ -1047,9 +1050,8 @@ def merchant_start_command(
     never leaves this machine: the node trains locally with DP-SGD and sends only (masked) weight updates and
     metric sums."""
     from fedcvr.client.deploy import merchant_plan
-    from fedcvr.server.deploy import DeployError, env_for
     from fedcvr.shared.data.contract import DataValidationError
-    from fedcvr.simulations.launcher import flwr_bin_dir
+    from fedcvr.shared.deploy import DeployError, env_for, flwr_bin_dir
 
     try:
         plan = merchant_plan(flwr_bin_dir(), data_dir=data_dir.expanduser(), model_dir=model_dir, superlink=superlink,

@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedcvr.client.app import SAVE_MODEL_ACTION
+from fedcvr.shared import protocol
 from fedcvr.shared.census import (
     CENSUS_MESSAGE_TYPE,
     CENSUS_RECORD,
@@ -149,8 +149,8 @@ def push_back(grid: Grid, arrays: ArrayRecord, version: str, timeout: float) -> 
     """Send the final global model to every node; each saves it into its model folder. node -> saved version
     (or the error)."""
     nodes = sorted(grid.get_node_ids())
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"model-version": version})})
-    messages = [Message(content, dst_node_id=node, message_type=f"query.{SAVE_MODEL_ACTION}") for node in nodes]
+    content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: ConfigRecord({protocol.MODEL_VERSION: version})})
+    messages = [Message(content, dst_node_id=node, message_type=f"query.{protocol.SAVE_MODEL}") for node in nodes]
     saved: dict[int, str] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
@@ -158,8 +158,8 @@ def push_back(grid: Grid, arrays: ArrayRecord, version: str, timeout: float) -> 
             saved[node] = f"error: {reply.error.reason}"
             log(ERROR, "Node %s did not save the model: %s", node, reply.error.reason)
         else:
-            record = reply.content.config_records["saved"]
-            saved[node] = str(record["model-version"])
+            record = reply.content.config_records[protocol.SAVED]
+            saved[node] = str(record[protocol.MODEL_VERSION])
             log(INFO, "Node %s saved model %s to %s", node, record["model-version"], record["model-dir"])
     return saved
 
@@ -258,17 +258,18 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
     train_grid = SecAggGrid(grid, config.secagg, context) if config.secagg.enabled else grid
     result = strategy.start(grid=train_grid, initial_arrays=initial, num_rounds=config.num_server_rounds - done,
                             timeout=config.round_timeout,
-                            train_config=ConfigRecord({"federation-id": federation}),
-                            evaluate_config=ConfigRecord({"split": "validation", "rank": config.rank_validation}))
+                            train_config=ConfigRecord({protocol.FEDERATION_ID: federation}),
+                            evaluate_config=ConfigRecord({protocol.SPLIT: "validation",
+                                                          protocol.RANK: config.rank_validation}))
     final = final_arrays(result.arrays, initial, config.num_server_rounds - done)
     shown = ("ctcvr.auc", "click.auc", "ndcg@10", "nb.all.ndcg@10")
 
     def test_on_nodes(personalised: bool) -> dict:
         """The final model's merged test metrics on the nodes (with `personalised`: global + local)."""
         messages = strategy.configure_evaluate(config.num_server_rounds - done, final, ConfigRecord(
-            {"split": "test", **({"personalised": True} if personalised else {})}), grid)
+            {protocol.SPLIT: "test", **({protocol.PERSONALISED: True} if personalised else {})}), grid)
         replies = [r for r in grid.send_and_receive(messages, timeout=config.round_timeout) if not r.has_error()]
-        merged = merge_evaluations([dict(r.content["metrics"]) for r in replies]) if replies else {}
+        merged = merge_evaluations([dict(r.content[protocol.METRICS]) for r in replies]) if replies else {}
         log(INFO, "%s on the nodes' test splits: %s",
             "Global + local (personalised on each node)" if personalised else "Final global model",
             ", ".join(f"{k} {v:.4f}" for k, v in merged.items() if k in shown))

@@ -18,8 +18,6 @@ test on one machine only). Runtime dependency installation is off: nodes run the
 
 from __future__ import annotations
 
-import os
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +27,14 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedcvr.shared.deploy import DeployError
+
 CONNECTION = "fedcvr"  # the name of the SuperLink connection in <home>/flwr/config.toml
 DEFAULT_PORT = 9092  # the merchants' Fleet API
 DEFAULT_CONTROL_ADDRESS = "127.0.0.1:9093"  # the Control and runtime API: the coordinator's machine only
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 INSECURE_WARNING = ("--insecure: plaintext, no node authentication. Anyone on the network can read and change "
                     "model updates and any program can join as a merchant. Use it only for a test on one machine.")
-_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
-
-
-class DeployError(ValueError):
-    """Bad input to a deployment command; the message names the file or value and the fix."""
 
 
 @dataclass(frozen=True)
@@ -71,26 +66,6 @@ class CoordinatorHome:
             raise DeployError(f"{self.config_toml} has no [superlink.{CONNECTION}] table ({err}): run "
                               f"`fedcvr coordinator start --home {self.folder} ...` again to rewrite it.") from None
         return dict(table)
-
-
-def env_for(flwr_home: Path, bin_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of every Flower process fedcvr starts: its own FLWR_HOME, offline, no installs, and this
-    environment's bin folder first on PATH (the SuperLink and SuperNode start `flower-superexec` and
-    `flwr-clientapp` from PATH, also when the virtual environment is not activated)."""
-    env = dict(os.environ if base is None else base)
-    env.update({"FLWR_HOME": str(flwr_home), "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1")})
-    return env
-
-
-def parse_address(text: str, what: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 in brackets) -> (host, port); DeployError naming `what` otherwise."""
-    match = _HOST_PORT.match(text.strip())
-    if not match or not 0 < int(match["port"]) < 65536:
-        raise DeployError(f"{what} {text!r} is not HOST:PORT: give the SuperLink's host name or IP address and "
-                          "port, e.g. 127.0.0.1:9092 or coordinator.example.com:9092 (no https://).")
-    return match["host"].strip("[]"), int(match["port"])
 
 
 def _need_file(path: Path, what: str, fix: str) -> Path:

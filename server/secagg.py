@@ -46,7 +46,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from fedcvr.shared.secagg import MAX_WEIGHT_KEY, MIN_NODES, TRAIN_SIZE_ACTION, TRAIN_SIZE_KEY, WEIGHT_NAMES_KEY
+from fedcvr.shared import protocol
+from fedcvr.shared.secagg import MAX_WEIGHT_KEY, MIN_NODES, WEIGHT_NAMES_KEY
 
 from .config import SecAggConfig
 from .strategy import worst_privacy
@@ -191,11 +192,12 @@ class SecAggGrid:
             return self.config.max_weight
         unknown = [node for node in nodes if node not in self.train_sizes]
         if unknown:
-            query = [Message(RecordDict(), dst_node_id=node, message_type=f"query.{TRAIN_SIZE_ACTION}")
+            query = [Message(RecordDict(), dst_node_id=node, message_type=f"query.{protocol.TRAIN_SIZE}")
                      for node in unknown]
             for reply in self.grid.send_and_receive(query, timeout=timeout):
                 if not reply.has_error():
-                    self.train_sizes[reply.metadata.src_node_id] = int(reply.content["size"][TRAIN_SIZE_KEY])
+                    size = reply.content[protocol.SIZE][protocol.TRAIN_SIZE_KEY]
+                    self.train_sizes[reply.metadata.src_node_id] = int(size)
         sizes = [self.train_sizes[node] for node in nodes if node in self.train_sizes]
         return float(max(sizes)) if sizes else 1.0
 
@@ -223,7 +225,7 @@ class SecAggGrid:
         counting = _Counting(self.grid)
         instructions = []
         for message in messages:
-            config = {**dict(message.content["config"]), WEIGHT_NAMES_KEY: "\n".join(names),
+            config = {**dict(message.content[protocol.CONFIG]), WEIGHT_NAMES_KEY: "\n".join(names),
                       MAX_WEIGHT_KEY: max_weight}
             proxy = GridClientProxy(message.metadata.dst_node_id, counting, self.context.run_id)
             instructions.append((proxy, FitIns(parameters, config)))
@@ -254,11 +256,13 @@ class SecAggGrid:
             return replies or [Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                              reason="secure aggregation halted"), reply_to=m) for m in messages]
         metrics = merge_node_metrics(strategy.node_metrics)
-        metrics["bytes-sent"], metrics["bytes-received"] = counting.sent, counting.received
+        metrics[protocol.BYTES_SENT], metrics[protocol.BYTES_RECEIVED] = counting.sent, counting.received
+        metrics[protocol.SECURE_ROUND] = 1
         mean = ArrayRecord({name: Array(np.asarray(value, dtype=arrays[name].numpy().dtype))
                             for name, value in zip(names, strategy.mean, strict=True)})
         first = by_node[min(strategy.node_metrics)]
         log(INFO, "Round %d: unmasked the mean of %d node(s); %d failed", server_round, len(strategy.node_metrics),
             len(replies))
-        return [Message(RecordDict({"arrays": mean, "metrics": MetricRecord(metrics)}), reply_to=first), *replies]
+        mean_reply = RecordDict({protocol.ARRAYS: mean, protocol.METRICS: MetricRecord(metrics)})
+        return [Message(mean_reply, reply_to=first), *replies]
 

@@ -32,6 +32,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from fedcvr.shared import protocol
 from fedcvr.shared.metrics import merge_evaluations
 
 from .robust import combine, screen_updates
@@ -172,7 +173,7 @@ class RobustAggregation(FedAvg):
 def declined(reply: Message) -> bool:
     """True for the error reply of a node that declined the round (privacy budget spent, or no training example
     this round: `client/app.py`); a node that raised instead is a failure."""
-    return reply.has_error() and "declined" in (reply.error.reason or "")
+    return reply.has_error() and protocol.is_declined(reply.error.reason)
 
 
 def screen_replies(book: RoundBook, replies: list[Message], norm_factor: float, round_timeout: float,
@@ -186,7 +187,7 @@ def screen_replies(book: RoundBook, replies: list[Message], norm_factor: float, 
             reason = reply.error.reason or f"error code {reply.error.code}"
             book.current["failed"].append({"node": int(reply.metadata.src_node_id), "reason": reason})
     good = [r for r in replies if not r.has_error()]
-    secure = secure or any("bytes-received" in r.content["metrics"] for r in good)
+    secure = secure or any(protocol.SECURE_ROUND in r.content[protocol.METRICS] for r in good)
     if not secure:  # a secure round answers with one reply for all its nodes and names its drop-outs itself
         replied = {int(r.metadata.src_node_id) for r in replies}
         for node in book.asked:
@@ -244,9 +245,9 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
                     if declined(reply):  # other error replies are booked in `failed` (screen_replies)
                         book.current["nodes-declined"] += 1
                         book.current["declined"].append(reply.error.reason)
-                elif "bytes-received" in reply.content["metrics"]:  # a secure round measured its own traffic
-                    book.current["bytes-received"] += int(reply.content["metrics"]["bytes-received"])
-                    book.current["bytes-sent"] = int(reply.content["metrics"]["bytes-sent"])
+                elif protocol.SECURE_ROUND in reply.content[protocol.METRICS]:  # it measured its own traffic
+                    book.current["bytes-received"] += int(reply.content[protocol.METRICS][protocol.BYTES_RECEIVED])
+                    book.current["bytes-sent"] = int(reply.content[protocol.METRICS][protocol.BYTES_SENT])
                 else:
                     book.current["bytes-received"] += reply.content["arrays"].count_bytes()
             replies = screen_replies(book, replies, reject_norm_factor, round_timeout, secure)

@@ -30,8 +30,7 @@ from typing import Any
 import uvicorn
 
 from fedcvr.shared import superexec
-
-from .deploy import DeployError, parse_address
+from fedcvr.shared.deploy import DeployError, parse_address
 
 FLEET_PREFIX = "/v1/fleet/"
 NOT_HERE = (b"This port serves only the Fleet API that merchants' nodes use. The Control API (flwr run, ls, stop, "

@@ -10,9 +10,8 @@ MIN_NODES = 3  # with 2 nodes each could recover the other's update from the sum
 # the largest number of examples one update may weigh.
 WEIGHT_NAMES_KEY = "secagg-weight-names"
 MAX_WEIGHT_KEY = "secagg-max-weight"
-# The query a node answers with the size of its training split (the weight of its secure update).
-TRAIN_SIZE_ACTION = "train_size"
-TRAIN_SIZE_KEY = "train-size"
+# The query a node answers with the size of its training split (the weight of its secure update) is
+# `protocol.TRAIN_SIZE`.
 
 
 def is_secure_instruction(message: Message) -> bool:

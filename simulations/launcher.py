@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from fedcvr.server.follow import RUN_ID, finished, parse_status, strip_ansi
+from fedcvr.shared import deploy
+from fedcvr.shared.deploy import env_for
 from fedcvr.shared.processes import (
     die_with_parent,
     end_processes,
@@ -313,26 +315,14 @@ def free_ports(count: int = 1) -> list[int]:
             sock.close()
 
 
-def flwr_bin_dir() -> Path:
-    """The bin folder of the environment this Python belongs to (where `flwr` and `flower-superlink` are)."""
-    return Path(sys.executable).parent
-
-
 def flwr_env(flwr_home: Path, bin_dir: Path, base: Mapping[str, str] | None = None,
              ports: tuple[int, int] | None = None) -> dict[str, str]:
     """The environment of `flwr`: our own FLWR_HOME and a local SuperLink of our own on free ports (without them
     flwr reuses any SuperLink on the default ports), offline, no dependency installation."""
-    env = dict(os.environ if base is None else base)
+    env = env_for(flwr_home, bin_dir, base)  # flwr starts `flower-superlink` from PATH
     http_port, control_port = ports or free_ports(2)
-    env.update({
-        "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",  # flwr starts `flower-superlink` from PATH
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-    })
+    env.update({"HF_HUB_OFFLINE": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+                "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)})
     return env
 
 
@@ -672,7 +662,7 @@ def launch(run_dir: Path, app_dir: Path, nodes: int, config_file: Path, *,
     FLWR_HOME = run_dir/flwr and flwr's output in run_dir/flower.log; call `on_round` with each record the server
     appends to run_dir/rounds.jsonl. Whatever happens (failure, timeout, Ctrl-C), everything the run started is
     stopped by PID before this returns or raises."""
-    bin_dir = bin_dir or flwr_bin_dir()
+    bin_dir = bin_dir or deploy.flwr_bin_dir()
     if not Path("/proc/self/environ").exists():
         raise LaunchError("`fedcvr simulate` finds the processes of its local SuperLink in /proc to stop them "
                           "afterwards, and this system has no /proc: run it on Linux")

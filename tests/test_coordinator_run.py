@@ -78,7 +78,7 @@ def fake(tmp_path, monkeypatch):
     (folder / "flwr").chmod(0o755)
     home = deploy.CoordinatorHome(tmp_path / "home")
     deploy.write_connection(home, "127.0.0.1:9093", None)
-    monkeypatch.setattr("fedcvr.simulations.launcher.flwr_bin_dir", lambda: folder)
+    monkeypatch.setattr("fedcvr.shared.deploy.flwr_bin_dir", lambda: folder)
     monkeypatch.setattr(follow, "FOLLOW_SECONDS", 0.1)
     return folder, home
 
@@ -130,8 +130,8 @@ def test_when_stopping_fails_run_prints_the_exact_command(fake, tmp_path, monkey
 
 def test_sigterm_stops_the_run_and_flwr_run(fake, tmp_path):
     folder, home = fake
-    code = ("import sys\nfrom pathlib import Path\nimport fedcvr.simulations.launcher as sim\n"
-            f"sim.flwr_bin_dir = lambda: Path({str(folder)!r})\nfrom fedcvr.cli import app\n"
+    code = ("import sys\nfrom pathlib import Path\nimport fedcvr.shared.deploy as shared_deploy\n"
+            f"shared_deploy.flwr_bin_dir = lambda: Path({str(folder)!r})\nfrom fedcvr.cli import app\n"
             f"app(['coordinator', 'run', '--home', {str(home.folder)!r}, '--out', {str(tmp_path / 'out')!r}])\n")
     process = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "FAKE_FLWR_MODE": "hang"},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -14,6 +14,7 @@ from fedcvr.client.deploy import merchant_plan
 from fedcvr.server import deploy
 from fedcvr.server.keys import init_keys
 from fedcvr.shared.data.contract import DataValidationError
+from fedcvr.shared.deploy import DeployError, env_for, parse_address
 
 BIN = Path("/opt/env/bin")
 
@@ -73,16 +74,16 @@ def test_the_control_address_is_checked(keys):
     names = deploy.TlsFiles.from_keys_dir(keys).names()
     assert deploy.control_address("127.0.0.1", 9093, names, 9092) == "127.0.0.1:9093"
     assert deploy.control_address("::1", 9093, None, 9092) == "[::1]:9093"
-    with pytest.raises(deploy.DeployError, match="merchants' port 9092"):
+    with pytest.raises(DeployError, match="merchants' port 9092"):
         deploy.control_address("127.0.0.1", 9092, names, 9092)
-    with pytest.raises(deploy.DeployError, match="every network"):
+    with pytest.raises(DeployError, match="every network"):
         deploy.control_address("0.0.0.0", 9093, names, 9092)
-    with pytest.raises(deploy.DeployError, match="not localhost.*--superlink-host 127.0.0.1"):
+    with pytest.raises(DeployError, match="not localhost.*--superlink-host 127.0.0.1"):
         deploy.control_address("localhost", 9093, names, 9092)
 
 
 def test_missing_tls_files_name_the_file_and_the_fix(tmp_path):
-    with pytest.raises(deploy.DeployError, match=r"ca.pem does not exist.*fedcvr keys init"):
+    with pytest.raises(DeployError, match=r"ca.pem does not exist.*fedcvr keys init"):
         deploy.TlsFiles.from_keys_dir(tmp_path)
 
 
@@ -90,7 +91,7 @@ def test_the_coordinators_connection_is_written_and_read_back(keys, tmp_path):
     tls = deploy.TlsFiles.from_keys_dir(keys)
     assert set(tls.names()) == {"127.0.0.1", "coordinator.example.com"}
     home = deploy.CoordinatorHome(tmp_path / "home")
-    with pytest.raises(deploy.DeployError, match="coordinator start"):
+    with pytest.raises(DeployError, match="coordinator start"):
         home.connection()
     deploy.write_connection(home, "127.0.0.1:9093", tls.ca)
     assert home.connection() == {"address": "127.0.0.1:9093", "root-certificates": str(tls.ca)}
@@ -102,20 +103,20 @@ def test_register_takes_only_a_merchant_public_key(keys, tmp_path):
     public = keys / "merchants" / "merchant-01.pub"
     assert deploy.check_public_key(public) == public.resolve()
     assert deploy.register_command(BIN, public)[1:] == ["supernode", "register", str(public), "fedcvr"]
-    with pytest.raises(deploy.DeployError, match="PRIVATE key"):
+    with pytest.raises(DeployError, match="PRIVATE key"):
         deploy.check_public_key(keys / "merchants" / "merchant-01")
     other = tmp_path / "x.pub"
     other.write_text("not a key\n")
-    with pytest.raises(deploy.DeployError, match="not an OpenSSH public key"):
+    with pytest.raises(DeployError, match="not an OpenSSH public key"):
         deploy.check_public_key(other)
-    with pytest.raises(deploy.DeployError, match="does not exist"):
+    with pytest.raises(DeployError, match="does not exist"):
         deploy.check_public_key(tmp_path / "missing.pub")
 
 
 @pytest.mark.parametrize("text", ["https://127.0.0.1:9092", "127.0.0.1", "host:0", "host:99999", ""])
 def test_bad_superlink_addresses(text):
-    with pytest.raises(deploy.DeployError, match="HOST:PORT"):
-        deploy.parse_address(text, "--superlink")
+    with pytest.raises(DeployError, match="HOST:PORT"):
+        parse_address(text, "--superlink")
 
 
 def test_merchant_plan_builds_the_supernode_command(keys, market, tmp_path):
@@ -165,7 +166,7 @@ def test_merchant_plan_errors_name_the_option_and_the_fix(keys, market, tmp_path
         args["key"] = keys / "merchants" / "merchant-01.pub"
     if args.get("ca") == "key-as-ca":
         args["ca"] = keys / "merchants" / "merchant-01.pub"
-    with pytest.raises(deploy.DeployError, match=match):
+    with pytest.raises(DeployError, match=match):
         merchant_plan(BIN, **args)
 
 
@@ -173,7 +174,7 @@ def test_a_key_others_can_read_is_refused(keys, market, tmp_path):
     key = tmp_path / "merchant-02"
     key.write_bytes((keys / "merchants" / "merchant-02").read_bytes())
     os.chmod(key, 0o644)
-    with pytest.raises(deploy.DeployError, match="chmod 600"):
+    with pytest.raises(DeployError, match="chmod 600"):
         merchant_plan(BIN, data_dir=market / "shop-a", model_dir=tmp_path / "m", superlink="127.0.0.1:9092",
                       ca=keys / "ca.pem", key=key)
 
@@ -226,7 +227,7 @@ def test_cli_run_checks_the_run_config_before_anything_starts(tmp_path, keys):
 
 
 def test_flower_processes_find_this_environment_first_on_path(tmp_path):
-    env = deploy.env_for(tmp_path / "flwr", BIN, base={"PATH": "/usr/bin"})
+    env = env_for(tmp_path / "flwr", BIN, base={"PATH": "/usr/bin"})
     assert env["PATH"].split(os.pathsep)[0] == str(BIN) and env["FLWR_HOME"] == str(tmp_path / "flwr")
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
 
@@ -332,5 +333,5 @@ def test_the_superlink_module_needs_the_merchant_address():
 
     assert split_arguments(["--host", "127.0.0.1", "--merchant-address", "0.0.0.0:9092", "--port", "9093"]) == (
         ("0.0.0.0", 9092), ["--host", "127.0.0.1", "--port", "9093"])
-    with pytest.raises(deploy.DeployError, match="--merchant-address HOST:PORT missing"):
+    with pytest.raises(DeployError, match="--merchant-address HOST:PORT missing"):
         split_arguments(["--host", "127.0.0.1"])

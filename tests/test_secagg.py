@@ -78,7 +78,7 @@ def test_the_coordinator_gets_the_weighted_mean_and_never_a_single_update(server
         np.testing.assert_allclose(got, want, atol=1e-4)  # quantisation error only
     metrics = replies[0].content["metrics"]
     assert metrics["num-examples"] == total and metrics["nodes-trained"] == 3
-    assert metrics["bytes-sent"] > 0 and metrics["bytes-received"] > 0
+    assert metrics["bytes-sent"] > 0 and metrics["bytes-received"] > 0 and metrics["secure-round"] == 1
 
 
 @pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS])
