@@ -8,7 +8,6 @@
   by config `split`); with config `personalised` (and run config `personalise`), of global + local: the node's
   local layers fine-tuned on its own data first (`personalise.py`); the server adds them up and finalises.
 - query `save_model`: save the pushed-back final model into the node's model folder; reply with its version.
-- query `census`: the data census (counts only).
 - query `train_size`: the size of the training split (the weight of the node's update under secure aggregation).
 Under secure aggregation (`secagg = true`) training arrives as the four stages of a SecAgg+ round; `secagg.py`
 runs them through Flower's `secaggplus_mod` around the same `train_once`.
@@ -27,7 +26,6 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from fedcvr.shared import protocol
-from fedcvr.shared.census import CENSUS_ACTION, CENSUS_RECORD, local_census
 from fedcvr.shared.data.contract import DataValidationError
 from fedcvr.shared.model.errors import ModelConfigError
 from fedcvr.shared.privacy import PrivacyConfigError, PrivacyLedgerError
@@ -126,13 +124,3 @@ def train_size(message: Message, context: Context) -> Message:
         return _error(message, context, err)
     return Message(RecordDict({protocol.SIZE: MetricRecord({protocol.TRAIN_SIZE_KEY: node.train_size()})}),
                    reply_to=message)
-
-
-@app.query(CENSUS_ACTION)
-def census(message: Message, context: Context) -> Message:
-    """Reply to a census message: the counts of this node's merchant data, or an error with the reason."""
-    try:
-        counts = local_census(resolve_data_dir(context.node_config, context.run_config))
-    except (DataSourceError, DataValidationError) as err:
-        return _error(message, context, err)
-    return Message(RecordDict({CENSUS_RECORD: MetricRecord(counts)}), reply_to=message)

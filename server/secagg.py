@@ -4,7 +4,7 @@ With `secagg = true` the coordinator never sees one merchant's weights: each nod
 that only the sum over the round's nodes can be unmasked (Flower's SecAgg+; in flwr 1.42 it exists only on the
 legacy path, `SecAggPlusWorkflow` here and `secaggplus_mod` on the nodes).
 
-`SecAggGrid` wraps the run's Grid. Every message that is not a training instruction (evaluation, census,
+`SecAggGrid` wraps the run's Grid. Every message that is not a training instruction (evaluation,
 push-back) passes through unchanged. A batch of training instructions is run as one SecAgg+ round among those
 nodes, and comes back as ONE reply holding the weighted mean of their weights and the round's merged metrics.
 The strategy (FedAvg, FedProx, FedAdam), the evaluation, the checkpoints and the nodes' training and privacy

@@ -1,11 +1,10 @@
-"""The Flower App: data folder resolution, the ClientApp census handler, the ServerApp's census logic (in
-process, with a fake Grid that runs the real ClientApp) and one end-to-end `flwr run` training simulation (slow)."""
+"""The Flower App: data folder resolution, the ClientApp's query handlers and errors, waiting for nodes (with a fake
+Grid that runs the real ClientApp in process) and one end-to-end `flwr run` training simulation (slow)."""
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import re
 import signal
@@ -22,9 +21,9 @@ from flwr.app import Context, Message, Metadata, RecordDict
 
 from fedcvr.client.app import app as client_app
 from fedcvr.client.data_source import DataSourceError, resolve_data_dir
-from fedcvr.server.app import CensusError, collect_census, run_census, wait_for_nodes
+from fedcvr.server.app import NodesError, wait_for_nodes
 from fedcvr.server.config import ConfigError, ServerConfig
-from fedcvr.shared.census import CENSUS_MESSAGE_TYPE, CENSUS_RECORD
+from fedcvr.shared import protocol
 from fedcvr.shared.data.contract import DataValidationError
 from fedcvr.shared.data.loader import load_merchant
 
@@ -55,18 +54,6 @@ def write_merchant(folder: Path, n_items: int, rows: list[tuple[str, str, str]])
         "timestamp": pd.date_range("2024-03-01", periods=len(rows), freq="min"),
     }).to_parquet(folder / "events.parquet")
     return folder
-
-
-def expected_counts(n_items: int, rows: list[tuple[str, str, str]]) -> dict[str, int]:
-    events = [r[2] for r in rows]
-    return {"merchants": 1, "users": len({r[0] for r in rows}), "items": n_items,
-            "impressions": events.count("impression"), "clicks": events.count("click"),
-            "carts": events.count("cart"), "purchases": events.count("purchase"), "events": len(rows)}
-
-
-def expected_totals(names: list[str]) -> dict[str, int]:
-    parts = [expected_counts(*MERCHANTS[n]) for n in names]
-    return {k: sum(p[k] for p in parts) for k in parts[0]}
 
 
 @pytest.fixture
@@ -152,11 +139,11 @@ def test_bad_partition_id(marketplace):
 # ---------------------------------------------------------------- ClientApp handler
 
 
-def census_message(node_id: int, message_id: str = "m1") -> Message:
-    """A census instruction as it arrives at a node (built from public Metadata, no run needed)."""
+def query_message(node_id: int, action: str = protocol.TRAIN_SIZE, message_id: str = "m1") -> Message:
+    """A query as it arrives at a node (built from public Metadata, no run needed)."""
     metadata = Metadata(run_id=1, message_id=message_id, src_node_id=0, dst_node_id=node_id,
                         reply_to_message_id="", group_id="", created_at=time.time(), ttl=600.0,
-                        message_type=CENSUS_MESSAGE_TYPE)
+                        message_type=f"query.{action}")
     return Message(content=RecordDict(), metadata=metadata)
 
 
@@ -165,11 +152,11 @@ def node_context(node_id: int, node_config: dict, run_config: dict) -> Context:
                    run_config=run_config)
 
 
-def test_client_replies_with_the_census_sums(marketplace):
-    message = census_message(node_id=11)
-    reply = client_app(message, node_context(11, sim_node(1), {"data-root": str(marketplace)}))
-    assert not reply.has_error()
-    assert dict(reply.content.metric_records[CENSUS_RECORD]) == expected_counts(*MERCHANTS["shop-b"])
+def test_client_replies_with_the_size_of_its_training_split(marketplace, tiny_bert):
+    run_config = {"data-root": str(marketplace), "model.encoder": str(tiny_bert), "model.dim": 8}
+    reply = client_app(query_message(node_id=11), node_context(11, sim_node(1), run_config))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert reply.content[protocol.SIZE][protocol.TRAIN_SIZE_KEY] > 0
     assert reply.metadata.reply_to_message_id == "m1"
     assert reply.metadata.src_node_id == 11 and reply.metadata.dst_node_id == 0
 
@@ -178,22 +165,20 @@ def test_client_replies_with_the_data_validation_error_text(marketplace):
     break_merchant(marketplace / "shop-a")
     with pytest.raises(DataValidationError) as err:
         load_merchant(marketplace / "shop-a")
-    reply = client_app(census_message(5), node_context(5, {"data-dir": str(marketplace / "shop-a")}, {}))
+    reply = client_app(query_message(5), node_context(5, {"data-dir": str(marketplace / "shop-a")}, {}))
     assert reply.has_error()
     assert str(err.value) in reply.error.reason
     assert reply.error.reason.startswith("DataValidationError: ")
 
 
 def test_client_replies_with_the_data_source_error(marketplace):
-    reply = client_app(census_message(5), node_context(5, sim_node(7, 8), {"data-root": str(marketplace)}))
+    reply = client_app(query_message(5), node_context(5, sim_node(7, 8), {"data-root": str(marketplace)}))
     assert reply.has_error() and "num-supernodes must not exceed 3" in reply.error.reason
 
 
 def test_client_has_no_handler_for_other_messages(marketplace):
-    message = census_message(1)
-    message.metadata.message_type = "query.unknown"
     with pytest.raises(ValueError, match="unknown"):
-        client_app(message, node_context(1, sim_node(0), {"data-root": str(marketplace)}))
+        client_app(query_message(1, "unknown"), node_context(1, sim_node(0), {"data-root": str(marketplace)}))
 
 
 # ---------------------------------------------------------------- ServerApp config
@@ -245,7 +230,7 @@ def test_server_config_missing_key():
         ServerConfig.from_run_config(config)
 
 
-# ---------------------------------------------------------------- ServerApp census, in process
+# ---------------------------------------------------------------- ServerApp, in process
 
 
 class FakeGrid:
@@ -272,44 +257,10 @@ class FakeGrid:
         return replies
 
 
-def sim_grid(marketplace: Path, n: int = 3, **kwargs) -> FakeGrid:
-    run_config = {"data-root": str(marketplace)}
-    return FakeGrid({100 + i: node_context(100 + i, sim_node(i, n), run_config) for i in range(n)}, **kwargs)
-
-
-def test_census_merges_all_nodes(marketplace, server_identity):
-    grid = sim_grid(marketplace)
-    result = collect_census(grid, sorted(grid.get_node_ids()), timeout=5)
-    assert result.totals == expected_totals(["shop-a", "shop-b", "shop-c"])
-    assert result.failures == {}
-    assert {m.metadata.message_type for m in grid.sent} == {"query.census"}
-    assert result.rates["click_rate"] == pytest.approx(result.totals["clicks"] / result.totals["impressions"])
-
-
-def test_census_logs_failed_nodes_and_merges_the_others(marketplace, server_identity, caplog):
-    break_merchant(marketplace / "shop-b")
-    grid = sim_grid(marketplace, n=4, silent=(102,))  # node 103 has no merchant; node 102 never replies
-    with caplog.at_level(logging.ERROR, logger="flwr"):
-        result = collect_census(grid, sorted(grid.get_node_ids()), timeout=5)
-    assert result.totals == expected_totals(["shop-a"])
-    assert set(result.failures) == {101, 102, 103}
-    assert "refers to 1 item id(s) not in the items table" in result.failures[101]
-    assert "no reply within round-timeout" in result.failures[102]
-    assert "num-supernodes must not exceed 3" in result.failures[103]
-    logged = caplog.text
-    assert "Node 101 failed the census: DataValidationError" in logged and "Node 103 failed" in logged
-
-
-def test_census_fails_when_no_node_answers(marketplace, server_identity):
-    grid = sim_grid(marketplace, n=2, silent=(100, 101))
-    with pytest.raises(CensusError, match="none of the 2 node"):
-        collect_census(grid, [100, 101], timeout=1)
-
-
 def test_wait_for_nodes_times_out_with_a_clear_error():
     now = [0.0]
     grid = FakeGrid({1: None})
-    with pytest.raises(CensusError) as err:
+    with pytest.raises(NodesError) as err:
         wait_for_nodes(grid, 3, 10, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
     assert "only 1 node(s) connected within round-timeout = 10 s, but min-nodes = 3" in str(err.value)
     assert now[0] >= 10
@@ -323,23 +274,6 @@ def test_wait_for_nodes_returns_once_enough_are_connected():
         grid.contexts = next(arrivals)
 
     assert wait_for_nodes(grid, 2, 60, sleep=sleep, clock=lambda: 0.0) == [3, 5]
-
-
-def test_run_census_writes_census_json(marketplace, server_identity, tmp_path):
-    grid = sim_grid(marketplace)
-    run_config = {**pyproject_run_config(), "min-nodes": 3, "out-dir": str(tmp_path / "out")}
-    run_census(grid, ServerConfig.from_run_config(run_config))
-    census = json.loads((tmp_path / "out" / "census.json").read_text())
-    assert census["totals"] == expected_totals(["shop-a", "shop-b", "shop-c"])
-    assert census["nodes"] == {"asked": 3, "replied": 3, "failed": []}
-    assert set(census["rates"]) == {"click_rate", "purchase_rate", "conversion_rate"}
-
-
-def test_run_census_without_out_dir_writes_nothing(marketplace, server_identity, tmp_path):
-    config = ServerConfig.from_run_config({**pyproject_run_config(), "min-nodes": 1})
-    result = run_census(sim_grid(marketplace), config)
-    assert result.totals["merchants"] == 3
-    assert not list(tmp_path.rglob("census.json"))
 
 
 # ---------------------------------------------------------------- end to end: `flwr run`, local simulation
