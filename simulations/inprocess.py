@@ -41,7 +41,6 @@ class InProcessGrid:
                                        node_config={"partition-id": i, "num-partitions": nodes},
                                        state=RecordDict(), run_config=dict(run_config))
             for i in range(nodes)}
-        self._next = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -49,8 +48,6 @@ class InProcessGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
         for message in messages:
-            self._next += 1
-            message.metadata.__dict__["_message_id"] = f"m{self._next}"  # what the SuperLink would set
             reply = self.deliver(message)
             self._keep(message, reply)
             replies.append(reply)
@@ -80,13 +77,13 @@ class InProcessGrid:
 
 @contextmanager
 def server_identity():
-    """What the ServerApp process has when Flower runs it: messages need a run and node id."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+    """What the ServerApp process has when Flower runs it (Flower's runtime sets the same public properties):
+    messages it creates need a run and node id. Unset again afterwards, as in a process Flower did not start."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     try:
         yield
     finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = None, None, None
 
 
 def run_federation(run_config: Mapping[str, Any], nodes: int,

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
+import support
+
+from fedcvr.simulations import inprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -100,11 +102,10 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def server_identity(monkeypatch):
+def server_identity():
     """What the ServerApp process has when flwr runs it: instruction messages need a run and node id."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    with inprocess.server_identity():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -157,3 +158,9 @@ def tiny_purchase_market(tmp_path_factory) -> Path:
     for k, shoppers in enumerate((120, 80, 40), 1):
         purchase_log(out / f"shop-{k}", seed=k, shoppers=shoppers)
     return out
+
+
+@pytest.fixture
+def fake_bin(tmp_path):
+    """A bin folder holding a fake `flwr` (`support.FAKE_FLWR`): the launcher's tests run it instead of Flower."""
+    return support.write_fake_flwr(tmp_path / "bin")

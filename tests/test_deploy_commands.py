@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_flower_app import MERCHANTS, break_merchant, write_merchant
+from support import MERCHANTS, break_merchant, write_merchant
 from typer.testing import CliRunner
 
 from fedcvr.cli import app

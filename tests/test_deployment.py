@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_processes import descendants
+from support import descendants
 
 from fedcvr.simulations.launcher import _stat, alive, free_ports
 

@@ -6,22 +6,13 @@ import json
 
 import pandas as pd
 import pytest
-from test_flower_app import FakeGrid, node_context, pyproject_run_config, sim_node
+from support import federation
 
 from fedcvr.client.recommender import Recommender
 from fedcvr.server.app import run_training
 from fedcvr.server.config import ServerConfig
 from fedcvr.shared.data.loader import load_merchant, merchant_folders
 from fedcvr.shared.model.folder import load_model_folder
-
-
-def federation(market, tiny_bert, out, **overrides):
-    run_config = {**pyproject_run_config(), "data-root": str(market), "out-dir": str(out), "min-nodes": 3,
-                  "model.encoder": str(tiny_bert), "model.dim": 8, "model.attention-hidden": 8,
-                  "model.head-hidden": 8, "model.max-text-tokens": 32, "examples.history-length": 8,
-                  "train.batch-size": 128, "num-server-rounds": 2, **overrides}
-    grid = FakeGrid({100 + i: node_context(100 + i, sim_node(i, 3), run_config) for i in range(3)})
-    return grid, run_config
 
 
 def test_fedavg_with_dp_trains_reports_epsilon_and_pushes_the_model_back(tiny_market, tiny_bert, tmp_path,

@@ -6,7 +6,7 @@ the same budget. The full-size figures are in the reference experiments (simulat
 from __future__ import annotations
 
 import pytest
-from test_flower_app import FakeGrid, node_context, pyproject_run_config, sim_node
+from support import RecordingGrid, pyproject_run_config
 
 from fedcvr.server.app import run_training
 from fedcvr.server.config import ServerConfig
@@ -25,8 +25,7 @@ def test_fedavg_approaches_central_and_beats_the_smallest_merchant_alone(tmp_pat
 
     def federate(**overrides) -> dict:
         config = {**run_config, **overrides}
-        grid = FakeGrid({100 + i: node_context(100 + i, sim_node(i, len(folders)), config)
-                         for i in range(len(folders))})
+        grid = RecordingGrid(config, len(folders))
         return run_training(grid, config, ServerConfig.from_run_config(config))
 
     federated = federate()["test"]["ctcvr.auc"]

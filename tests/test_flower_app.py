@@ -3,7 +3,6 @@ Grid that runs the real ClientApp in process) and one end-to-end `flwr run` trai
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -12,12 +11,19 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
-import pandas as pd
 import pytest
-from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app import Message, Metadata, RecordDict
+from support import (
+    MERCHANTS,
+    REPO,
+    break_merchant,
+    node_context,
+    pyproject_run_config,
+    sim_node,
+    write_merchant,
+)
 
 from fedcvr.client.app import app as client_app
 from fedcvr.client.data_source import DataSourceError, resolve_data_dir
@@ -27,33 +33,7 @@ from fedcvr.shared import protocol
 from fedcvr.shared.data.contract import DataValidationError
 from fedcvr.shared.data.loader import load_merchant
 
-REPO = Path(__file__).resolve().parents[1]
-
 # ---------------------------------------------------------------- data
-
-# (user_id, item_id, event) rows per merchant; items are i0..i{n-1}. Counts are known by construction.
-# shop-a and shop-b each have a clicked and an unclicked impression in their training split (training refuses one
-# class of labels); shop-c has no training example at all.
-MERCHANTS: dict[str, tuple[int, list[tuple[str, str, str]]]] = {
-    "shop-a": (3, [("u3", "i1", "impression"), ("u1", "i0", "impression"), ("u1", "i0", "click"),
-                   ("u2", "i1", "impression"), ("u2", "i2", "impression"), ("u2", "i2", "click"),
-                   ("u2", "i2", "cart"), ("u2", "i2", "purchase")]),
-    "shop-b": (2, [("v4", "i0", "impression"), ("v4", "i0", "click"), ("v1", "i0", "impression"),
-                   ("v1", "i1", "impression"), ("v2", "i1", "impression"), ("v3", "i1", "impression"),
-                   ("v3", "i1", "click")]),
-    "shop-c": (4, [("w1", "i3", "impression"), ("w1", "i3", "click"), ("w1", "i3", "purchase")]),
-}
-
-
-def write_merchant(folder: Path, n_items: int, rows: list[tuple[str, str, str]]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"item_id": [f"i{k}" for k in range(n_items)],
-                  "title": [f"Item {k}" for k in range(n_items)]}).to_parquet(folder / "items.parquet")
-    pd.DataFrame({
-        "user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows], "event": [r[2] for r in rows],
-        "timestamp": pd.date_range("2024-03-01", periods=len(rows), freq="min"),
-    }).to_parquet(folder / "events.parquet")
-    return folder
 
 
 @pytest.fixture
@@ -64,16 +44,7 @@ def marketplace(tmp_path: Path) -> Path:
     return root
 
 
-def break_merchant(folder: Path) -> None:
-    """Make the events refer to an item the catalog lacks (a DataValidationError)."""
-    write_merchant(folder, 1, [("u1", "i0", "impression"), ("u1", "i7", "click")])
-
-
 # ---------------------------------------------------------------- data_source
-
-
-def sim_node(partition: int, partitions: int = 3) -> dict[str, object]:
-    return {"partition-id": partition, "num-partitions": partitions}
 
 
 def test_simulation_partition_i_is_the_ith_merchant_folder_in_sorted_order(marketplace):
@@ -147,11 +118,6 @@ def query_message(node_id: int, action: str = protocol.TRAIN_SIZE, message_id: s
     return Message(content=RecordDict(), metadata=metadata)
 
 
-def node_context(node_id: int, node_config: dict, run_config: dict) -> Context:
-    return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(),
-                   run_config=run_config)
-
-
 def test_client_replies_with_the_size_of_its_training_split(marketplace, tiny_bert):
     run_config = {"data-root": str(marketplace), "model.encoder": str(tiny_bert), "model.dim": 8}
     reply = client_app(query_message(node_id=11), node_context(11, sim_node(1), run_config))
@@ -182,16 +148,6 @@ def test_client_has_no_handler_for_other_messages(marketplace):
 
 
 # ---------------------------------------------------------------- ServerApp config
-
-def pyproject_run_config() -> dict[str, object]:
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    flat: dict[str, object] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
 
 
 def test_server_config_from_pyproject_defaults():
@@ -233,33 +189,19 @@ def test_server_config_missing_key():
 # ---------------------------------------------------------------- ServerApp, in process
 
 
-class FakeGrid:
-    """Delivers messages to the real ClientApp in this process, one Context per node."""
+class ConnectedNodes:
+    """The one thing `wait_for_nodes` asks of a Grid: which nodes are connected now."""
 
-    def __init__(self, contexts: dict[int, Context], silent: tuple[int, ...] = ()):
-        self.contexts = contexts
-        self.silent = silent
-        self.sent: list[Message] = []
-        self.replies: list[Message] = []  # every reply of every node, in order
+    def __init__(self, nodes):
+        self.contexts = nodes
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for index, message in enumerate(messages):
-            self.sent.append(message)
-            message.metadata.__dict__["_message_id"] = f"m{index}"  # the SuperLink sets it
-            if message.metadata.dst_node_id not in self.silent:
-                # a real transport delivers a copy: the node must not change the server's message
-                replies.append(client_app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id]))
-        self.replies.extend(replies)
-        return replies
-
 
 def test_wait_for_nodes_times_out_with_a_clear_error():
     now = [0.0]
-    grid = FakeGrid({1: None})
+    grid = ConnectedNodes({1: None})
     with pytest.raises(NodesError) as err:
         wait_for_nodes(grid, 3, 10, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
     assert "only 1 node(s) connected within round-timeout = 10 s, but min-nodes = 3" in str(err.value)
@@ -267,7 +209,7 @@ def test_wait_for_nodes_times_out_with_a_clear_error():
 
 
 def test_wait_for_nodes_returns_once_enough_are_connected():
-    grid = FakeGrid({})
+    grid = ConnectedNodes({})
     arrivals = iter([{}, {5: None}, {5: None, 3: None}])
 
     def sleep(_):

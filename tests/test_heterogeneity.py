@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
+from conftest import write_tables
 from fedcvr.simulations.heterogeneity import client_overlap, overlap_of_results
-from tests.conftest import write_tables
 
 
 def merchant(folder, catalog: str, bought: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_federated import federation
+from support import federation
 
 from fedcvr.server.app import run_training
 from fedcvr.server.config import ServerConfig
@@ -69,17 +69,6 @@ def test_cli_compares_a_finished_run(tiny_market, tiny_bert, tmp_path, server_id
     assert result.exit_code == 2 and "not a finished simulation run" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["local-only", "--run", str(tmp_path / "run"), "--merchants", "shop-x"])
     assert result.exit_code == 2 and "shop-x" in result.output
-
-
-def test_inprocess_fedavg_script_reports_the_global_models_test_auc(tiny_market, tiny_bert, capsys):
-    from fedcvr.simulations.fedavg_inprocess import main
-
-    overrides = (f"model.encoder='{tiny_bert}' model.dim=8 model.attention-hidden=8 model.head-hidden=8 "
-                 "model.max-text-tokens=32 examples.history-length=8 train.batch-size=128")
-    result = main(["--data", str(tiny_market), "--rounds", "2", "--every-round", "--run-config", overrides])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and result["round"] == 2
-    assert 0 < result["click.auc"] < 1 and 0 < result["max-epsilon"] <= 8.0 * 1.0001
 
 
 def test_inprocess_federation_keeps_each_nodes_test_sums(tiny_market, tiny_bert, tmp_path):

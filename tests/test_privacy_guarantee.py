@@ -7,7 +7,7 @@ import json
 
 import pytest
 from flwr.app import RecordDict
-from test_federated import federation
+from support import federation
 
 from fedcvr.client.node import LEDGER_FILE, keep_ledger, ledger_path, load_ledger, resumed_ledger_path
 from fedcvr.server.secagg import merge_node_metrics

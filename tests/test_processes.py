@@ -12,28 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_simulate import fake_bin  # noqa: F401  (the fake `flwr` of the launcher tests, a fixture)
+from support import descendants
 
 from fedcvr.shared import processes
 from fedcvr.simulations import launcher as sim
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (/proc, prctl)")
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid` now, by the parent PIDs in /proc."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and len(fields := sim._stat(int(proc.name))) > 1:
-            children.setdefault(int(fields[1]), []).append(int(proc.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def gone(pids: set[int], timeout: float = 20.0) -> set[int]:

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_federated import federation
-from test_flower_app import pyproject_run_config
+from support import federation, pyproject_run_config
 
 from fedcvr.client.node import LEDGER_FILE
 from fedcvr.server.app import run_training

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
+from support import TamperingGrid
 
 from fedcvr.client.node import MerchantNode
 from fedcvr.server.app import run_training
 from fedcvr.server.config import ConfigError, ServerConfig
 from fedcvr.server.robust import change_norm, combine, screen_updates, trimmed_count
-from fedcvr.simulations.inprocess import FIRST_NODE_ID, InProcessGrid
+from fedcvr.simulations.inprocess import FIRST_NODE_ID
 
 # ---------------------------------------------------------------- plain functions
 
@@ -124,24 +125,6 @@ def five_merchants(tmp_path_factory):
     out = tmp_path_factory.mktemp("five")
     generate_marketplace(SynthConfig(merchants=5, items=200, shoppers=400, events=10_000, seed=5), out)
     return out
-
-
-class TamperingGrid(InProcessGrid):
-    """An in-process federation where `tamper(node, sent, reply)` may change a node's training reply, or drop it
-    (None: the node hangs past the round's timeout)."""
-
-    def __init__(self, run_config, nodes, tamper):
-        super().__init__(run_config, nodes)
-        self.tamper = tamper
-
-    def deliver(self, message: Message) -> Message | None:
-        reply = super().deliver(message)
-        if message.metadata.message_type != "train" or reply.has_error():
-            return reply
-        return self.tamper(message.metadata.dst_node_id, message.content["arrays"], reply)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return [r for r in super().send_and_receive(messages, timeout=timeout) if r is not None]
 
 
 def with_arrays(reply: Message, arrays: dict[str, np.ndarray]) -> Message:

@@ -7,8 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from test_flower_app import pyproject_run_config
-from test_robust import TamperingGrid
+from support import TamperingGrid, pyproject_run_config
 
 from fedcvr.client import node as node_module
 from fedcvr.server.app import run_training

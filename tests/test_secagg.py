@@ -10,8 +10,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from test_federated import federation
-from test_flower_app import FakeGrid, node_context, pyproject_run_config
+from support import federation, node_context, pyproject_run_config
 
 from fedcvr.client.secagg import secure_train
 from fedcvr.server.app import run_training
@@ -19,20 +18,20 @@ from fedcvr.server.config import ConfigError, SecAggConfig, ServerConfig
 from fedcvr.server.secagg import SecAggError, SecAggGrid, merge_node_metrics
 
 
-class SecureNodes(FakeGrid):
-    """Nodes that run only the SecAgg+ stages around a given train function (no model, no data)."""
+class SecureNodes:
+    """A Grid of nodes that run only the SecAgg+ stages around a given train function (no model, no data)."""
 
     def __init__(self, updates: dict[int, tuple[dict[str, np.ndarray], int]], drop_at: dict[int, str] | None = None):
-        super().__init__({node: node_context(node, {}, {}) for node in updates})
+        self.contexts = {node: node_context(node, {}, {}) for node in updates}
+        self.sent: list[Message] = []
         self.updates = updates
         self.drop_at = drop_at or {}
         self.dropped: set[int] = set()
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
-        for index, message in enumerate(messages):
+        for message in messages:
             node = message.metadata.dst_node_id
-            message.metadata.__dict__["_message_id"] = f"m{index}"
             self.sent.append(message)
             message = copy.deepcopy(message)  # what a real transport delivers
             if message.metadata.message_type == "query.train_size":
@@ -49,6 +48,9 @@ class SecureNodes(FakeGrid):
                 {k: torch.from_numpy(v) for k, v in a.items()}, {"num-examples": n, "train-loss": 0.5})
             replies.append(secure_train(message, self.contexts[node], train))
         return replies
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
 
 
 def instructions(nodes: list[int], arrays: dict[str, np.ndarray]) -> list[Message]:

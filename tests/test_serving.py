@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pandas as pd
 import pytest
+from support import a_shopper, make_model
 from typer.testing import CliRunner
 
 from fedcvr.cli import app
@@ -23,10 +23,8 @@ from fedcvr.client.item_index import INDEX_DIR, INDEX_FILE
 from fedcvr.client.recommender import Filters, History, Recommender, UnknownItems, open_recommender
 from fedcvr.shared.data.loader import load_merchant
 from fedcvr.shared.integrity import write_digests
-from fedcvr.shared.model.config import ModelConfig
 from fedcvr.shared.model.errors import ModelConfigError
-from fedcvr.shared.model.esmm import initial_model
-from fedcvr.shared.model.folder import ENCODER, save_model_folder
+from fedcvr.shared.model.folder import ENCODER
 from fedcvr.simulations.launcher import free_ports
 
 
@@ -35,24 +33,9 @@ def shop(tiny_market) -> Path:
     return tiny_market / "merchant-01"
 
 
-def make_model(folder: Path, tiny_bert: Path, seed: int = 0, version: str = "v1") -> Path:
-    config = ModelConfig(encoder=str(tiny_bert), dim=8, attention_hidden=8, head_hidden=8, max_text_tokens=32)
-    model, backbone = initial_model(config, seed)
-    save_model_folder(folder, model, backbone, {"version": version, "examples": {"history_length": 8}})
-    (folder / "VERSION").write_text(version + "\n")
-    return folder
-
-
 @pytest.fixture
 def model_dir(tmp_path, tiny_bert) -> Path:
     return make_model(tmp_path / "model", tiny_bert)
-
-
-def a_shopper(folder: Path, with_purchase: bool = False) -> str:
-    events = pd.read_parquet(folder / "events.parquet")
-    if with_purchase:
-        events = events[events["event"] == "purchase"]
-    return str(events["user_id"].value_counts().index[0])
 
 
 def test_recommend_ranks_by_pctcvr_explains_and_skips_bought_items(model_dir, shop):

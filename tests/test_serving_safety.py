@@ -18,7 +18,7 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_serving import a_shopper, make_model
+from support import a_shopper, make_model
 from typer.testing import CliRunner
 
 from fedcvr.cli import app as cli

@@ -339,53 +339,6 @@ def test_ancestors_hold_this_process_and_its_parent():
 
 # ---------------------------------------------------------------- launch() with a fake `flwr`
 
-FAKE_FLWR = """\
-#!{python}
-import json, os, subprocess, sys, time, tomllib
-from pathlib import Path
-
-args, mode = sys.argv[1:], os.environ.get("FAKE_FLWR_MODE", "ok")
-if args[0] == "ls":
-    failed = mode == "fail"
-    print(json.dumps({{"success": True, "runs": [{{"run-id": int(args[2]),
-          "status": "finished:failed" if failed else "finished:completed",
-          "status-details": "ServerApp raised ValueError: boom" if failed else ""}}]}}))
-    sys.exit(0)
-assert args[0] == "run" and "--stream" in args, args
-config = tomllib.loads(Path(args[args.index("--run-config") + 1]).read_text())
-home = os.environ["FLWR_HOME"]
-# like flwr: a detached SuperLink that keeps running after `flwr run` ends
-subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "flower-superlink", "--log-file",
-                  home + "/local-superlink/superlink.log"], start_new_session=True,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-if mode == "no-run":
-    print("Error: could not start the run", flush=True)
-    sys.exit(1)
-print("\\x1b[92mINFO \\x1b[0m: Successfully started run 77", flush=True)
-if mode == "hang":
-    time.sleep(120)
-out = Path(config["out-dir"])
-rows = []
-with (out / "rounds.jsonl").open("a") as handle:
-    for r in range(1, config["num-server-rounds"] + 1):
-        rows.append({{"round": r, "ctcvr.auc": 0.5 + r / 100, "max-epsilon": float(r)}})
-        line = json.dumps(rows[-1]) + "\\n"
-        handle.write(line[:10]); handle.flush(); time.sleep(0.3)
-        handle.write(line[10:]); handle.flush()
-        print("round", r, "done", flush=True)
-(out / "history.json").write_text(json.dumps(rows))
-"""
-
-
-@pytest.fixture
-def fake_bin(tmp_path):
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    flwr = folder / "flwr"
-    flwr.write_text(FAKE_FLWR.format(python=sys.executable))
-    flwr.chmod(0o755)
-    return folder
-
 
 def fake_launch(tmp_path: Path, fake_bin: Path, rounds: int = 2, **kwargs):
     run_dir = tmp_path / "run"
