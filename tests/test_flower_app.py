@@ -4,10 +4,7 @@ Grid that runs the real ClientApp in process) and one end-to-end `flwr run` trai
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +29,7 @@ from fedcvr.server.config import ConfigError, ServerConfig
 from fedcvr.shared import protocol
 from fedcvr.shared.data.contract import DataValidationError
 from fedcvr.shared.data.loader import load_merchant
+from fedcvr.simulations import launcher as sim
 
 # ---------------------------------------------------------------- data
 
@@ -229,74 +227,6 @@ address = ":local:"
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:  # the process ended, or is not ours
-        return b""
-
-
-def _processes_of(flwr_home: Path) -> dict[int, str]:
-    """Our processes that belong to the run under `flwr_home`: those with FLWR_HOME=<flwr_home> in their
-    environment (flwr passes its environment on to the SuperLink, and that to its children) or the path in
-    their command line (the SuperLink's --log-file and --database)."""
-    marker_env = f"FLWR_HOME={flwr_home}".encode()
-    marker_cmd = str(flwr_home).encode()
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        cmdline = _read(proc / "cmdline")
-        if marker_env in _read(proc / "environ").split(b"\0") or marker_cmd in cmdline:
-            found[int(proc.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
-    return found
-
-
-def _session_of(pid: int) -> int | None:
-    stat = _read(Path(f"/proc/{pid}/stat")).decode(errors="replace")
-    fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state ppid pgrp session ...
-    return int(fields[3]) if len(fields) > 3 else None
-
-
-def _alive(pid: int) -> bool:
-    stat = _read(Path(f"/proc/{pid}/stat")).decode(errors="replace")
-    return bool(stat) and stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def stop_local_superlink(flwr_home: Path, grace: float = 10.0) -> list[int]:
-    """Stop the SuperLink that `flwr run` started for `flwr_home`, and everything it started, by PID.
-
-    The SuperLink is the process whose command line is `flower-superlink ... --log-file
-    <flwr_home>/local-superlink/superlink.log`; flwr starts it with start_new_session=True, so it leads a
-    session that holds its children (flower-superexec, flwr-simulation). SIGTERM first, SIGKILL after `grace`
-    seconds. Returns the PIDs that were signalled."""
-    own = _processes_of(flwr_home)
-    leaders = {pid for pid, cmd in own.items() if "flower-superlink" in cmd}
-    targets = set(own)
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and _session_of(int(proc.name)) in leaders:
-            targets.add(int(proc.name))
-    targets.discard(os.getpid())
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in sorted(p for p in targets if _alive(p)):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in targets):
-            time.sleep(0.2)
-        if not any(_alive(p) for p in targets):
-            break
-    return sorted(targets)
-
-
 @pytest.mark.slow
 def test_flwr_run_simulation_end_to_end(marketplace, tmp_path):
     flwr_home = tmp_path / "flwr-home"
@@ -304,17 +234,7 @@ def test_flwr_run_simulation_end_to_end(marketplace, tmp_path):
     (flwr_home / "config.toml").write_text(FLWR_CONFIG_TOML)
     out_dir = tmp_path / "out"
     bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # flwr starts `flower-superlink`
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "HF_HUB_OFFLINE": "1",
-        # A SuperLink of our own on free ports, so that runs of other people on this machine do not collide.
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-    }
+    env = sim.flwr_env(flwr_home, bin_dir)  # our own SuperLink on free ports, offline, no installs
     command = [
         str(bin_dir / "flwr"), "run", str(REPO), "--stream",
         "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
@@ -334,11 +254,11 @@ def test_flwr_run_simulation_end_to_end(marketplace, tmp_path):
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False)
     finally:
         stopping = time.monotonic()
-        signalled = stop_local_superlink(flwr_home)
+        signalled = sim.stop_processes(flwr_home)  # the launcher's own clean-up, by PID
         stop_wall = time.monotonic() - stopping
     log = f"exit code {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     print(f"\nflwr run took {wall:.1f} s; stopping PIDs {signalled} took {stop_wall:.1f} s")
-    left = _processes_of(flwr_home)
+    left = sim.processes_of(flwr_home)
     assert not left, f"processes left running: {left}"
     assert done.returncode == 0 and run_id, log
     run = json.loads(status.stdout)["runs"][0]
