@@ -27,8 +27,9 @@ from flwr.common.logger import log
 
 from fedcvr.shared import protocol
 from fedcvr.shared.data.contract import DataValidationError
+from fedcvr.shared.dp_config import PrivacyConfigError
 from fedcvr.shared.model.errors import ModelConfigError
-from fedcvr.shared.privacy import PrivacyConfigError, PrivacyLedgerError
+from fedcvr.shared.privacy import PrivacyLedgerError
 from fedcvr.shared.secagg import is_secure_instruction
 
 from .data_source import DataSourceError, resolve_data_dir

@@ -20,13 +20,14 @@ import torch
 
 from fedcvr.shared.data.examples import ExampleConfig
 from fedcvr.shared.data.loader import load_merchant
+from fedcvr.shared.dp_config import DPConfig
 from fedcvr.shared.model.config import ModelConfig, TrainConfig
 from fedcvr.shared.model.encoder import load_backbone
 from fedcvr.shared.model.esmm import ConversionModel
 from fedcvr.shared.model.folder import save_model_folder
 from fedcvr.shared.model.prefix_cache import PrefixCache
 from fedcvr.shared.model.weights import load_trainable_state, trainable_state
-from fedcvr.shared.privacy import DPConfig, PrivacyLedger, PrivacyLedgerError, dp_report
+from fedcvr.shared.privacy import PrivacyLedger, PrivacyLedgerError, dp_report
 from fedcvr.shared.training.local import train_round
 from fedcvr.shared.training.loop import ItemSide, model_sums, resolve_device
 from fedcvr.shared.training.personalise import Outcome, PersonaliseConfig, personalise

@@ -303,7 +303,7 @@ def _rows(run: Run, data: str, round_: int, split: str, merchant: str, metrics: 
 def merchant_delta(settings: Any, train_examples: int) -> float | None:
     """The δ of a merchant's guarantee in a run (None without DP): `dp.target-delta`, else the default
     min(1 / (10 x its training examples), 1e-5) (`delta_for`), as its privacy ledger fixes it."""
-    from fedcvr.shared.privacy import delta_for
+    from fedcvr.shared.dp_config import delta_for
 
     if not settings.dp.enabled:
         return None

@@ -19,10 +19,11 @@ from fedcvr.client.app import app as client_app
 from fedcvr.client.node import NodeSettings
 from fedcvr.shared.data.examples import ExampleConfig
 from fedcvr.shared.data.loader import load_merchant, merchant_folders
+from fedcvr.shared.dp_config import DPConfig
 from fedcvr.shared.model.encoder import load_backbone
 from fedcvr.shared.model.esmm import ConversionModel
 from fedcvr.shared.model.weights import trainable_state
-from fedcvr.shared.privacy import DPConfig, PrivacyLedger
+from fedcvr.shared.privacy import PrivacyLedger
 from fedcvr.shared.training.learnable import UnlearnableDataError, label_problem, refuse_unlearnable
 from fedcvr.shared.training.local import train_round
 from fedcvr.shared.training.loop import ItemSide

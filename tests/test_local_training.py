@@ -7,12 +7,13 @@ import torch
 
 from fedcvr.shared.data.examples import ExampleConfig
 from fedcvr.shared.data.loader import load_merchant, merchant_folders
+from fedcvr.shared.dp_config import DPConfig
 from fedcvr.shared.model.config import ModelConfig
 from fedcvr.shared.model.encoder import load_backbone
 from fedcvr.shared.model.esmm import ConversionModel
 from fedcvr.shared.model.prefix_cache import PrefixCache
 from fedcvr.shared.model.weights import trainable_state
-from fedcvr.shared.privacy import DPConfig, PrivacyLedger
+from fedcvr.shared.privacy import PrivacyLedger
 from fedcvr.shared.training.local import PerSampleModel, _private_inputs, train_round
 from fedcvr.shared.training.loop import ItemSide
 from fedcvr.shared.training.prepare import prepare
@@ -106,7 +107,7 @@ def test_ghost_clipping_trains_as_per_sample_gradients_do(tiny_bert, merchant, l
 
 
 def test_grad_sample_mode_is_checked():
-    from fedcvr.shared.privacy import PrivacyConfigError
+    from fedcvr.shared.dp_config import PrivacyConfigError
 
     with pytest.raises(PrivacyConfigError, match="dp.grad-sample-mode = 'functorch': must be one of ghost, hooks"):
         DPConfig.from_run_config({"dp.grad-sample-mode": "functorch"})

@@ -12,15 +12,8 @@ from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedcvr.shared.privacy import (
-    DPConfig,
-    PrivacyConfigError,
-    PrivacyLedger,
-    PrivacyLedgerError,
-    delta_for,
-    dp_report,
-    plan_noise,
-)
+from fedcvr.shared.dp_config import DPConfig, PrivacyConfigError, delta_for
+from fedcvr.shared.privacy import PrivacyLedger, PrivacyLedgerError, dp_report, plan_noise
 
 DELTA = 1e-5
 RATE = 0.125  # batch 8 of 64 examples

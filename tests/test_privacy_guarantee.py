@@ -13,7 +13,8 @@ from fedcvr.client.node import LEDGER_FILE, keep_ledger, ledger_path, load_ledge
 from fedcvr.server.secagg import merge_node_metrics
 from fedcvr.server.strategy import _train_metrics, run_privacy
 from fedcvr.shared.data.loader import merchant_folders
-from fedcvr.shared.privacy import MAX_DEFAULT_DELTA, PrivacyLedger, delta_for, delta_refusal
+from fedcvr.shared.dp_config import MAX_DEFAULT_DELTA, delta_for, delta_refusal
+from fedcvr.shared.privacy import PrivacyLedger
 from fedcvr.simulations import launcher as sim
 from fedcvr.simulations.inprocess import run_federation
 

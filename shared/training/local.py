@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..dp_config import DPConfig, delta_refusal
 from ..model.esmm import ConversionModel, esmm_loss
 from ..model.user_tower import recency_bucket
-from ..privacy import DPConfig, PrivacyLedger, delta_refusal
+from ..privacy import PrivacyLedger
 from . import dp_samplers  # noqa: F401  (Opacus's functions for the model's small tables)
 from .data import TrainingSet
 from .learnable import label_problem
