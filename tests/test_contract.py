@@ -285,7 +285,7 @@ def test_cli_validate_reports_an_infinite_price(tmp_path):
 
 def test_simulate_prints_the_warnings_before_it_starts(tmp_path, capsys):
     """`fedcvr simulate` checks the data as `data validate` does and shows the same warnings (the run goes on)."""
-    from fedcvr.cli import _validate_for_run
+    from fedcvr.cli.common import _validate_for_run
 
     write_tables(tmp_path / "good", good_items(), good_events())
     write_tables(tmp_path / "tiny", good_items().iloc[:1], good_events().assign(item_id="a", event="purchase"))

@@ -236,7 +236,7 @@ def test_flower_processes_find_this_environment_first_on_path(tmp_path):
 def started(monkeypatch):
     """`_exec` (the SuperLink) and `_run_node` (a merchant's node) replaced: what would have been started, with
     its environment."""
-    import fedcvr.cli as cli
+    import fedcvr.cli.deployment as cli
 
     calls: list[tuple[list[str], dict]] = []
     monkeypatch.setattr(cli, "_exec", lambda command, env: calls.append((command, env)))
