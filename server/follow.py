@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcvr.shared.processes import die_with_parent, end_processes, interrupt_on_sigterm, no_interrupts
+from fedcvr.shared.run_records import strip_ansi
 
 from .deploy import status_command, stop_command
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
-ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 FOLLOW_SECONDS = 5.0
 INTERRUPTED = "interrupted"
 
@@ -47,11 +47,6 @@ class Outcome:
 
 def finished(status: str | None) -> bool:
     return (status or "").startswith("finished")
-
-
-def strip_ansi(text: str) -> str:
-    """flwr's output without its terminal colour codes."""
-    return ANSI.sub("", text)
 
 
 def parse_status(done: subprocess.CompletedProcess) -> tuple[str | None, str]:

@@ -45,10 +45,11 @@ from typing import Any
 
 import pandas as pd
 
+from fedcvr.shared import flower_app
 from fedcvr.shared.evaluation import BASELINES
 from fedcvr.shared.evaluation.basket_metrics import METRICS, PREFIX, VARIANTS
+from fedcvr.shared.flower_app import flatten
 from fedcvr.simulations.benchmarks.common import machine
-from fedcvr.simulations.launcher import flatten
 
 SETTINGS = ("centralized", "local-only", "fedavg", "fedprox", "fedadam")
 LOCAL_SUFFIX = " + local"
@@ -279,7 +280,6 @@ class Experiment:
 
 def run_config_of(experiment: Experiment, run: Run, data_root: Path, run_dir: Path) -> dict[str, Any]:
     from fedcvr.shared.data.loader import merchant_folders
-    from fedcvr.simulations import launcher
 
     extra = experiment.audit_run_config if run.setting == AUDIT else {}
     overrides = {**experiment.run_config, **extra, "data-root": str(data_root), "out-dir": str(run_dir),
@@ -289,7 +289,7 @@ def run_config_of(experiment: Experiment, run: Run, data_root: Path, run_dir: Pa
         overrides["strategy"] = run.setting
     if run.epsilon is not None:
         overrides["dp.target-epsilon"] = run.epsilon
-    return launcher.defaults_with("", **overrides)
+    return flower_app.defaults_with("", **overrides)
 
 
 def _rows(run: Run, data: str, round_: int, split: str, merchant: str, metrics: dict[str, Any],

@@ -18,10 +18,10 @@ import torch
 from opacus import GradSampleModule
 
 from fedcvr.client.node import MerchantNode, NodeSettings
+from fedcvr.shared import flower_app
 from fedcvr.shared.data.loader import merchant_folders
 from fedcvr.shared.model.esmm import esmm_loss
 from fedcvr.shared.training.local import PerSampleModel, _private_inputs
-from fedcvr.simulations import launcher
 from fedcvr.simulations.local_only import initial_weights
 
 CLIP_NORMS = (0.1, 0.3, 1.0, 3.0, 10.0)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1024, help="training examples drawn at random")
     parser.add_argument("--run-config", default="", help='overrides, "key=value ..." with TOML values')
     args = parser.parse_args(argv)
-    run_config = launcher.defaults_with(args.run_config)
+    run_config = flower_app.defaults_with(args.run_config)
     folders = merchant_folders(args.data)
     folder = next((f for f in folders if f.name == args.merchant), None) if args.merchant else folders[0]
     if folder is None:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from fedcvr.client.node import MerchantNode, NodeSettings
+from fedcvr.shared import flower_app
 from fedcvr.shared.data.loader import merchant_folders
 from fedcvr.shared.model.esmm import esmm_loss
 from fedcvr.shared.training.local import PerSampleModel, _private_inputs
@@ -18,9 +19,8 @@ def overrides(tiny_bert) -> str:
 
 
 def test_per_example_gradients_are_each_examples_own(tiny_market, tiny_bert):
-    from fedcvr.simulations import launcher
 
-    run_config = launcher.defaults_with(overrides(tiny_bert))
+    run_config = flower_app.defaults_with(overrides(tiny_bert))
     node = MerchantNode(merchant_folders(tiny_market)[0], NodeSettings.from_run_config(run_config))
     data = node.prepared.splits["train"]
     rows = np.flatnonzero(data.clicked > 0)[:2].tolist() + np.flatnonzero(data.clicked == 0)[:2].tolist()

@@ -17,7 +17,8 @@ FORBIDDEN = {"client": ("server", "simulations"), "server": ("client", "simulati
 
 def imported_modules(path: Path, package: str) -> set[str]:
     """Absolute names of every module `path` imports (relative imports resolved inside `fedcvr.<package>`)."""
-    parts = ["fedcvr", package, *path.relative_to(REPO / package).with_suffix("").parts]
+    base = REPO / package
+    parts = ["fedcvr", *([] if package == "fedcvr" else [package]), *path.relative_to(base).with_suffix("").parts]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -40,6 +41,14 @@ def test_dependencies_point_one_way(package):
                 if module == f"fedcvr.{other}" or module.startswith(f"fedcvr.{other}."):
                     bad.append(f"{path.relative_to(REPO)} imports {module}")
     assert not bad, "\n".join(bad)
+
+
+def test_what_coordinators_and_merchants_run_never_imports_the_research_layer():
+    """The module of the deployment commands (keys, coordinator, merchant) imports nothing from `simulations/`,
+    also inside its functions."""
+    path = REPO / "fedcvr" / "cli" / "deployment.py"
+    found = {m for m in imported_modules(path, "fedcvr") if m.startswith("fedcvr.simulations")}
+    assert not found, found
 
 
 def test_a_declining_node_is_told_apart_from_a_failing_one():

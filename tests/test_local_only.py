@@ -50,7 +50,7 @@ def test_cli_compares_a_finished_run(tiny_market, tiny_bert, tmp_path, server_id
     from typer.testing import CliRunner
 
     from fedcvr.cli import app
-    from fedcvr.simulations.launcher import RUN_CONFIG_FILE, write_run_config
+    from fedcvr.shared.flower_app import RUN_CONFIG_FILE, write_run_config
 
     grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run", **{"num-server-rounds": 1})
     run_training(grid, run_config, ServerConfig.from_run_config(run_config))

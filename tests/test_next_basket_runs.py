@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from fedcvr.cli import app
+from fedcvr.shared import flower_app
 from fedcvr.shared.data.examples import ExampleConfig
 from fedcvr.shared.data.loader import load_merchant, merchant_folders
 from fedcvr.shared.evaluation import BASELINES, basket_metrics
@@ -156,7 +157,6 @@ def test_an_experiment_refuses_unknown_baselines(tmp_path):
 
 
 def test_local_only_pools_each_merchants_models_and_baselines(tmp_path, tiny_purchase_market, tiny_bert):
-    from fedcvr.simulations import launcher
     from fedcvr.simulations.local_only import compare, pooled_next_basket
 
     out = tmp_path / "central"
@@ -164,7 +164,7 @@ def test_local_only_pools_each_merchants_models_and_baselines(tmp_path, tiny_pur
                                       "--epochs", "1", "--encoder", str(tiny_bert), "--test-from", CUT,
                                       "--baselines", ""])
     assert result.exit_code == 0, result.output
-    run_config = launcher.defaults_with("", **{"data-root": str(tiny_purchase_market), "num-server-rounds": 1,
+    run_config = flower_app.defaults_with("", **{"data-root": str(tiny_purchase_market), "num-server-rounds": 1,
                                                "dp.enabled": False, "model.encoder": str(tiny_bert),
                                                "examples.test-from": CUT, "train.batch-size": 256})
     folders = merchant_folders(tiny_purchase_market)
@@ -181,7 +181,7 @@ def test_local_only_pools_each_merchants_models_and_baselines(tmp_path, tiny_pur
 
 
 def test_local_only_cli_prints_the_next_basket_tables(tmp_path, tiny_purchase_market, tiny_bert):
-    from fedcvr.simulations.launcher import RUN_CONFIG_FILE, write_run_config
+    from fedcvr.shared.flower_app import RUN_CONFIG_FILE, write_run_config
 
     run = tmp_path / "run"
     runner = CliRunner()

@@ -12,10 +12,10 @@ from support import federation
 from fedcvr.client.node import LEDGER_FILE, keep_ledger, ledger_path, load_ledger, resumed_ledger_path
 from fedcvr.server.secagg import merge_node_metrics
 from fedcvr.server.strategy import _train_metrics, run_privacy
+from fedcvr.shared import run_records
 from fedcvr.shared.data.loader import merchant_folders
 from fedcvr.shared.dp_config import MAX_DEFAULT_DELTA, delta_for, delta_refusal
 from fedcvr.shared.privacy import PrivacyLedger
-from fedcvr.simulations import launcher as sim
 from fedcvr.simulations.inprocess import run_federation
 
 ROUNDS = 3
@@ -148,7 +148,8 @@ def test_rounds_and_summaries_state_the_worst_pair_of_any_node():
     rows = [{"round": 1, "max-epsilon": 3.0, "delta": 1e-6}, {"round": 2, "max-epsilon": 2.5, "delta": 1e-5}]
     assert run_privacy(rows) == {"max-epsilon": 3.0, "delta": 1e-5}  # a node that declined round 2 still counts
     assert run_privacy([{"round": 1}]) is None
-    assert sim.privacy_line(rows) == ("privacy: every node's training is (3.00, 1e-05)-DP or better for the whole "
-                                      "run (the largest ε and the largest δ of any node)")
-    assert "no privacy guarantee" in sim.privacy_line([{"round": 1}])
-    assert sim.progress_text(rows[1]) == "ctcvr.auc n/a  max ε 2.50 (δ=1e-05)"
+    assert run_records.privacy_line(rows) == (
+        "privacy: every node's training is (3.00, 1e-05)-DP or better for the whole run (the largest ε and the "
+        "largest δ of any node)")
+    assert "no privacy guarantee" in run_records.privacy_line([{"round": 1}])
+    assert run_records.progress_text(rows[1]) == "ctcvr.auc n/a  max ε 2.50 (δ=1e-05)"

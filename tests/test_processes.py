@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from support import descendants
 
-from fedcvr.shared import processes
+from fedcvr.shared import flower_app, processes
 from fedcvr.simulations import launcher as sim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_sigkill_of_the_simulate_launcher_leaves_no_process_of_its_run(tmp_path,
     """`flwr run` starts its SuperLink in a session of its own (the fake does too): a SIGKILL of the launcher's
     process group does not reach it, the launcher's watchdog stops it."""
     run_dir = tmp_path / "run"
-    config = sim.write_run_config(run_dir / "run-config.toml", {"out-dir": str(run_dir), "num-server-rounds": 2})
+    config = flower_app.write_run_config(run_dir / "run-config.toml", {"out-dir": str(run_dir), "num-server-rounds": 2})
     script = textwrap.dedent(f"""
         from pathlib import Path
         from fedcvr.simulations import launcher as sim

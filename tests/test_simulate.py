@@ -21,6 +21,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from fedcvr.cli import app
+from fedcvr.shared import flower_app, run_records
 from fedcvr.simulations import launcher as sim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,47 +64,47 @@ def test_read_rounds_leaves_a_half_written_last_line_for_the_next_poll(tmp_path)
     path = tmp_path / "rounds.jsonl"
     line2 = json.dumps(ROUND_2)
     path.write_text(json.dumps(ROUND_1) + "\n" + line2[:20])
-    records, offset = sim.read_rounds(path)
+    records, offset = run_records.read_rounds(path)
     assert records == [ROUND_1] and offset == len(json.dumps(ROUND_1)) + 1
-    assert sim.read_rounds(path, offset) == ([], offset)  # still half written
+    assert run_records.read_rounds(path, offset) == ([], offset)  # still half written
     with path.open("a") as handle:
         handle.write(line2[20:] + "\n")
-    records, offset = sim.read_rounds(path, offset)
+    records, offset = run_records.read_rounds(path, offset)
     assert records == [ROUND_2] and offset == path.stat().st_size
 
 
 def test_read_rounds_final_reads_a_last_line_without_newline_only_if_it_parses(tmp_path):
     path = tmp_path / "rounds.jsonl"
     path.write_text(json.dumps(ROUND_1) + "\n" + json.dumps(ROUND_2))
-    assert sim.read_rounds(path, final=True)[0] == [ROUND_1, ROUND_2]
+    assert run_records.read_rounds(path, final=True)[0] == [ROUND_1, ROUND_2]
     path.write_text(json.dumps(ROUND_1) + "\n" + json.dumps(ROUND_2)[:-5])
-    assert sim.read_rounds(path, final=True)[0] == [ROUND_1]
+    assert run_records.read_rounds(path, final=True)[0] == [ROUND_1]
 
 
 def test_read_rounds_skips_bad_lines_and_tolerates_a_missing_file(tmp_path):
     path = tmp_path / "rounds.jsonl"
-    assert sim.read_rounds(path, 7) == ([], 7)
+    assert run_records.read_rounds(path, 7) == ([], 7)
     path.write_text("not json\n[1, 2]\n\n" + json.dumps(ROUND_1) + "\n")
-    assert sim.read_rounds(path)[0] == [ROUND_1]
+    assert run_records.read_rounds(path)[0] == [ROUND_1]
 
 
 def test_load_history_prefers_history_json_then_rounds_jsonl(tmp_path):
-    assert sim.load_history(tmp_path) == ([], None)
+    assert run_records.load_history(tmp_path) == ([], None)
     (tmp_path / "rounds.jsonl").write_text(json.dumps(ROUND_2) + "\n" + json.dumps(ROUND_1) + "\n"
                                            + json.dumps({**ROUND_1, "ctcvr.auc": 0.7}) + "\n" + '{"round": 3')
-    records, source = sim.load_history(tmp_path)
+    records, source = run_records.load_history(tmp_path)
     assert source == "rounds.jsonl"
     assert [r["round"] for r in records] == [1, 2] and records[0]["ctcvr.auc"] == 0.7  # the last of round 1
     (tmp_path / "history.json").write_text("[{\"round\": 1")  # unreadable: fall back
-    assert sim.load_history(tmp_path)[1] == "rounds.jsonl"
+    assert run_records.load_history(tmp_path)[1] == "rounds.jsonl"
     (tmp_path / "history.json").write_text(json.dumps([ROUND_1, ROUND_2]))
-    assert sim.load_history(tmp_path) == ([ROUND_1, ROUND_2], "history.json")
+    assert run_records.load_history(tmp_path) == ([ROUND_1, ROUND_2], "history.json")
 
 
 def test_history_csv_has_one_row_per_round_with_round_first(tmp_path):
     records = [{"seconds": 1.0, "round": 1, "ctcvr.auc": None, "declined": ["x: no data"], "train": {"loss": 0.5}},
                {"round": 2, "seconds": 2.0, "ctcvr.auc": 0.6, "max-epsilon": 1.5}]
-    path = sim.write_history_csv(records, tmp_path / "history.csv")
+    path = run_records.write_history_csv(records, tmp_path / "history.csv")
     with path.open() as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["round", "seconds", "ctcvr.auc", "declined", "train.loss", "max-epsilon"]
@@ -113,20 +114,20 @@ def test_history_csv_has_one_row_per_round_with_round_first(tmp_path):
 
 
 def test_round_cells_format_metrics_epsilon_and_megabytes():
-    assert sim.round_cells(ROUND_1) == ["1", "0.6100", "0.6600", "0.5800", "0.0512", "0.2100", "1.93 (δ=1e-05)",
+    assert run_records.round_cells(ROUND_1) == ["1", "0.6100", "0.6600", "0.5800", "0.0512", "0.2100", "1.93 (δ=1e-05)",
                                         "2.50 / 1.25", "3.5"]
     sparse = {"round": 4, "ctcvr.auc": float("nan"), "max-epsilon": float("inf"), "bytes_sent": 10**6}
-    assert sim.round_cells(sparse) == ["4", "n/a", "n/a", "n/a", "n/a", "n/a", "∞", "1.00 / n/a", "n/a"]
-    assert sim.round_cells({"round": 5, "max-epsilon": 2.0, "delta": 0.05})[6] == "2.00 (δ=0.05)"
-    assert sim.progress_text(None) == "waiting for round 1"
-    assert sim.progress_text(ROUND_2) == "ctcvr.auc 0.6400  max ε 2.71 (δ=1e-05)"
+    assert run_records.round_cells(sparse) == ["4", "n/a", "n/a", "n/a", "n/a", "n/a", "∞", "1.00 / n/a", "n/a"]
+    assert run_records.round_cells({"round": 5, "max-epsilon": 2.0, "delta": 0.05})[6] == "2.00 (δ=0.05)"
+    assert run_records.progress_text(None) == "waiting for round 1"
+    assert run_records.progress_text(ROUND_2) == "ctcvr.auc 0.6400  max ε 2.71 (δ=1e-05)"
 
 
 def test_rounds_table_renders_every_round():
     console = Console(record=True, width=200)
-    console.print(sim.rounds_table([ROUND_1, ROUND_2]))
+    console.print(run_records.rounds_table([ROUND_1, ROUND_2]))
     text = console.export_text()
-    for column in sim.TABLE_COLUMNS:
+    for column in run_records.TABLE_COLUMNS:
         assert column in text
     assert "0.6100" in text and "0.6400" in text and "2.71 (δ=1e-05)" in text
 
@@ -134,17 +135,17 @@ def test_rounds_table_renders_every_round():
 def test_tail_strips_colours_and_keeps_the_last_lines(tmp_path):
     log = tmp_path / "flower.log"
     log.write_text("".join(f"\x1b[92mINFO\x1b[0m: line {i}\n" for i in range(100)))
-    text = sim.tail(log, 40)
+    text = run_records.tail(log, 40)
     assert text.splitlines() == [f"INFO: line {i}" for i in range(60, 100)]
-    assert sim.tail(tmp_path / "missing.log") == ""
+    assert run_records.tail(tmp_path / "missing.log") == ""
 
 
 # ---------------------------------------------------------------- run config
 
 
 def test_parse_run_config_reads_toml_values():
-    assert sim.parse_run_config("") == {}
-    parsed = sim.parse_run_config(" round-timeout=120 train.lr=3e-3 dp.enabled=false model.encoder='/m/x y' "
+    assert flower_app.parse_run_config("") == {}
+    parsed = flower_app.parse_run_config(" round-timeout=120 train.lr=3e-3 dp.enabled=false model.encoder='/m/x y' "
                                   'note="a \\"b\\"" train.seed=-1 ')
     assert parsed == {"round-timeout": 120, "train.lr": 0.003, "dp.enabled": False, "model.encoder": "/m/x y",
                       "note": 'a "b"', "train.seed": -1}
@@ -160,20 +161,21 @@ def test_parse_run_config_reads_toml_values():
     ("model.encoder='/m/x", "cannot read"),
 ])
 def test_parse_run_config_errors_name_the_pair_and_the_fix(text, needle):
-    with pytest.raises(sim.LaunchError, match=re.escape(needle)):
-        sim.parse_run_config(text)
+    with pytest.raises(flower_app.LaunchError, match=re.escape(needle)):
+        flower_app.parse_run_config(text)
 
 
 DECLARED = {"data-root": "data/demo", "out-dir": "", "num-server-rounds": 1, "min-nodes": 2, "seed": 42,
             "round-timeout": 600, "strategy": "fedavg", "dp.enabled": True, "dp.target-epsilon": 8.0,
             "local-epochs": 1, "train.lr": 0.006}
-FIXED = [sim.Setting("data-root", "/d"), sim.Setting("out-dir", "/o"), sim.Setting("num-server-rounds", 3),
-         sim.Setting("min-nodes", 4)]
+FIXED = [flower_app.Setting("data-root", "/d"), flower_app.Setting("out-dir", "/o"),
+         flower_app.Setting("num-server-rounds", 3), flower_app.Setting("min-nodes", 4)]
 
 
 def test_build_run_config_sets_options_and_extra_pairs():
-    overrides, notes = sim.build_run_config(
-        DECLARED, REPO, [*FIXED, sim.Setting("strategy", "fedprox", "--strategy"), sim.Setting("seed", 0)],
+    overrides, notes = flower_app.build_run_config(
+        DECLARED, REPO,
+        [*FIXED, flower_app.Setting("strategy", "fedprox", "--strategy"), flower_app.Setting("seed", 0)],
         {"train.lr": 0.001, "seed": 5})
     assert overrides == {"data-root": "/d", "out-dir": "/o", "num-server-rounds": 3, "min-nodes": 4,
                          "strategy": "fedprox", "seed": 5, "train.lr": 0.001}  # --run-config replaces implied
@@ -182,30 +184,30 @@ def test_build_run_config_sets_options_and_extra_pairs():
 
 def test_build_run_config_leaves_out_implied_keys_the_app_lacks_with_a_note():
     declared = {k: v for k, v in DECLARED.items() if k not in ("strategy", "dp.enabled")}
-    overrides, notes = sim.build_run_config(
-        declared, REPO, [*FIXED, sim.Setting("strategy", "fedavg"), sim.Setting("dp.enabled", True)], {})
+    overrides, notes = flower_app.build_run_config(
+        declared, REPO, [*FIXED, flower_app.Setting("strategy", "fedavg"), flower_app.Setting("dp.enabled", True)], {})
     assert "strategy" not in overrides and "dp.enabled" not in overrides
     assert notes == ['the Flower App does not declare `strategy`: left out (it would have been "fedavg")',
                      "the Flower App does not declare `dp.enabled`: left out (it would have been true)"]
 
 
 @pytest.mark.parametrize(("settings", "extra", "needle"), [
-    ([sim.Setting("local-epoch", 2, "--local-epochs")], {},
+    ([flower_app.Setting("local-epoch", 2, "--local-epochs")], {},
      "--local-epochs sets `local-epoch`, but the Flower App in"),
     ([], {"train.rl": 0.1}, "--run-config sets `train.rl`, but the Flower App in .* Did you mean train.lr\\?"),
     ([], {"min-nodes": 2}, "--run-config may not set `min-nodes`: `fedcvr simulate` sets it from the number"),
-    ([sim.Setting("strategy", "fedadam", "--strategy")], {"strategy": "'fedprox'"},
+    ([flower_app.Setting("strategy", "fedadam", "--strategy")], {"strategy": "'fedprox'"},
      "--run-config sets `strategy`, which --strategy sets too"),
 ])
 def test_build_run_config_errors(settings, extra, needle):
-    with pytest.raises(sim.LaunchError, match=needle):
-        sim.build_run_config(DECLARED, REPO, [*FIXED, *settings], extra)
+    with pytest.raises(flower_app.LaunchError, match=needle):
+        flower_app.build_run_config(DECLARED, REPO, [*FIXED, *settings], extra)
 
 
 def test_build_run_config_needs_the_fixed_keys():
     declared = {k: v for k, v in DECLARED.items() if k != "min-nodes"}
-    with pytest.raises(sim.LaunchError, match="does not declare `min-nodes`"):
-        sim.build_run_config(declared, REPO, FIXED, {})
+    with pytest.raises(flower_app.LaunchError, match="does not declare `min-nodes`"):
+        flower_app.build_run_config(declared, REPO, FIXED, {})
 
 
 def test_run_config_file_reads_back_as_the_same_flat_keys_in_toml_and_in_flwr(tmp_path):
@@ -213,35 +215,35 @@ def test_run_config_file_reads_back_as_the_same_flat_keys_in_toml_and_in_flwr(tm
 
     overrides = {"data-root": "/data/with \"quotes\" and \\ back", "num-server-rounds": 3, "dp.enabled": False,
                  "dp.target-epsilon": 4.0, "train.lr": 1e-4, "model.encoder": "café", "seed": 0}
-    path = sim.write_run_config(tmp_path / "run-config.toml", overrides)
-    assert sim.flatten(tomllib.loads(path.read_text())) == overrides
+    path = flower_app.write_run_config(tmp_path / "run-config.toml", overrides)
+    assert flower_app.flatten(tomllib.loads(path.read_text())) == overrides
     assert parse_config_args([str(path)]) == overrides
     assert "dp.enabled = false" in path.read_text()
 
 
 def test_run_config_that_toml_cannot_hold_is_refused(tmp_path):
-    with pytest.raises(sim.LaunchError, match="cannot be written as TOML"):
-        sim.write_run_config(tmp_path / "c.toml", {"dp": 1, "dp.enabled": True})
+    with pytest.raises(flower_app.LaunchError, match="cannot be written as TOML"):
+        flower_app.write_run_config(tmp_path / "c.toml", {"dp": 1, "dp.enabled": True})
 
 
 def test_find_app_dir_is_the_repository_with_the_flower_app(tmp_path):
-    assert sim.find_app_dir() == REPO
-    assert sim.app_run_config(REPO)["num-server-rounds"] >= 1
+    assert flower_app.find_app_dir() == REPO
+    assert flower_app.app_run_config(REPO)["num-server-rounds"] >= 1
     package = tmp_path / "site" / "fedcvr" / "__init__.py"
     package.parent.mkdir(parents=True)
     package.write_text("")
-    with pytest.raises(sim.LaunchError, match="no pyproject.toml in .*pip install -e"):
-        sim.find_app_dir(package)
+    with pytest.raises(flower_app.LaunchError, match="no pyproject.toml in .*pip install -e"):
+        flower_app.find_app_dir(package)
     (tmp_path / "site" / "pyproject.toml").write_text("[project]\nname = 'other'\n")
-    with pytest.raises(sim.LaunchError, match=r"has no \[tool.flwr.app\] section"):
-        sim.find_app_dir(package)
+    with pytest.raises(flower_app.LaunchError, match=r"has no \[tool.flwr.app\] section"):
+        flower_app.find_app_dir(package)
 
 
 def test_run_folders_inside_the_app_must_be_ignored_by_git(tmp_path):
-    assert not sim.packed_into_app(REPO, REPO / "runs" / "demo")  # /runs/ is in .gitignore
-    assert sim.packed_into_app(REPO, REPO / "my-run")
-    assert sim.packed_into_app(REPO, REPO)
-    assert not sim.packed_into_app(REPO, tmp_path / "run")
+    assert not flower_app.packed_into_app(REPO, REPO / "runs" / "demo")  # /runs/ is in .gitignore
+    assert flower_app.packed_into_app(REPO, REPO / "my-run")
+    assert flower_app.packed_into_app(REPO, REPO)
+    assert not flower_app.packed_into_app(REPO, tmp_path / "run")
 
 
 # ---------------------------------------------------------------- ports, environment, processes
@@ -342,7 +344,8 @@ def test_ancestors_hold_this_process_and_its_parent():
 
 def fake_launch(tmp_path: Path, fake_bin: Path, rounds: int = 2, **kwargs):
     run_dir = tmp_path / "run"
-    config = sim.write_run_config(run_dir / "run-config.toml", {"out-dir": str(run_dir), "num-server-rounds": rounds})
+    config = flower_app.write_run_config(run_dir / "run-config.toml",
+                                         {"out-dir": str(run_dir), "num-server-rounds": rounds})
     seen: list[dict] = []
     outcome = sim.launch(run_dir, REPO, 3, config, on_round=seen.append, poll=0.05, bin_dir=fake_bin, **kwargs)
     return outcome, seen, run_dir
@@ -389,7 +392,7 @@ def test_launch_timeout_stops_everything(tmp_path, fake_bin, monkeypatch):
 def test_launch_on_round_interrupt_still_stops_everything(tmp_path, fake_bin, monkeypatch):
     monkeypatch.setenv("FAKE_FLWR_MODE", "ok")
     run_dir = tmp_path / "run"
-    config = sim.write_run_config(run_dir / "run-config.toml", {"out-dir": str(run_dir), "num-server-rounds": 3})
+    config = flower_app.write_run_config(run_dir / "run-config.toml", {"out-dir": str(run_dir), "num-server-rounds": 3})
 
     def interrupt(record):
         raise KeyboardInterrupt
@@ -403,7 +406,7 @@ def test_launch_refuses_while_processes_of_an_earlier_run_are_alive(tmp_path, fa
     run_dir = tmp_path / "run"
     process = _sleeper(run_dir / "flwr")
     try:
-        with pytest.raises(sim.LaunchError, match=f"still running \\({process.pid}: "):
+        with pytest.raises(flower_app.LaunchError, match=f"still running \\({process.pid}: "):
             sim.launch(run_dir, REPO, 1, run_dir / "c.toml", bin_dir=fake_bin)
     finally:
         sim.stop_processes(run_dir / "flwr", grace=2)
@@ -483,7 +486,7 @@ def faked_run(monkeypatch):
 
     def fake(run_dir, app_dir, nodes, config_file, *, on_round, timeout=None, bin_dir=None, **kwargs):
         calls.update(run_dir=run_dir, app_dir=app_dir, nodes=nodes,
-                     config=sim.flatten(tomllib.loads(config_file.read_text())),
+                     config=flower_app.flatten(tomllib.loads(config_file.read_text())),
                      timeout=timeout)
         status = calls.get("status", "finished:completed")
         rows = [ROUND_1, ROUND_2][:calls["config"]["num-server-rounds"]]

@@ -84,7 +84,7 @@ def test_the_installed_wheel_imports_the_apps_and_runs_the_cli(wheel_env, tmp_pa
                  cwd=tmp_path, env=env).stdout.split()
     assert Path(where[0]).is_relative_to(bin_dir.parent), where  # the wheel's copy, not the checkout's
     assert where[1:] == ["ServerApp", "ClientApp"]
-    app = _run([str(python), "-c", "from fedcvr.simulations.launcher import app_run_config, find_app_dir; "
+    app = _run([str(python), "-c", "from fedcvr.shared.flower_app import app_run_config, find_app_dir; "
                 "d = find_app_dir(); print(d); print(app_run_config(d)['num-server-rounds'])"],
                cwd=tmp_path, env=env).stdout.split()
     assert Path(app[0]) == Path(where[0]).parent / "flower-app", app  # the Flower App the wheel carries

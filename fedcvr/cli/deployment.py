@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from fedcvr.shared import flower_app, run_records
+
 from .common import (
     PersonaliseOption,
     _check_run_config,
@@ -188,7 +190,6 @@ def coordinator_run_command(
 
     from fedcvr.server import deploy, follow
     from fedcvr.shared import deploy as shared_deploy
-    from fedcvr.simulations import launcher as sim
 
     if rounds is not None and rounds < 1:
         _fail(f"--rounds must be at least 1, got {rounds}")
@@ -200,37 +201,38 @@ def coordinator_run_command(
     run_dir = out.expanduser().resolve()
     try:
         connection = home_dir.connection()
-        extra = sim.parse_run_config(run_config)
-        app_dir = sim.find_app_dir()
-        declared = sim.app_run_config(app_dir)
-        settings = [sim.Setting("out-dir", str(run_dir)), sim.Setting("min-nodes", min_nodes, "--min-nodes")]
+        extra = flower_app.parse_run_config(run_config)
+        app_dir = flower_app.find_app_dir()
+        declared = flower_app.app_run_config(app_dir)
+        settings = [flower_app.Setting("out-dir", str(run_dir)),
+                    flower_app.Setting("min-nodes", min_nodes, "--min-nodes")]
         if rounds is not None:
-            settings.append(sim.Setting("num-server-rounds", rounds, "--rounds"))
+            settings.append(flower_app.Setting("num-server-rounds", rounds, "--rounds"))
         if secagg:
-            settings.append(sim.Setting("secagg", True, "--secagg"))
+            settings.append(flower_app.Setting("secagg", True, "--secagg"))
         if personalise is not None:
-            settings.append(sim.Setting("personalise", personalise,
+            settings.append(flower_app.Setting("personalise", personalise,
                                         "--personalise" if personalise else "--no-personalise"))
         if resume is not None:
             from fedcvr.server.checkpoint import CheckpointError, checkpoint_folder
 
             try:
-                settings.append(sim.Setting("resume", str(checkpoint_folder(resume.expanduser().resolve())),
+                settings.append(flower_app.Setting("resume", str(checkpoint_folder(resume.expanduser().resolve())),
                                             "--resume"))
             except CheckpointError as err:
-                raise sim.LaunchError(str(err).replace("resume = ", "--resume ")) from None
-        overrides, _ = sim.build_run_config(declared, app_dir, settings, extra, fixed={"out-dir": "--out"},
+                raise flower_app.LaunchError(str(err).replace("resume = ", "--resume ")) from None
+        overrides, _ = flower_app.build_run_config(declared, app_dir, settings, extra, fixed={"out-dir": "--out"},
                                             command="fedcvr coordinator run")
         _check_run_config({**declared, **overrides})
-    except (shared_deploy.DeployError, sim.LaunchError, ValueError) as err:
+    except (shared_deploy.DeployError, flower_app.LaunchError, ValueError) as err:
         _fail(str(err))
-    if sim.packed_into_app(app_dir, run_dir):
+    if flower_app.packed_into_app(app_dir, run_dir):
         _fail(f"--out {out} lies inside the Flower App folder {app_dir}: choose a folder outside it (or under runs/)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = sim.write_run_config(run_dir / sim.RUN_CONFIG_FILE, overrides)
+    config_file = flower_app.write_run_config(run_dir / flower_app.RUN_CONFIG_FILE, overrides)
     summary = run_dir / "summary.json"
     started = time.time()
-    log_path = run_dir / sim.FLOWER_LOG
+    log_path = run_dir / flower_app.FLOWER_LOG
     console.print(f"Run on the SuperLink at {connection.get('address')}; Flower's output goes to {log_path}",
                   highlight=False)
     bin_dir = shared_deploy.flwr_bin_dir()
@@ -241,15 +243,16 @@ def coordinator_run_command(
             console.print(text, highlight=False, markup=False)
 
     ended = follow.run_to_end(deploy.run_command(bin_dir, app_dir, config_file), env, bin_dir, log_path,
-                              run_dir / sim.ROUNDS_FILE, on_line=on_line, timeout=timeout,
+                              run_dir / flower_app.ROUNDS_FILE, on_line=on_line, timeout=timeout,
                               on_note=lambda note: err_console.print(f"[yellow]note:[/] {note}", highlight=False))
     _check_run_ended(ended, deploy.stop_hint(home_dir, bin_dir, ended.run_id), log_path)
     if not summary.is_file() or summary.stat().st_mtime < started:
-        _fail(f"the run did not finish (no new {summary}); the end of {log_path}:\n{sim.tail(log_path, 25)}", code=1)
-    records, _ = sim.load_history(run_dir)
+        _fail(f"the run did not finish (no new {summary}); the end of {log_path}:\n"
+              f"{run_records.tail(log_path, 25)}", code=1)
+    records, _ = run_records.load_history(run_dir)
     if records:
-        console.print(sim.rounds_table(records))
-        console.print(sim.privacy_line(records), highlight=False)
+        console.print(run_records.rounds_table(records))
+        console.print(run_records.privacy_line(records), highlight=False)
     console.print(f"[green]done:[/] results in {run_dir}; the final model is in {run_dir / 'model'} and every node "
                   "saved it into its --model-dir", highlight=False)
 
@@ -257,7 +260,7 @@ def coordinator_run_command(
 def _check_run_ended(ended, stop_hint: str, log_path: Path) -> None:
     """Exit 1 with the reason unless the followed run finished: a run given up on says whether it was stopped at
     the SuperLink, or the exact command that stops it."""
-    from fedcvr.simulations.launcher import tail
+    from fedcvr.shared.run_records import tail
 
     run = f"run {ended.run_id}" if ended.run_id else "the run"
     if ended.gave_up is not None:

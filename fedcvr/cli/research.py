@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fedcvr.shared import flower_app
 from fedcvr.shared.evaluation import BASELINES
 
 from .common import (
@@ -87,11 +88,11 @@ def train_central_command(
     from fedcvr.shared.data.contract import DataValidationError
     from fedcvr.shared.data.examples import ExampleConfig
     from fedcvr.shared.evaluation.baselines import BaselineConfig, BaselineError, check_names
+    from fedcvr.shared.flower_app import LaunchError, parse_run_config
     from fedcvr.shared.model.config import ModelConfig, TrainConfig
     from fedcvr.shared.model.errors import ModelConfigError
     from fedcvr.shared.training.personalise import PersonaliseConfig
     from fedcvr.simulations.central import train_central
-    from fedcvr.simulations.launcher import LaunchError, parse_run_config
 
     try:
         extra = parse_run_config(run_config)
@@ -173,15 +174,15 @@ def local_only_command(
 
     from fedcvr.shared.evaluation.baselines import BaselineError, check_names
     from fedcvr.shared.model.errors import ModelConfigError
-    from fedcvr.simulations import launcher as sim
     from fedcvr.simulations.local_only import COMPARED, compare, pooled_next_basket
 
     run_dir = run.expanduser().resolve()
-    config_file = run_dir / sim.RUN_CONFIG_FILE
+    config_file = run_dir / flower_app.RUN_CONFIG_FILE
     if not config_file.is_file() or not (run_dir / "model" / "weights.safetensors").is_file():
         _fail(f"--run {run}: not a finished simulation run (need {config_file} and {run_dir / 'model'}); run "
               "`fedcvr simulate ... --out RUN` first")
-    run_config = {**sim.app_run_config(sim.find_app_dir()), **sim.flatten(tomllib.loads(config_file.read_text()))}
+    run_config = {**flower_app.app_run_config(flower_app.find_app_dir()),
+                  **flower_app.flatten(tomllib.loads(config_file.read_text()))}
     folders = _validate_for_run(Path(str(run_config["data-root"])))
     names = [n.strip() for n in merchants.split(",") if n.strip()]
     unknown = sorted(set(names) - {f.name for f in folders})

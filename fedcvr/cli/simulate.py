@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fedcvr.shared import flower_app, run_records
+
 from .common import (
     PersonaliseOption,
     _check_run_config,
@@ -112,8 +114,8 @@ def simulate_command(
         _fail(f"--merchants must be at least 1, got {merchants}")
     if rounds < 1:
         _fail(f"--rounds must be at least 1, got {rounds}")
-    if strategy is not None and strategy.lower() not in sim.STRATEGIES:
-        _fail(f"--strategy {strategy!r} is not one of {', '.join(sim.STRATEGIES)}")
+    if strategy is not None and strategy.lower() not in flower_app.STRATEGIES:
+        _fail(f"--strategy {strategy!r} is not one of {', '.join(flower_app.STRATEGIES)}")
     if dp_epsilon is not None and no_dp:
         _fail("--dp-epsilon sets a privacy budget, --no-dp turns privacy off: pass one of them")
     if dp_epsilon is not None and not dp_epsilon > 0:
@@ -123,15 +125,15 @@ def simulate_command(
     if timeout is not None and not timeout > 0:
         _fail(f"--timeout must be a number of seconds > 0, got {timeout}")
     try:
-        extra = sim.parse_run_config(run_config)
-        app_dir = sim.find_app_dir()
-        declared = sim.app_run_config(app_dir)
-    except sim.LaunchError as err:
+        extra = flower_app.parse_run_config(run_config)
+        app_dir = flower_app.find_app_dir()
+        declared = flower_app.app_run_config(app_dir)
+    except flower_app.LaunchError as err:
         _fail(str(err))
     run_dir = out.expanduser().resolve()
     if run_dir.exists() and not run_dir.is_dir():
         _fail(f"--out {out} is a file, not a folder: pass a folder path")
-    if sim.packed_into_app(app_dir, run_dir):
+    if flower_app.packed_into_app(app_dir, run_dir):
         _fail(f"--out {out} lies inside the Flower App folder {app_dir} and its .gitignore does not exclude it, so "
               "`flwr run` would pack the run's files into the app: choose a folder under runs/ or outside the app")
     bin_dir = shared_deploy.flwr_bin_dir()
@@ -147,37 +149,39 @@ def simulate_command(
     folders = _validate_for_run(data_root)
 
     settings = [
-        sim.Setting("data-root", str(data_root)), sim.Setting("out-dir", str(run_dir)),
-        sim.Setting("num-server-rounds", rounds), sim.Setting("min-nodes", len(folders)),
-        sim.Setting("strategy", (strategy or "fedavg").lower(), "--strategy" if strategy else None),
-        sim.Setting("dp.enabled", not no_dp, "--no-dp" if no_dp else None),
-        sim.Setting("seed", 0 if seed is None else seed, None if seed is None else "--seed"),
+        flower_app.Setting("data-root", str(data_root)), flower_app.Setting("out-dir", str(run_dir)),
+        flower_app.Setting("num-server-rounds", rounds), flower_app.Setting("min-nodes", len(folders)),
+        flower_app.Setting("strategy", (strategy or "fedavg").lower(), "--strategy" if strategy else None),
+        flower_app.Setting("dp.enabled", not no_dp, "--no-dp" if no_dp else None),
+        flower_app.Setting("seed", 0 if seed is None else seed, None if seed is None else "--seed"),
     ]
     if resume is not None:
         from fedcvr.server.checkpoint import CheckpointError, checkpoint_folder
 
         try:
-            settings.append(sim.Setting("resume", str(checkpoint_folder(resume.expanduser().resolve())), "--resume"))
+            folder = str(checkpoint_folder(resume.expanduser().resolve()))
+            settings.append(flower_app.Setting("resume", folder, "--resume"))
         except CheckpointError as err:
             _fail(str(err).replace("resume = ", "--resume "))
     if dp_epsilon is not None:
-        settings.append(sim.Setting("dp.target-epsilon", float(dp_epsilon), "--dp-epsilon"))
+        settings.append(flower_app.Setting("dp.target-epsilon", float(dp_epsilon), "--dp-epsilon"))
     if local_epochs is not None:
-        settings.append(sim.Setting("local-epochs", local_epochs, "--local-epochs"))
+        settings.append(flower_app.Setting("local-epochs", local_epochs, "--local-epochs"))
     if secagg:
-        settings.append(sim.Setting("secagg", True, "--secagg"))
+        settings.append(flower_app.Setting("secagg", True, "--secagg"))
     if personalise is not None:
-        settings.append(sim.Setting("personalise", personalise, "--personalise" if personalise else "--no-personalise"))
+        flag = "--personalise" if personalise else "--no-personalise"
+        settings.append(flower_app.Setting("personalise", personalise, flag))
     try:
-        overrides, notes = sim.build_run_config(declared, app_dir, settings, extra)
+        overrides, notes = flower_app.build_run_config(declared, app_dir, settings, extra)
         _check_run_config({**declared, **overrides})
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_file = sim.write_run_config(run_dir / sim.RUN_CONFIG_FILE, overrides)
+        config_file = flower_app.write_run_config(run_dir / flower_app.RUN_CONFIG_FILE, overrides)
     except ValueError as err:  # LaunchError, or a bad run config value (named by key)
         _fail(str(err))
     for note in notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
-    earlier = [name for name in (sim.ROUNDS_FILE, sim.HISTORY_FILE, sim.HISTORY_CSV)
+    earlier = [name for name in (flower_app.ROUNDS_FILE, flower_app.HISTORY_FILE, flower_app.HISTORY_CSV)
                if (run_dir / name).exists() and resume is None]
     for name in earlier:
         (run_dir / name).unlink()
@@ -187,41 +191,41 @@ def simulate_command(
 
     names = ", ".join(f.name for f in folders[:6]) + (", ..." if len(folders) > 6 else "")
     console.print(f"Simulating {len(folders)} merchant node(s) ({names}) for {rounds} round(s); Flower's output goes "
-                  f"to {run_dir / sim.FLOWER_LOG}", highlight=False)
+                  f"to {run_dir / flower_app.FLOWER_LOG}", highlight=False)
     seen: list[dict] = []
     try:
         with Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[last]}"), console=err_console) as bar:
-            task = bar.add_task("rounds", total=rounds, last=sim.progress_text(None))
+            task = bar.add_task("rounds", total=rounds, last=run_records.progress_text(None))
 
             def on_round(record: dict) -> None:
                 seen.append(record)
                 done = record.get("round")
                 done = done if isinstance(done, int) and not isinstance(done, bool) else len(seen)
-                bar.update(task, completed=min(done, rounds), last=sim.progress_text(record))
+                bar.update(task, completed=min(done, rounds), last=run_records.progress_text(record))
 
             outcome = sim.launch(run_dir, app_dir, len(folders), config_file, on_round=on_round, timeout=timeout,
                                  bin_dir=bin_dir)
-    except sim.LaunchError as err:
+    except flower_app.LaunchError as err:
         _fail(str(err))
     except KeyboardInterrupt:
         err_console.print(f"[bold red]interrupted:[/] the run's Flower processes were stopped; its output is in "
-                          f"{run_dir / sim.FLOWER_LOG}", highlight=False)
+                          f"{run_dir / flower_app.FLOWER_LOG}", highlight=False)
         raise typer.Exit(130) from None
 
-    records, source = sim.load_history(run_dir)
+    records, source = run_records.load_history(run_dir)
     if records:
-        csv_path = sim.write_history_csv(records, run_dir / sim.HISTORY_CSV)
-        console.print(sim.rounds_table(records))
-        console.print(sim.privacy_line(records), highlight=False)
+        csv_path = run_records.write_history_csv(records, run_dir / flower_app.HISTORY_CSV)
+        console.print(run_records.rounds_table(records))
+        console.print(run_records.privacy_line(records), highlight=False)
         console.print(f"wrote {csv_path} ({len(records)} round(s), from {source})", highlight=False)
     else:
-        console.print(f"[yellow]note:[/] the ServerApp wrote no round records ({sim.ROUNDS_FILE} or "
-                      f"{sim.HISTORY_FILE}) into {run_dir}, so there is no history.csv", highlight=False)
+        console.print(f"[yellow]note:[/] the ServerApp wrote no round records ({flower_app.ROUNDS_FILE} or "
+                      f"{flower_app.HISTORY_FILE}) into {run_dir}, so there is no history.csv", highlight=False)
     if not outcome.ok:
-        log_tail = sim.tail(run_dir / sim.FLOWER_LOG, 40)
+        log_tail = run_records.tail(run_dir / flower_app.FLOWER_LOG, 40)
         if log_tail:
-            err_console.print(f"--- last lines of {run_dir / sim.FLOWER_LOG}", highlight=False)
+            err_console.print(f"--- last lines of {run_dir / flower_app.FLOWER_LOG}", highlight=False)
             err_console.print(log_tail, highlight=False, markup=False, soft_wrap=True)
             err_console.print("---")
         status = "timed out" if outcome.timed_out else (outcome.status or "not started")

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedcvr.shared import flower_app
 from fedcvr.simulations.benchmarks.common import command, machine, print_table, write_result
 from fedcvr.simulations.benchmarks.dp_overhead import default_data
 
@@ -55,12 +56,11 @@ def round_times(data: Path, rounds: int, adapter_layers: int, dp: bool, encoder:
     import logging
 
     from fedcvr.shared.data.loader import merchant_folders
-    from fedcvr.simulations import launcher
     from fedcvr.simulations.inprocess import run_federation
 
     folders = merchant_folders(data)
     with tempfile.TemporaryDirectory() as out:
-        run_config = launcher.defaults_with("", **{
+        run_config = flower_app.defaults_with("", **{
             "data-root": str(data), "out-dir": out, "num-server-rounds": rounds, "min-nodes": len(folders),
             "adapter.layers": adapter_layers, "dp.enabled": dp, "model.encoder": encoder})
         logging.getLogger("flwr").setLevel(logging.WARNING)

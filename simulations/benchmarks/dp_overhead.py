@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from fedcvr.shared import flower_app
 from fedcvr.simulations.benchmarks.common import command, machine, print_table, write_result
 
 TARGET = 2.0
@@ -51,13 +52,12 @@ def default_data(out: Path) -> Path:
 
 def node_for(folder: Path, adapter_layers: int, batch_size: int, encoder: str, threads: int, device: str = "cpu"):
     from fedcvr.client.node import MerchantNode, NodeSettings
-    from fedcvr.simulations import launcher
 
     overrides: dict[str, Any] = {"adapter.layers": adapter_layers, "train.batch-size": batch_size,
                                  "model.encoder": encoder, "train.device": device}
     if threads:
         overrides["train.threads"] = threads
-    return MerchantNode(folder, NodeSettings.from_run_config(launcher.defaults_with("", **overrides)))
+    return MerchantNode(folder, NodeSettings.from_run_config(flower_app.defaults_with("", **overrides)))
 
 
 def measure(node, steps: int, warmup: int, batch_size: int, modes: tuple[str, ...] = ("hooks", "ghost"),

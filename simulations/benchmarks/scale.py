@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from fedcvr.shared import flower_app
 from fedcvr.simulations.benchmarks.common import command, machine, print_table, write_result
 
 
@@ -58,14 +59,14 @@ def federation_of(base: Path, merchants: int, out: Path) -> Path:
 def run_one(data: Path, rounds: int, dp: bool, encoder: str) -> dict[str, Any]:
     """In this process: `rounds` rounds over every merchant of `data`; seconds per round and peak memory."""
     from fedcvr.shared.data.loader import merchant_folders
-    from fedcvr.simulations import launcher
     from fedcvr.simulations.inprocess import run_federation
 
     nodes = len(merchant_folders(data))
     logging.getLogger("flwr").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as out:
-        run_config = launcher.defaults_with("", **{"data-root": str(data), "out-dir": out, "num-server-rounds": rounds,
-                                                   "min-nodes": nodes, "dp.enabled": dp, "model.encoder": encoder})
+        run_config = flower_app.defaults_with("", **{"data-root": str(data), "out-dir": out,
+                                                     "num-server-rounds": rounds, "min-nodes": nodes,
+                                                     "dp.enabled": dp, "model.encoder": encoder})
         started = time.perf_counter()
         run_federation(run_config, nodes)
         total = time.perf_counter() - started
