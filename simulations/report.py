@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,11 +23,15 @@ import pandas as pd
 from fedcvr.simulations.basket_report import next_basket_lines
 from fedcvr.simulations.experiment import LOCAL_SUFFIX
 from fedcvr.simulations.heterogeneity import overlap_of_results
-
-NO_DP = "no DP"
-SETTING_ORDER = ("centralized", "local-only", "fedavg", "fedprox", "fedadam")
-COLOR = {"centralized": "black", "local-only": "tab:blue", "fedavg": "tab:orange", "fedprox": "tab:green",
-         "fedadam": "tab:red"}  # the same colour for a setting in every plot
+from fedcvr.simulations.report_audit import audit_lines, audit_table
+from fedcvr.simulations.report_basics import NO_DP, SETTING_ORDER, _eps_label, _markdown, final_metric
+from fedcvr.simulations.report_cost import _planned, busy_runs, cost_table, machines
+from fedcvr.simulations.report_plots import (
+    plot_convergence,
+    plot_cost,
+    plot_merchant_gain,
+    plot_privacy_utility,
+)
 
 
 class ReportError(ValueError):
@@ -45,20 +48,6 @@ def load(results: Path) -> tuple[pd.DataFrame, dict]:
     meta_path = results / "experiment.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return table, meta
-
-
-def _eps_x(epsilon: float | None, top: float) -> float:
-    return top if epsilon is None or (isinstance(epsilon, float) and math.isnan(epsilon)) else float(epsilon)
-
-
-def final_metric(table: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Mean and std over seeds of a final test metric (all merchants) per setting and ε."""
-    rows = table[(table.split == "test") & (table.merchant == "all") & (table.metric == metric)].copy()
-    rows["eps"] = rows["epsilon"].map(lambda e: NO_DP if e is None or pd.isna(e) else f"{e:g}")
-    grouped = rows.groupby(["setting", "eps"], sort=False)["value"]
-    out = grouped.agg(["mean", "std", "count"]).reset_index()
-    out["epsilon"] = out["eps"].map(lambda e: None if e == NO_DP else float(e))
-    return out
 
 
 def delta_ranges(table: pd.DataFrame) -> dict[tuple[str, str], str]:
@@ -110,91 +99,6 @@ def ordering_lines(curve: pd.DataFrame, label: str) -> list[str]:
     return lines
 
 
-def plot_privacy_utility(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    eps = sorted({float(e) for e in table["epsilon"].dropna().unique()})
-    top = (max(eps) * 4) if eps else 1.0
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    # purchase logs rank each shopper's next basket (with the baselines as lines); impression logs each purchase
-    basket = not final_metric(table, "nb.all.ndcg@10").empty
-    ranking = ("nb.all.ndcg@10", "next-basket NDCG@10") if basket else ("ndcg@10", "test NDCG@10")
-    for axis, metric, label in zip(axes, ("ctcvr.auc", ranking[0]), ("test CTCVR AUC", ranking[1]), strict=True):
-        curve = final_metric(table, metric)
-        if metric.startswith("nb."):
-            _baseline_lines(axis, curve)
-        for setting in SETTING_ORDER:
-            rows = curve[curve.setting == setting]
-            if rows.empty:
-                continue
-            if setting == "centralized":
-                axis.axhline(rows["mean"].mean(), color="black", linestyle="--", label="centralized (no DP)")
-                continue
-            rows = rows.assign(x=rows["epsilon"].map(lambda e: _eps_x(e, top))).sort_values("x")
-            axis.errorbar(rows["x"], rows["mean"], yerr=rows["std"].fillna(0.0), marker="o", capsize=3,
-                          label=setting, color=COLOR.get(setting))
-        axis.set_xscale("log")
-        ticks = [*eps, top]
-        axis.set_xticks(ticks)
-        axis.set_xticklabels([f"{e:g}" for e in eps] + [NO_DP])
-        axis.minorticks_off()
-        axis.set_xlabel("privacy budget ε of the whole run, per merchant (at its δ)")
-        axis.set_ylabel(f"{label} (mean ± std over seeds)")
-        axis.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-    fig.suptitle("Privacy-utility: conversion quality against ε")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _baseline_lines(axis, curve: pd.DataFrame) -> None:
-    """The best baseline of each scope as a dotted line, labelled on the axis (its legend is the models')."""
-    from fedcvr.shared.evaluation import BASELINES
-
-    rows = curve[curve.setting.map(lambda s: s.split(" (", 1)[0] in BASELINES)]
-    for scope, style, offset in (("pooled", ":", 2), ("local", "-.", -9)):  # one label above, one below
-        mine = rows[rows.setting.str.endswith(f"({scope})")]
-        if mine.empty:
-            continue
-        best = mine.loc[mine["mean"].idxmax()]
-        axis.axhline(best["mean"], color="grey", linestyle=style, linewidth=1)
-        axis.annotate(f"best baseline: {best.setting} {best['mean']:.3f}", (0.01, best["mean"]),
-                      xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(0, offset), fontsize=7,
-                      color="grey")
-
-
-def plot_convergence(table: pd.DataFrame, path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
-    rows = table[(table.split == "validation") & (table.metric == "ctcvr.auc") & (table.merchant == "all")].copy()
-    if rows.empty:
-        return False
-    rows["eps"] = rows["epsilon"].map(lambda e: NO_DP if e is None or pd.isna(e) else f"{e:g}")
-    panels = sorted(rows["eps"].unique(), key=lambda e: math.inf if e == NO_DP else float(e))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
-    from matplotlib.ticker import MaxNLocator
-
-    for axis, eps in zip(axes[0], panels, strict=True):
-        panel = rows[rows.eps == eps]
-        for setting in [s for s in SETTING_ORDER if s in set(panel.setting)]:
-            mean = panel[panel.setting == setting].groupby("round")["value"].mean()
-            axis.plot(mean.index, mean.to_numpy(), marker="o", label=setting, color=COLOR.get(setting))
-        axis.set_title(NO_DP if eps == NO_DP else f"ε = {eps}")
-        axis.set_xlabel("round")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation CTCVR AUC (mean over seeds)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), frameon=False)
-    fig.suptitle("Convergence: validation CTCVR AUC of the global model after each round")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def merchant_gains(table: pd.DataFrame) -> pd.DataFrame:
     """Per federated run and merchant: federated minus local-only test CTCVR AUC (same ε and seed); global + local
     ('SETTING + local') against the merchant's lone model with its own local layers ('local-only + local')."""
@@ -218,10 +122,6 @@ def merchant_gains(table: pd.DataFrame) -> pd.DataFrame:
 def finished_runs(table: pd.DataFrame) -> int:
     """Runs in the table: global + local rows ('SETTING + local') belong to their setting's run."""
     return int(table.loc[~table.setting.str.endswith(LOCAL_SUFFIX), "run_id"].nunique())
-
-
-def _eps_label(epsilon: float | None) -> str:
-    return NO_DP if epsilon is None or pd.isna(epsilon) else f"ε {epsilon:g}"
 
 
 def gain_tables(gains: pd.DataFrame, setting: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -367,256 +267,6 @@ def merchant_table(table: pd.DataFrame, overlap: pd.DataFrame | None = None) -> 
         out = out.join(overlap.set_index("merchant")[columns])
         out["catalog items"] = out["catalog items"].astype("Int64")
     return out.sort_values("training examples", ascending=False).reset_index()
-
-
-def plot_merchant_gain(gains: pd.DataFrame, path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
-    if gains.empty:
-        return False
-    fig, axis = plt.subplots(figsize=(7, 4.5))
-    means = gains.groupby(["merchant", "setting"]).agg(gain=("gain", "mean"), size=("train_examples", "first"))
-    for setting in [s for s in SETTING_ORDER if s in set(gains.setting)]:
-        mean = means.xs(setting, level="setting")
-        axis.scatter(mean["size"], mean["gain"], label=setting, s=40, color=COLOR.get(setting))
-    merchants = means.groupby("merchant").agg(top=("gain", "max"), bottom=("gain", "min"), size=("size", "first"))
-    if len(merchants) <= 12:  # few enough to name each: above its points, or below them for every other one
-        for k, (name, point) in enumerate(merchants.sort_values("size").iterrows()):
-            above = k % 2 == 0
-            axis.annotate(str(name), (point["size"], point["top"] if above else point["bottom"]),
-                          textcoords="offset points", xytext=(0, 8 if above else -8), ha="center",
-                          va="bottom" if above else "top", fontsize="small", color="dimgrey")
-    axis.axhline(0.0, color="grey", linewidth=1)
-    axis.set_xscale("log")
-    axis.margins(x=0.1, y=0.12)  # room for the names
-    axis.set_xlabel("merchant's training examples")
-    axis.set_ylabel("test CTCVR AUC: federated − alone\n(mean over ε and seeds)")
-    axis.set_title("Who gains from federating?")
-    axis.grid(alpha=0.3)
-    axis.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def cost_table(table: pd.DataFrame, busy: frozenset[str] | set[str] = frozenset()) -> pd.DataFrame:
-    """Per federated setting and ε: MB the coordinator sent and received per round, and seconds per round (means
-    over rounds and seeds). Seconds come from the runs that had the machine to themselves when there are any
-    (`busy` names the others: sharing the CPUs slows a run far beyond the share lost); `timed` says which."""
-    columns = ["setting", "ε", "MB sent / round", "MB received / round", "s / round", "timed"]
-    rows = table[(table.split == "validation") & (table.merchant == "all") &
-                 table.metric.isin(["bytes-sent", "bytes-received", "seconds"])].copy()
-    if rows.empty:
-        return pd.DataFrame(columns=columns)
-    rows["ε"] = rows["epsilon"].map(lambda e: NO_DP if e is None or pd.isna(e) else f"{e:g}")
-    rows["_busy"] = rows["run_id"].astype(str).isin(set(busy))
-    seconds = rows[rows.metric == "seconds"]
-    quiet_cells = set(map(tuple, seconds.loc[~seconds["_busy"], ["setting", "ε"]].values.tolist()))
-    in_quiet = [(s, e) in quiet_cells for s, e in zip(seconds["setting"], seconds["ε"])]
-    timed = seconds[[not busy_ or not quiet for busy_, quiet in zip(seconds["_busy"], in_quiet)]]
-    rows = pd.concat([rows[rows.metric != "seconds"], timed])
-    wide = rows.pivot_table(index=["setting", "ε"], columns="metric", values="value", aggfunc="mean").reset_index()
-    runs = timed.groupby(["setting", "ε"])["run_id"].nunique()
-
-    def how(setting: str, eps: str) -> str:
-        count = int(runs.get((setting, eps), 0))
-        if not count:
-            return ""
-        return f"{count} run(s)" + ("" if (setting, eps) in quiet_cells else ", machine shared: slower")
-
-    out = pd.DataFrame({"setting": wide["setting"], "ε": wide["ε"],
-                        "MB sent / round": wide.get("bytes-sent", np.nan) / 1e6,
-                        "MB received / round": wide.get("bytes-received", np.nan) / 1e6,
-                        "s / round": wide.get("seconds", np.nan),
-                        "timed": [how(s, e) for s, e in zip(wide["setting"], wide["ε"])]}, columns=columns)
-    out["_s"] = out["setting"].map(lambda s: SETTING_ORDER.index(s) if s in SETTING_ORDER else len(SETTING_ORDER))
-    out["_e"] = out["ε"].map(lambda e: -math.inf if e == NO_DP else -float(e))
-    return out.sort_values(["_s", "_e"]).drop(columns=["_s", "_e"]).reset_index(drop=True)
-
-
-def plot_cost(costs: pd.DataFrame, path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
-    if costs.empty:
-        return False
-    settings = list(dict.fromkeys(costs["setting"]))
-    budgets = list(dict.fromkeys(costs["ε"]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    traffic = costs.groupby("setting", sort=False)[["MB sent / round", "MB received / round"]].mean()
-    x = np.arange(len(settings))
-    axes[0].bar(x - 0.2, traffic["MB sent / round"], 0.4, label="coordinator → nodes", color="tab:purple")
-    axes[0].bar(x + 0.2, traffic["MB received / round"], 0.4, label="nodes → coordinator", color="tab:gray")
-    axes[0].set_xticks(x, settings)
-    axes[0].set_ylabel("MB per round, all nodes (10^6 bytes)")
-    axes[0].set_title("Communication per round")
-    axes[0].legend(loc="upper right")
-    width = 0.8 / max(1, len(budgets))
-    for k, eps in enumerate(budgets):
-        part = costs[costs["ε"] == eps].set_index("setting").reindex(settings)
-        axes[1].bar(x - 0.4 + width * (k + 0.5), part["s / round"], width,
-                    label=NO_DP if eps == NO_DP else f"ε = {eps}", color=plt.cm.viridis(k / max(1, len(budgets))))
-    axes[1].set_xticks(x, settings)
-    axes[1].set_ylabel("wall time per round (s)")
-    axes[1].set_title("Wall time per round (training, aggregation, evaluation)")
-    axes[1].legend(loc="upper right", fontsize="small")
-    for axis in axes:
-        axis.grid(alpha=0.3, axis="y")
-        axis.set_ylim(0, axis.get_ylim()[1] * 1.3)  # room for the legend above the bars
-    fig.suptitle("Cost per round (means over rounds and seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def _markdown(frame: pd.DataFrame, digits: int = 4) -> str:
-    cells = frame.copy()
-    for column in cells.columns:
-        if pd.api.types.is_float_dtype(cells[column]):
-            cells[column] = cells[column].map(lambda v: "" if pd.isna(v) else f"{v:.{digits}f}")
-        else:
-            cells[column] = cells[column].astype(object).map(lambda v: "" if v is pd.NA else v)
-    lines = ["| " + " | ".join(map(str, cells.columns)) + " |", "|" + " --- |" * len(cells.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in cells.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def _planned(meta: dict, finished: int) -> str:
-    """' of N planned' from the grid's description (empty when unknown), and a warning while runs are missing."""
-    settings, epsilons, seeds = meta.get("settings"), meta.get("epsilons"), meta.get("seeds")
-    if not settings or not epsilons or not seeds:
-        return ""
-    per_seed = len(epsilons) * len([s for s in settings if s != "centralized"]) + ("centralized" in settings)
-    per_seed += len(meta.get("audit_epsilons") or [])
-    planned = per_seed * len(seeds) + (1 if meta.get("baselines") else 0)  # the baselines run once
-    missing = " (PARTLY RUN: the command below finishes it; finished runs are kept)" if finished < planned else ""
-    return f" of {planned} planned{missing}"
-
-
-BUSY_LOAD = 1.5  # a run alone keeps about one process per CPU busy
-
-
-def _machine_text(machine: dict) -> str:
-    return (f"{machine.get('cpu') or 'CPU not recorded'}, {machine.get('cpus', '?')} CPUs "
-            f"({machine.get('platform', '?')}), "
-            f"torch {machine.get('torch', '?')} on {machine.get('torch_threads', '?')} threads, CUDA: "
-            f"{machine.get('cuda') or 'none'}")
-
-
-def _records(results: Path, table: pd.DataFrame) -> dict[str, dict]:
-    """Each finished run's result.json (machine, load), by run id; {} for a run without one."""
-    records = {}
-    for run_id in table.loc[table.metric == "wall-seconds", "run_id"].unique():
-        path = results / "runs" / str(run_id) / "result.json"
-        records[str(run_id)] = json.loads(path.read_text()) if path.is_file() else {}
-    return records
-
-
-def _load_of_busy(record: dict) -> float | None:
-    """The run's mean 1-minute load when it shared the machine with other work (above BUSY_LOAD x its CPUs)."""
-    load, cpus = record.get("load"), (record.get("machine") or {}).get("cpus") or 0
-    return load["mean"] if load and cpus and load["mean"] > BUSY_LOAD * cpus else None
-
-
-def busy_runs(results: Path, table: pd.DataFrame) -> set[str]:
-    """The runs that shared the machine with other work, by their recorded load."""
-    return {run_id for run_id, record in _records(results, table).items() if _load_of_busy(record) is not None}
-
-
-def machines(results: Path, table: pd.DataFrame, meta: dict) -> list[str]:
-    """Report lines: the machine(s) the finished runs ran on, with their runs and wall time (a grid resumed on
-    another machine has runs of different speeds), from each run's result.json."""
-    walls = table[table.metric == "wall-seconds"].groupby("run_id")["value"].sum()
-    used: dict[str, list[str]] = {}
-    busy: list[str] = []
-    records = _records(results, table)
-    for run_id in walls.index:
-        record = records.get(str(run_id), {})
-        machine = record.get("machine")
-        used.setdefault(_machine_text(machine) if machine else "not recorded", []).append(str(run_id))
-        load = _load_of_busy(record)
-        if load is not None:
-            busy.append(f"{run_id} (load {load:.1f})")
-    if not used:
-        sessions = meta.get("sessions", [])
-        return [f"- machine: {_machine_text(sessions[-1]['machine']) if sessions else 'not recorded'}"]
-    if len(used) == 1:
-        lines = [f"- machine: {next(iter(used))}"]
-    else:
-        lines = ["- machines (the runs' wall times differ with them):"] + [
-            f"  - {text}: {len(runs)} run(s), {walls[runs].sum() / 60:.1f} min" for text, runs in used.items()]
-    if busy:
-        lines.append(f"- ran while other work loaded the machine (mean 1-minute load above {BUSY_LOAD} x its CPUs; "
-                     f"their wall times are longer than the run alone would take, and the cost table leaves them "
-                     f"out where a run of the same setting and ε had the machine to itself): {', '.join(busy)}")
-    return lines
-
-
-AUDIT_COLUMNS = {"mia.loss.auc": "loss attack AUC", "mia.loss.tpr@1%fpr": "loss TPR @ 1% FPR",
-                 "mia.lr.auc": "LR attack AUC", "mia.lr.tpr@1%fpr": "LR TPR @ 1% FPR"}
-
-
-def audit_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Per audit budget (no DP first, then ε from large to small): the attacks' AUC and TPR at 1% FPR, mean and
-    std over seeds, with the ε spent and the members."""
-    rows = table[(table.setting == "audit") & (table.metric != "wall-seconds")].copy()
-    if rows.empty:
-        return pd.DataFrame()
-    rows["ε"] = rows["epsilon"].map(_eps_label)
-    budget = rows.groupby("ε")["epsilon"].first()
-    order = sorted(budget.index, key=lambda e: -math.inf if e == NO_DP else -float(budget[e]))
-    out = []
-    for eps in order:
-        group = rows[rows["ε"] == eps]
-        record: dict[str, Any] = {"ε": eps, "merchant": ", ".join(sorted(group.merchant.unique())),
-                                  "seeds": group.seed.nunique()}
-        spent = group[group.metric == "max-epsilon"]["value"]
-        record["ε spent"] = f"{spent.mean():.2f}" if len(spent) else "—"
-        record["members"] = int(group[group.metric == "members"]["value"].mean())
-        for metric, label in AUDIT_COLUMNS.items():
-            values = group[group.metric == metric]["value"]
-            record[label] = values.mean()
-            if metric.endswith(".auc"):
-                record[f"{label} ± std"] = values.std() if len(values) > 1 else float("nan")
-        out.append(record)
-    return pd.DataFrame(out)
-
-
-def null_auc_std(n: int, m: int) -> float:
-    """The standard deviation of the AUC of a guessing attack (no signal) with n members and m non-members:
-    sqrt((n + m + 1) / (12 n m)), the Mann-Whitney U statistic's under the null hypothesis, divided by n m."""
-    return math.sqrt((n + m + 1) / (12 * n * m))
-
-
-def audit_lines(audits: pd.DataFrame, overrides: dict | None = None) -> list[str]:
-    """The report's privacy-audit section: the table and what it shows against the expectation."""
-    extra = (" and, for the audit, " + ", ".join(f"{key} = {value}" for key, value in overrides.items())
-             if overrides else "")
-    lines = ["", "## Privacy audit: membership inference", "",
-             "One merchant trains alone on half of its training examples (the members) with this grid's settings"
-             f"{extra}; "
-             "an attacker who holds the model and an example guesses whether the example was trained on. Loss "
-             "attack: a lower loss means member. LR attack: the loss under the initial model minus the loss under "
-             "the trained one (a likelihood ratio against a reference model, no shadow models). AUC 0.5 and TPR "
-             "0.01 at 1% FPR are guessing; the non-members are the other half of the same training split "
-             "(simulations/audit.py).", "", _markdown(audits), ""]
-    for _, row in audits.iterrows():
-        aucs = [row["loss attack AUC"], row["LR attack AUC"]]
-        farthest = max(aucs, key=lambda a: abs(a - 0.5))
-        tpr = max(row["loss TPR @ 1% FPR"], row["LR TPR @ 1% FPR"])
-        noise = 2 * null_auc_std(int(row["members"]), int(row["members"]))
-        within = abs(farthest - 0.5) <= noise
-        if row["ε"] == NO_DP:
-            verdict = ("above guessing, as expected without DP" if not within else
-                       "within the noise of guessing even without DP: the model does not fit single examples "
-                       "closely enough for these attacks to tell")
-        else:
-            verdict = "within the noise of guessing, as DP promises" if within else "NOT within the noise of guessing"
-        lines.append(f"- {row['ε']}: the attack AUC farthest from 0.5 is {farthest:.4f} (guessing gives 0.5 ± "
-                     f"{noise:.4f}, 2 standard deviations for {int(row['members'])} members and as many non-members), "
-                     f"the best TPR at 1% FPR {tpr:.4f}: {verdict}.")
-    return lines
 
 
 def _shown(path: str | Path) -> str:

@@ -62,7 +62,7 @@ def test_a_small_audit_of_one_merchant(tiny_market, tiny_bert):
 def test_the_report_section_reads_the_audit_against_the_noise_of_guessing():
     import pandas as pd
 
-    from fedcvr.simulations.report import audit_lines, audit_table, null_auc_std
+    from fedcvr.simulations.report_audit import audit_lines, audit_table, null_auc_std
 
     rows = []
     for eps, auc in ((None, 0.58), (8.0, 0.51), (1.0, 0.49)):

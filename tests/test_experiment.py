@@ -152,7 +152,7 @@ def test_a_grid_runs_into_a_tidy_table_and_resumes(tmp_path, tiny_market, tiny_b
 def test_report_names_every_machine_the_runs_ran_on(tmp_path):
     import pandas as pd
 
-    from fedcvr.simulations.report import machines
+    from fedcvr.simulations.report_cost import machines
 
     rows = []
     for run_id, cpu, seconds, load in (("a", "CPU one", 60.0, 2.1), ("b", "CPU two", 120.0, 4.4),
@@ -502,7 +502,7 @@ def test_only_runs_the_named_settings_and_refuses_unknown_ones(tmp_path, tiny_ma
 def test_cost_table_times_rounds_on_runs_that_had_the_machine_alone():
     import pandas as pd
 
-    from fedcvr.simulations.report import cost_table
+    from fedcvr.simulations.report_cost import cost_table
 
     rows = []
     for run_id, setting, eps, seconds in (("a0", "fedavg", 8.0, 50.0), ("a1", "fedavg", 8.0, 400.0),
