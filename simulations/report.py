@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from fedcvr.simulations.basket_report import next_basket_lines
-from fedcvr.simulations.experiment import LOCAL_SUFFIX
+from fedcvr.simulations.experiment_config import LOCAL_SUFFIX
 from fedcvr.simulations.heterogeneity import overlap_of_results
 from fedcvr.simulations.report_audit import audit_lines, audit_table
 from fedcvr.simulations.report_basics import NO_DP, SETTING_ORDER, _eps_label, _markdown, final_metric
@@ -280,7 +280,8 @@ def _shown(path: str | Path) -> str:
 def refresh_table(results: Path) -> bool:
     """Collect the finished runs into the tidy table again (an interrupted grid has not written it since its last
     runs), when `experiment.json` names a config that can still be read; True when it did."""
-    from fedcvr.simulations.experiment import Experiment, ExperimentError, write_table
+    from fedcvr.simulations.experiment import write_table
+    from fedcvr.simulations.experiment_config import Experiment, ExperimentError
 
     meta_path = results / "experiment.json"
     if not meta_path.is_file() or not (results / "runs").is_dir():

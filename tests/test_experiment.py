@@ -8,14 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedcvr.cli import app
-from fedcvr.simulations.experiment import (
-    LOCAL_SUFFIX,
-    TABLE_COLUMNS,
-    Experiment,
-    ExperimentError,
-    Run,
-    run_grid,
-)
+from fedcvr.simulations.experiment import TABLE_COLUMNS, run_grid
+from fedcvr.simulations.experiment_config import LOCAL_SUFFIX, Experiment, ExperimentError, Run
 
 TINY = """
 name = "tiny"
@@ -372,7 +366,8 @@ def test_max_shoppers_draws_the_same_shoppers_whatever_their_pseudonyms(tmp_path
 
 def test_a_resumed_grid_refuses_data_that_changed(tmp_path, tiny_market):
     from fedcvr.shared.data.loader import merchant_folders
-    from fedcvr.simulations.experiment import RESULT, check_data, data_fingerprint
+    from fedcvr.simulations.experiment_config import RESULT
+    from fedcvr.simulations.experiment_meta import check_data, data_fingerprint
 
     prints = data_fingerprint(merchant_folders(tiny_market))
     assert all(set(p) == {"events", "shoppers", "items"} and p["events"] > 0 for p in prints.values())

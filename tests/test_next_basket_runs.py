@@ -117,7 +117,8 @@ def _experiment(tmp_path, data, bert) -> object:
 
 
 def test_an_experiment_reports_the_model_beside_the_baselines(tmp_path, tiny_purchase_market, tiny_bert):
-    from fedcvr.simulations.experiment import Experiment, run_grid
+    from fedcvr.simulations.experiment import run_grid
+    from fedcvr.simulations.experiment_config import Experiment
     from fedcvr.simulations.report import write_report
 
     experiment = Experiment.from_toml(_experiment(tmp_path, tiny_purchase_market, tiny_bert))
@@ -144,7 +145,7 @@ def test_an_experiment_reports_the_model_beside_the_baselines(tmp_path, tiny_pur
 
 
 def test_an_experiment_refuses_unknown_baselines(tmp_path):
-    from fedcvr.simulations.experiment import Experiment, ExperimentError
+    from fedcvr.simulations.experiment_config import Experiment, ExperimentError
 
     config = tmp_path / "bad.toml"
     config.write_text('baselines = ["popularity", "magic"]\n')

@@ -242,7 +242,8 @@ def experiment_command(
     are skipped, so an interrupted grid resumes where it stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedcvr.simulations.experiment import AUDIT, SETTINGS, Experiment, ExperimentError, run_grid
+    from fedcvr.simulations.experiment import run_grid
+    from fedcvr.simulations.experiment_config import AUDIT, SETTINGS, Experiment, ExperimentError
 
     try:
         experiment = Experiment.from_toml(config.expanduser())
