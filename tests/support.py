@@ -4,6 +4,8 @@ lookup by PID, tiny served models."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -182,6 +184,18 @@ def descendants(pid: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+def sleeper(flwr_home: Path, *, ignore_term: bool = False, argv0: str | None = None) -> subprocess.Popen:
+    """A process marked as part of the run under `flwr_home` (FLWR_HOME in its environment), in a session of its
+    own; `ignore_term` makes it ignore SIGTERM, `argv0` names it."""
+    code = ("import signal, time\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_term else "")
+            + "print('ready', flush=True)\ntime.sleep(120)\n")
+    process = subprocess.Popen([argv0 or sys.executable, "-c", code], executable=sys.executable,
+                               env={**os.environ, "FLWR_HOME": str(flwr_home)}, start_new_session=True,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    return process
 
 
 # ---------------------------------------------------------------- served models

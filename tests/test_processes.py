@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import descendants
+from support import descendants, sleeper
 
 from fedcvr.shared import flower_app, processes
 from fedcvr.simulations import launcher as sim
@@ -158,3 +158,86 @@ def test_the_superexec_wrapper_reaps_what_flower_starts_and_never_waits_for(tmp_
     finally:
         process.kill()
         process.wait()
+
+
+# ---------------------------------------------------------------- ports, environment, processes
+
+
+def test_free_ports_are_different_and_bindable():
+    import socket
+
+    ports = sim.free_ports(2)
+    assert len(set(ports)) == 2
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_flwr_env_is_offline_on_our_own_ports(tmp_path):
+    env = sim.flwr_env(tmp_path / "flwr", Path("/venv/bin"), base={"PATH": "/usr/bin", "KEEP": "1"},
+                       ports=(1234, 5678))
+    assert env["PATH"] == f"/venv/bin{os.pathsep}/usr/bin" and env["KEEP"] == "1"
+    assert env["FLWR_HOME"] == str(tmp_path / "flwr")
+    assert env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] == "1234" and env["FLWR_LOCAL_CONTROL_API_PORT"] == "5678"
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    command = sim.flwr_run_command(Path("/venv/bin"), REPO, 4, tmp_path / "run-config.toml")
+    assert command[:4] == ["/venv/bin/flwr", "run", str(REPO), "--stream"]
+    assert "num-supernodes=4 client-resources-num-cpus=1" in command
+
+
+def test_process_scan_finds_a_marked_child_and_stop_kills_it_by_pid(tmp_path):
+    home = tmp_path / "flwr"
+    process = sleeper(home)
+    try:
+        assert process.pid in sim.processes_of(home)
+        assert process.pid not in sim.processes_of(tmp_path / "other")
+        assert os.getpid() not in sim.processes_of(home)
+        assert sim.stop_processes(home, grace=5) == [process.pid]
+        assert process.wait(timeout=5) == -signal.SIGTERM
+        assert sim.processes_of(home) == {}
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_stop_kills_what_ignores_sigterm_after_the_grace_time(tmp_path):
+    home = tmp_path / "flwr"
+    process = sleeper(home, ignore_term=True)
+    try:
+        started = time.monotonic()
+        assert sim.stop_processes(home, grace=0.5) == [process.pid]
+        assert process.wait(timeout=5) == -signal.SIGKILL
+        assert time.monotonic() - started < 5
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_stop_also_ends_unmarked_processes_in_the_session_of_a_flower_process(tmp_path):
+    """The SuperLink and SuperExec lead sessions of their own; what runs in them goes too."""
+    home = tmp_path / "flwr"
+    code = ("import subprocess, sys, time\n"
+            f"child = subprocess.Popen([{sys.executable!r}, '-c', 'import time; time.sleep(120)'], env={{}})\n"
+            "print(child.pid, flush=True)\ntime.sleep(120)\n")
+    leader = subprocess.Popen(["flower-superexec", "-c", code], executable=sys.executable,
+                              env={**os.environ, "FLWR_HOME": str(home)}, start_new_session=True,
+                              stdout=subprocess.PIPE, text=True)
+    child = int(leader.stdout.readline())
+    try:
+        assert child not in sim.processes_of(home)
+        assert sorted(sim.stop_processes(home, grace=5)) == sorted([leader.pid, child])
+        leader.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while sim.alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not sim.alive(child)
+    finally:
+        for pid in (leader.pid, child):
+            if sim.alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_ancestors_hold_this_process_and_its_parent():
+    parent = {os.getppid()} if os.getppid() > 1 else set()  # an orphan's parent is PID 1, which is never listed
+    assert {os.getpid(), *parent} <= sim.ancestors()

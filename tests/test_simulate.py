@@ -1,5 +1,7 @@
-"""`fedcvr simulate`: the launcher's plain pieces, the command's checks and output with a faked run, `launch`
-against a fake `flwr` executable, and one end-to-end `flwr run` simulation (slow)."""
+"""`fedcvr simulate`: the command's checks and output with
+a faked run, `launch` against a fake `flwr` executable, and one end-to-end `flwr run` simulation (slow). The run
+config, the round records and the launcher's processes have their own tests (`test_run_config.py`,
+`test_run_records.py`, `test_processes.py`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import functools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from rich.console import Console
+from support import sleeper
 from typer.testing import CliRunner
 
 from fedcvr.cli import app
-from fedcvr.shared import flower_app, run_records
+from fedcvr.shared import flower_app
 from fedcvr.simulations import launcher as sim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,288 +56,6 @@ ROUND_1 = {"round": 1, "seconds": 3.5, "ctcvr.auc": 0.61, "click.auc": 0.66, "ct
            "ctcvr.logloss": 0.0512, "ndcg@10": 0.21, "max_epsilon": 1.9312, "delta": 1e-05,
            "bytes_sent": 2_500_000, "bytes_received": 1_250_000, "clients_trained": 3, "clients_declined": 0}
 ROUND_2 = {**ROUND_1, "round": 2, "ctcvr.auc": 0.64, "max_epsilon": 2.71, "seconds": 3.1}
-
-
-# ---------------------------------------------------------------- rounds.jsonl, history, CSV, table
-
-
-def test_read_rounds_leaves_a_half_written_last_line_for_the_next_poll(tmp_path):
-    path = tmp_path / "rounds.jsonl"
-    line2 = json.dumps(ROUND_2)
-    path.write_text(json.dumps(ROUND_1) + "\n" + line2[:20])
-    records, offset = run_records.read_rounds(path)
-    assert records == [ROUND_1] and offset == len(json.dumps(ROUND_1)) + 1
-    assert run_records.read_rounds(path, offset) == ([], offset)  # still half written
-    with path.open("a") as handle:
-        handle.write(line2[20:] + "\n")
-    records, offset = run_records.read_rounds(path, offset)
-    assert records == [ROUND_2] and offset == path.stat().st_size
-
-
-def test_read_rounds_final_reads_a_last_line_without_newline_only_if_it_parses(tmp_path):
-    path = tmp_path / "rounds.jsonl"
-    path.write_text(json.dumps(ROUND_1) + "\n" + json.dumps(ROUND_2))
-    assert run_records.read_rounds(path, final=True)[0] == [ROUND_1, ROUND_2]
-    path.write_text(json.dumps(ROUND_1) + "\n" + json.dumps(ROUND_2)[:-5])
-    assert run_records.read_rounds(path, final=True)[0] == [ROUND_1]
-
-
-def test_read_rounds_skips_bad_lines_and_tolerates_a_missing_file(tmp_path):
-    path = tmp_path / "rounds.jsonl"
-    assert run_records.read_rounds(path, 7) == ([], 7)
-    path.write_text("not json\n[1, 2]\n\n" + json.dumps(ROUND_1) + "\n")
-    assert run_records.read_rounds(path)[0] == [ROUND_1]
-
-
-def test_load_history_prefers_history_json_then_rounds_jsonl(tmp_path):
-    assert run_records.load_history(tmp_path) == ([], None)
-    (tmp_path / "rounds.jsonl").write_text(json.dumps(ROUND_2) + "\n" + json.dumps(ROUND_1) + "\n"
-                                           + json.dumps({**ROUND_1, "ctcvr.auc": 0.7}) + "\n" + '{"round": 3')
-    records, source = run_records.load_history(tmp_path)
-    assert source == "rounds.jsonl"
-    assert [r["round"] for r in records] == [1, 2] and records[0]["ctcvr.auc"] == 0.7  # the last of round 1
-    (tmp_path / "history.json").write_text("[{\"round\": 1")  # unreadable: fall back
-    assert run_records.load_history(tmp_path)[1] == "rounds.jsonl"
-    (tmp_path / "history.json").write_text(json.dumps([ROUND_1, ROUND_2]))
-    assert run_records.load_history(tmp_path) == ([ROUND_1, ROUND_2], "history.json")
-
-
-def test_history_csv_has_one_row_per_round_with_round_first(tmp_path):
-    records = [{"seconds": 1.0, "round": 1, "ctcvr.auc": None, "declined": ["x: no data"], "train": {"loss": 0.5}},
-               {"round": 2, "seconds": 2.0, "ctcvr.auc": 0.6, "max-epsilon": 1.5}]
-    path = run_records.write_history_csv(records, tmp_path / "history.csv")
-    with path.open() as handle:
-        rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["round", "seconds", "ctcvr.auc", "declined", "train.loss", "max-epsilon"]
-    assert rows[0] == {"round": "1", "seconds": "1.0", "ctcvr.auc": "", "declined": '["x: no data"]',
-                       "train.loss": "0.5", "max-epsilon": ""}
-    assert rows[1]["ctcvr.auc"] == "0.6" and rows[1]["max-epsilon"] == "1.5"
-
-
-def test_round_cells_format_metrics_epsilon_and_megabytes():
-    assert run_records.round_cells(ROUND_1) == ["1", "0.6100", "0.6600", "0.5800", "0.0512", "0.2100", "1.93 (δ=1e-05)",
-                                        "2.50 / 1.25", "3.5"]
-    sparse = {"round": 4, "ctcvr.auc": float("nan"), "max-epsilon": float("inf"), "bytes_sent": 10**6}
-    assert run_records.round_cells(sparse) == ["4", "n/a", "n/a", "n/a", "n/a", "n/a", "∞", "1.00 / n/a", "n/a"]
-    assert run_records.round_cells({"round": 5, "max-epsilon": 2.0, "delta": 0.05})[6] == "2.00 (δ=0.05)"
-    assert run_records.progress_text(None) == "waiting for round 1"
-    assert run_records.progress_text(ROUND_2) == "ctcvr.auc 0.6400  max ε 2.71 (δ=1e-05)"
-
-
-def test_rounds_table_renders_every_round():
-    console = Console(record=True, width=200)
-    console.print(run_records.rounds_table([ROUND_1, ROUND_2]))
-    text = console.export_text()
-    for column in run_records.TABLE_COLUMNS:
-        assert column in text
-    assert "0.6100" in text and "0.6400" in text and "2.71 (δ=1e-05)" in text
-
-
-def test_tail_strips_colours_and_keeps_the_last_lines(tmp_path):
-    log = tmp_path / "flower.log"
-    log.write_text("".join(f"\x1b[92mINFO\x1b[0m: line {i}\n" for i in range(100)))
-    text = run_records.tail(log, 40)
-    assert text.splitlines() == [f"INFO: line {i}" for i in range(60, 100)]
-    assert run_records.tail(tmp_path / "missing.log") == ""
-
-
-# ---------------------------------------------------------------- run config
-
-
-def test_parse_run_config_reads_toml_values():
-    assert flower_app.parse_run_config("") == {}
-    parsed = flower_app.parse_run_config(" round-timeout=120 train.lr=3e-3 dp.enabled=false model.encoder='/m/x y' "
-                                  'note="a \\"b\\"" train.seed=-1 ')
-    assert parsed == {"round-timeout": 120, "train.lr": 0.003, "dp.enabled": False, "model.encoder": "/m/x y",
-                      "note": 'a "b"', "train.seed": -1}
-
-
-@pytest.mark.parametrize(("text", "needle"), [
-    ("strategy=fedprox", "text goes in quotes: strategy='fedprox'"),
-    ("round-timeout", "cannot read 'round-timeout'"),
-    ("a=1 b", "cannot read 'b'"),
-    ("x=[1,2]", "is not a number, true/false or quoted text"),
-    ("train.lr=1 train.lr=2", "sets train.lr twice"),
-    ("bad/key=1", "'bad/key' is not a run config key"),
-    ("model.encoder='/m/x", "cannot read"),
-])
-def test_parse_run_config_errors_name_the_pair_and_the_fix(text, needle):
-    with pytest.raises(flower_app.LaunchError, match=re.escape(needle)):
-        flower_app.parse_run_config(text)
-
-
-DECLARED = {"data-root": "data/demo", "out-dir": "", "num-server-rounds": 1, "min-nodes": 2, "seed": 42,
-            "round-timeout": 600, "strategy": "fedavg", "dp.enabled": True, "dp.target-epsilon": 8.0,
-            "local-epochs": 1, "train.lr": 0.006}
-FIXED = [flower_app.Setting("data-root", "/d"), flower_app.Setting("out-dir", "/o"),
-         flower_app.Setting("num-server-rounds", 3), flower_app.Setting("min-nodes", 4)]
-
-
-def test_build_run_config_sets_options_and_extra_pairs():
-    overrides, notes = flower_app.build_run_config(
-        DECLARED, REPO,
-        [*FIXED, flower_app.Setting("strategy", "fedprox", "--strategy"), flower_app.Setting("seed", 0)],
-        {"train.lr": 0.001, "seed": 5})
-    assert overrides == {"data-root": "/d", "out-dir": "/o", "num-server-rounds": 3, "min-nodes": 4,
-                         "strategy": "fedprox", "seed": 5, "train.lr": 0.001}  # --run-config replaces implied
-    assert notes == []
-
-
-def test_build_run_config_leaves_out_implied_keys_the_app_lacks_with_a_note():
-    declared = {k: v for k, v in DECLARED.items() if k not in ("strategy", "dp.enabled")}
-    overrides, notes = flower_app.build_run_config(
-        declared, REPO, [*FIXED, flower_app.Setting("strategy", "fedavg"), flower_app.Setting("dp.enabled", True)], {})
-    assert "strategy" not in overrides and "dp.enabled" not in overrides
-    assert notes == ['the Flower App does not declare `strategy`: left out (it would have been "fedavg")',
-                     "the Flower App does not declare `dp.enabled`: left out (it would have been true)"]
-
-
-@pytest.mark.parametrize(("settings", "extra", "needle"), [
-    ([flower_app.Setting("local-epoch", 2, "--local-epochs")], {},
-     "--local-epochs sets `local-epoch`, but the Flower App in"),
-    ([], {"train.rl": 0.1}, "--run-config sets `train.rl`, but the Flower App in .* Did you mean train.lr\\?"),
-    ([], {"min-nodes": 2}, "--run-config may not set `min-nodes`: `fedcvr simulate` sets it from the number"),
-    ([flower_app.Setting("strategy", "fedadam", "--strategy")], {"strategy": "'fedprox'"},
-     "--run-config sets `strategy`, which --strategy sets too"),
-])
-def test_build_run_config_errors(settings, extra, needle):
-    with pytest.raises(flower_app.LaunchError, match=needle):
-        flower_app.build_run_config(DECLARED, REPO, [*FIXED, *settings], extra)
-
-
-def test_build_run_config_needs_the_fixed_keys():
-    declared = {k: v for k, v in DECLARED.items() if k != "min-nodes"}
-    with pytest.raises(flower_app.LaunchError, match="does not declare `min-nodes`"):
-        flower_app.build_run_config(declared, REPO, FIXED, {})
-
-
-def test_run_config_file_reads_back_as_the_same_flat_keys_in_toml_and_in_flwr(tmp_path):
-    from flwr.common.config import parse_config_args
-
-    overrides = {"data-root": "/data/with \"quotes\" and \\ back", "num-server-rounds": 3, "dp.enabled": False,
-                 "dp.target-epsilon": 4.0, "train.lr": 1e-4, "model.encoder": "café", "seed": 0}
-    path = flower_app.write_run_config(tmp_path / "run-config.toml", overrides)
-    assert flower_app.flatten(tomllib.loads(path.read_text())) == overrides
-    assert parse_config_args([str(path)]) == overrides
-    assert "dp.enabled = false" in path.read_text()
-
-
-def test_run_config_that_toml_cannot_hold_is_refused(tmp_path):
-    with pytest.raises(flower_app.LaunchError, match="cannot be written as TOML"):
-        flower_app.write_run_config(tmp_path / "c.toml", {"dp": 1, "dp.enabled": True})
-
-
-def test_find_app_dir_is_the_repository_with_the_flower_app(tmp_path):
-    assert flower_app.find_app_dir() == REPO
-    assert flower_app.app_run_config(REPO)["num-server-rounds"] >= 1
-    package = tmp_path / "site" / "fedcvr" / "__init__.py"
-    package.parent.mkdir(parents=True)
-    package.write_text("")
-    with pytest.raises(flower_app.LaunchError, match="no pyproject.toml in .*pip install -e"):
-        flower_app.find_app_dir(package)
-    (tmp_path / "site" / "pyproject.toml").write_text("[project]\nname = 'other'\n")
-    with pytest.raises(flower_app.LaunchError, match=r"has no \[tool.flwr.app\] section"):
-        flower_app.find_app_dir(package)
-
-
-def test_run_folders_inside_the_app_must_be_ignored_by_git(tmp_path):
-    assert not flower_app.packed_into_app(REPO, REPO / "runs" / "demo")  # /runs/ is in .gitignore
-    assert flower_app.packed_into_app(REPO, REPO / "my-run")
-    assert flower_app.packed_into_app(REPO, REPO)
-    assert not flower_app.packed_into_app(REPO, tmp_path / "run")
-
-
-# ---------------------------------------------------------------- ports, environment, processes
-
-
-def test_free_ports_are_different_and_bindable():
-    import socket
-
-    ports = sim.free_ports(2)
-    assert len(set(ports)) == 2
-    for port in ports:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", port))
-
-
-def test_flwr_env_is_offline_on_our_own_ports(tmp_path):
-    env = sim.flwr_env(tmp_path / "flwr", Path("/venv/bin"), base={"PATH": "/usr/bin", "KEEP": "1"},
-                       ports=(1234, 5678))
-    assert env["PATH"] == f"/venv/bin{os.pathsep}/usr/bin" and env["KEEP"] == "1"
-    assert env["FLWR_HOME"] == str(tmp_path / "flwr")
-    assert env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] == "1234" and env["FLWR_LOCAL_CONTROL_API_PORT"] == "5678"
-    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
-    assert env["HF_HUB_OFFLINE"] == "1"
-    command = sim.flwr_run_command(Path("/venv/bin"), REPO, 4, tmp_path / "run-config.toml")
-    assert command[:4] == ["/venv/bin/flwr", "run", str(REPO), "--stream"]
-    assert "num-supernodes=4 client-resources-num-cpus=1" in command
-
-
-def _sleeper(flwr_home: Path, *, ignore_term: bool = False, argv0: str | None = None) -> subprocess.Popen:
-    code = ("import signal, time\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_term else "")
-            + "print('ready', flush=True)\ntime.sleep(120)\n")
-    process = subprocess.Popen([argv0 or sys.executable, "-c", code], executable=sys.executable,
-                               env={**os.environ, "FLWR_HOME": str(flwr_home)}, start_new_session=True,
-                               stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline().strip() == "ready"
-    return process
-
-
-def test_process_scan_finds_a_marked_child_and_stop_kills_it_by_pid(tmp_path):
-    home = tmp_path / "flwr"
-    process = _sleeper(home)
-    try:
-        assert process.pid in sim.processes_of(home)
-        assert process.pid not in sim.processes_of(tmp_path / "other")
-        assert os.getpid() not in sim.processes_of(home)
-        assert sim.stop_processes(home, grace=5) == [process.pid]
-        assert process.wait(timeout=5) == -signal.SIGTERM
-        assert sim.processes_of(home) == {}
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
-def test_stop_kills_what_ignores_sigterm_after_the_grace_time(tmp_path):
-    home = tmp_path / "flwr"
-    process = _sleeper(home, ignore_term=True)
-    try:
-        started = time.monotonic()
-        assert sim.stop_processes(home, grace=0.5) == [process.pid]
-        assert process.wait(timeout=5) == -signal.SIGKILL
-        assert time.monotonic() - started < 5
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
-def test_stop_also_ends_unmarked_processes_in_the_session_of_a_flower_process(tmp_path):
-    """The SuperLink and SuperExec lead sessions of their own; what runs in them goes too."""
-    home = tmp_path / "flwr"
-    code = ("import subprocess, sys, time\n"
-            f"child = subprocess.Popen([{sys.executable!r}, '-c', 'import time; time.sleep(120)'], env={{}})\n"
-            "print(child.pid, flush=True)\ntime.sleep(120)\n")
-    leader = subprocess.Popen(["flower-superexec", "-c", code], executable=sys.executable,
-                              env={**os.environ, "FLWR_HOME": str(home)}, start_new_session=True,
-                              stdout=subprocess.PIPE, text=True)
-    child = int(leader.stdout.readline())
-    try:
-        assert child not in sim.processes_of(home)
-        assert sorted(sim.stop_processes(home, grace=5)) == sorted([leader.pid, child])
-        leader.wait(timeout=5)
-        deadline = time.monotonic() + 5
-        while sim.alive(child) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not sim.alive(child)
-    finally:
-        for pid in (leader.pid, child):
-            if sim.alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-def test_ancestors_hold_this_process_and_its_parent():
-    parent = {os.getppid()} if os.getppid() > 1 else set()  # an orphan's parent is PID 1, which is never listed
-    assert {os.getpid(), *parent} <= sim.ancestors()
 
 
 # ---------------------------------------------------------------- launch() with a fake `flwr`
@@ -404,7 +123,7 @@ def test_launch_on_round_interrupt_still_stops_everything(tmp_path, fake_bin, mo
 
 def test_launch_refuses_while_processes_of_an_earlier_run_are_alive(tmp_path, fake_bin):
     run_dir = tmp_path / "run"
-    process = _sleeper(run_dir / "flwr")
+    process = sleeper(run_dir / "flwr")
     try:
         with pytest.raises(flower_app.LaunchError, match=f"still running \\({process.pid}: "):
             sim.launch(run_dir, REPO, 1, run_dir / "c.toml", bin_dir=fake_bin)
