@@ -47,11 +47,16 @@ def recommend_command(
     """Print the top K items for a shopper with pCTCVR, pCTR and pCVR, sorted by pCTCVR, and why (the history
     items that raise each item's pCTCVR most). A shopper found nowhere gets the cold-start ranking, sorted by the
     popularity it shows, and a note saying so."""
-    from fedcvr.shared.data.pseudonym import PseudonymKeyError
-
     if k < 1:
         _fail(f"-k must be at least 1, got {k}")
-    recommender = _open_recommender(model_dir, data_dir)
+    print_recommendations(_open_recommender(model_dir, data_dir), user, k)
+
+
+def print_recommendations(recommender, user: str, k: int, model: str = "model") -> None:
+    """The top `k` items for shopper `user` as `fedcvr recommend` prints them (matched to the events as given or
+    by pseudonym; the cold-start ranking, with a note, for a shopper without history)."""
+    from fedcvr.shared.data.pseudonym import PseudonymKeyError
+
     try:
         match = recommender.match_shopper(user)
     except PseudonymKeyError as err:
@@ -59,7 +64,7 @@ def recommend_command(
     if match.user_id is not None:
         console.print(f"shopper {user} found {match.form}", highlight=False, soft_wrap=True)
     answer = recommender.recommend(match.user_id or user, k=k)
-    table = Table(title=f"Top {k} for shopper {user} of {recommender.data.name} (model {recommender.version})")
+    table = Table(title=f"Top {k} for shopper {user} of {recommender.data.name} ({model} {recommender.version})")
     if answer["cold_start"]:
         for column in ("item", "title", "popularity"):
             table.add_column(column, justify="right" if column == "popularity" else "left")

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from fedcvr.shared import flower_app, run_records
 
@@ -16,7 +15,6 @@ from .common import (
     _check_run_config,
     _fail,
     _print_basket_tables,
-    _recommendation_table,
     _validate_for_run,
     app,
     console,
@@ -239,19 +237,17 @@ def simulate_command(
 
 def _show_recommendations(run_dir: Path, folders: list[Path], k: int = 5) -> None:
     """A few recommendations for the most active shopper of the first merchant, from its pushed-back model (the
-    merchant's own `Recommender`, as `fedcvr recommend` serves them)."""
-    from fedcvr.client.recommender import Recommender
+    merchant's own `Recommender`, printed by the code of `fedcvr recommend`)."""
+    from fedcvr.client.recommender import open_recommender
+
+    from .serving import print_recommendations
 
     saved = [f for f in folders if (run_dir / "models" / f.name / "weights.safetensors").is_file()]
     if not saved:
         return
-    recommender = Recommender(run_dir / "models" / saved[0].name, saved[0])
+    recommender = open_recommender(run_dir / "models" / saved[0].name, saved[0])
     shopper = str(recommender.data.events["user_id"].value_counts().index[0])
-    answer = recommender.recommend(shopper, k=k)
-    table = Table(title=f"Top {k} for shopper {shopper} of {saved[0].name} (pushed-back model "
-                        f"{recommender.version})")
-    _recommendation_table(table, answer, recommender.implicit)
-    console.print(table)
+    print_recommendations(recommender, shopper, k, model="pushed-back model")
 
 
 def _show_served_vs_baselines(run_dir: Path, folders: list[Path]) -> None:
