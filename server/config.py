@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedcvr.shared.flower_app import STRATEGIES, declared_defaults
 from fedcvr.shared.secagg import MIN_NODES
 
 from .robust import METHODS as AGGREGATIONS
@@ -149,11 +150,9 @@ class SecAggConfig:
                    max_weight=float(_non_negative(run_config, "secagg-max-weight", defaults.max_weight)))
 
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
-# Keys added with federated training; older run configs without them get these values.
-TRAINING_DEFAULTS = {"strategy": "fedavg", "fraction-train": 1.0, "local-epochs": 1, "proximal-mu": 0.01,
-                     "server-lr": 0.1, "resume": "", "aggregation": "mean", "aggregation-trim": 0.2,
-                     "reject-norm-factor": 10.0}
+# Keys added with federated training: older run configs without them get the app's declared defaults.
+LATER_KEYS = ("strategy", "fraction-train", "proximal-mu", "server-lr", "resume", "aggregation", "aggregation-trim",
+              "reject-norm-factor", "rank-validation")
 
 
 def _strategy(run_config: Mapping[str, object]) -> str:
@@ -180,22 +179,22 @@ class ServerConfig:
     fraction_evaluate: float
     seed: int
     out_dir: Path | None
-    strategy: str = "fedavg"
-    fraction_train: float = 1.0
-    local_epochs: int = 1
-    proximal_mu: float = 0.01
-    server_lr: float = 0.1
-    resume: Path | None = None
-    secagg: SecAggConfig = SecAggConfig()
-    aggregation: str = "mean"
-    aggregation_trim: float = 0.2
-    reject_norm_factor: float = 10.0
-    rank_validation: bool = True
+    strategy: str
+    fraction_train: float
+    proximal_mu: float
+    server_lr: float
+    resume: Path | None
+    secagg: SecAggConfig
+    aggregation: str
+    aggregation_trim: float
+    reject_norm_factor: float
+    rank_validation: bool
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
         """Read and validate the run config; raises ConfigError on the first bad value."""
-        run_config = {**TRAINING_DEFAULTS, **run_config}
+        declared = declared_defaults()
+        run_config = {**{k: declared[k] for k in LATER_KEYS if k in declared}, **run_config}
         config = cls(
             num_server_rounds=_int(run_config, "num-server-rounds", 1, "it must be a whole number >= 1"),
             min_nodes=_int(run_config, "min-nodes", 1,
@@ -209,7 +208,6 @@ class ServerConfig:
             strategy=_strategy(run_config),
             fraction_train=_float(run_config, "fraction-train", 0.0, 1.0,
                                   "fraction-train must be a number with 0 < f <= 1, e.g. 1.0 for all"),
-            local_epochs=_int(run_config, "local-epochs", 1, "local-epochs must be a whole number >= 1"),
             proximal_mu=_float(run_config, "proximal-mu", 0.0, None, "proximal-mu must be a number > 0, e.g. 0.01"),
             server_lr=_float(run_config, "server-lr", 0.0, None, "server-lr must be a number > 0, e.g. 0.1"),
             resume=_folder(run_config, "resume", "the out-dir of a stopped run", "to start afresh"),
@@ -217,8 +215,9 @@ class ServerConfig:
             aggregation=_aggregation(run_config),
             aggregation_trim=_float(run_config, "aggregation-trim", 0.0, 0.4999,
                                     "aggregation-trim must be a share with 0 < t < 0.5, e.g. 0.2"),
-            reject_norm_factor=_non_negative(run_config, "reject-norm-factor", 10.0, "0 = no norm check"),
-            rank_validation=_flag(run_config, "rank-validation", True),
+            reject_norm_factor=_non_negative(run_config, "reject-norm-factor", _get(run_config, "reject-norm-factor"),
+                                             "0 = no norm check"),
+            rank_validation=_flag(run_config, "rank-validation", bool(_get(run_config, "rank-validation"))),
         )
         if config.secagg.enabled and config.aggregation != "mean":
             raise ConfigError(

@@ -37,7 +37,7 @@ from fedcvr.shared.metrics import merge_evaluations
 
 from .robust import combine, screen_updates
 
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+FLOWER_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}  # one per flower_app.STRATEGIES
 TABLE_METRICS = ("ctcvr.auc", "ctcvr.gauc", "click.auc", "ctcvr.logloss", "ndcg@10")
 
 
@@ -212,7 +212,7 @@ def screen_replies(book: RoundBook, replies: list[Message], norm_factor: float, 
 
 def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction_evaluate: float, min_nodes: int,
                   proximal_mu: float, server_lr: float, seed: int = 0, aggregation: str = "mean",
-                  aggregation_trim: float = 0.2, reject_norm_factor: float = 0.0, round_timeout: float = 600.0,
+                  aggregation_trim: float, reject_norm_factor: float, round_timeout: float,
                   secure: bool = False):
     """The named Flower strategy with fedcvr's hooks.
 
@@ -223,7 +223,7 @@ def make_strategy(name: str, book: RoundBook, *, fraction_train: float, fraction
 
     Every training reply is screened (`screen_replies`) before aggregation; `aggregation` chooses the
     combination (`RobustAggregation`)."""
-    base = STRATEGIES[name]
+    base = FLOWER_STRATEGIES[name]
     bases = (RobustAggregation,) if base is FedAvg else (base, RobustAggregation)
 
     class Tracked(*bases):  # type: ignore[misc, valid-type]

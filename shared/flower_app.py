@@ -6,6 +6,7 @@ of the files a run writes."""
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import re
@@ -31,7 +32,7 @@ RUN_CONFIG_FILE = "run-config.toml"
 FLOWER_LOG = "flower.log"
 
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")  # the `strategy` values the ServerApp accepts
 
 
 # Keys `fedcvr simulate` always sets itself: the app must declare them and --run-config may not set them.
@@ -101,10 +102,17 @@ def app_run_config(app_dir: Path) -> dict[str, Any]:
     return flatten(config["tool"]["flwr"]["app"].get("config", {}))
 
 
+@functools.cache
+def declared_defaults() -> dict[str, Any]:
+    """The default run config of the fedcvr Flower App this code belongs to (`[tool.flwr.app.config]`): the one
+    place defaults are written. Read once."""
+    return app_run_config(find_app_dir())
+
+
 def defaults_with(overrides: str, **fixed: Any) -> dict[str, Any]:
     """This app's default run config with `fixed` keys and then the --run-config text `overrides` on top: the run
     config the in-process research scripts use."""
-    return {**app_run_config(find_app_dir()), **fixed, **parse_run_config(overrides)}
+    return {**declared_defaults(), **fixed, **parse_run_config(overrides)}
 
 
 def packed_into_app(app_dir: Path, path: Path) -> bool:

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from fedcvr.shared.evaluation import BASELINES
-from fedcvr.shared.flower_app import flatten
+from fedcvr.shared.flower_app import STRATEGIES, flatten
 
 RESULT = "result.json"  # a finished run's record: <out>/runs/<run-id>/result.json
-SETTINGS = ("centralized", "local-only", "fedavg", "fedprox", "fedadam")
+SETTINGS = ("centralized", "local-only", *STRATEGIES)
 
 
 LOCAL_SUFFIX = " + local"
@@ -45,7 +45,7 @@ LOCAL_SUFFIX = " + local"
 AUDIT = "audit"
 
 
-FEDERATED = ("fedavg", "fedprox", "fedadam")
+FEDERATED = STRATEGIES
 
 
 BASELINE_RUN = "baselines"

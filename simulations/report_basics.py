@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pandas as pd
 
+from fedcvr.simulations.experiment_config import SETTINGS
+
 NO_DP = "no DP"
 
 
-SETTING_ORDER = ("centralized", "local-only", "fedavg", "fedprox", "fedadam")
+SETTING_ORDER = SETTINGS
 
 
 def final_metric(table: pd.DataFrame, metric: str) -> pd.DataFrame:

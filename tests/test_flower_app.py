@@ -278,3 +278,16 @@ def test_flwr_run_simulation_end_to_end(marketplace, tmp_path):
     for shop in ("shop-a", "shop-b"):
         assert (out_dir / "models" / shop / "VERSION").read_text().strip() == summary["model_version"]
     assert wall < 120, f"flwr run took {wall:.0f} s"
+
+
+def test_one_list_of_strategies_names_what_the_server_builds():
+    from fedcvr.server.strategy import FLOWER_STRATEGIES
+    from fedcvr.shared.flower_app import STRATEGIES, declared_defaults
+
+    assert tuple(FLOWER_STRATEGIES) == STRATEGIES and declared_defaults()["strategy"] in STRATEGIES
+
+
+def test_run_configs_of_before_federated_training_get_the_declared_defaults():
+    old = {k: v for k, v in pyproject_run_config().items() if k not in ("strategy", "reject-norm-factor")}
+    config = ServerConfig.from_run_config(old)
+    assert config.strategy == "fedavg" and config.reject_norm_factor == pyproject_run_config()["reject-norm-factor"]
