@@ -27,6 +27,9 @@ def test_communication_benchmark_sizes_the_update_and_splits_the_round(tmp_path,
                                  "--no-dp", "--encoder", str(tiny_bert), "--out", str(tmp_path)])
     small, adapted = result["update_sizes"]
     assert 0 < small["update_bytes"] < adapted["update_bytes"]  # adapters add weights
+    # every trainable weight travels as float32 (4 bytes each, plus a little framing per array), nothing else
+    for size in (small, adapted):
+        assert 4 * size["update_parameters"] <= size["update_bytes"] < 4 * size["update_parameters"] + 20_000
     assert small["encoder_bytes"] == adapted["encoder_bytes"] > 0 and small["ratio"] > 0
     (record,) = result["round_times"]["per_round"]
     assert record["client_train_s"] > 0 and record["aggregate_s"] >= 0
@@ -45,6 +48,7 @@ def test_encoder_benchmark_compares_throughput_and_reencoding(tmp_path, tiny_mar
     assert result["items"] == 40
     assert result["throughput"]["fedcvr_items_per_s"] > 0 and result["throughput"]["ratio"] > 0
     assert result["reencode"]["cached_s"] > 0 and result["reencode"]["speedup"] > 0
+    assert result["reencode"]["max_embedding_difference"] < 1e-5  # the cache changes the time, not the result
     assert "sentence-transformers encode" in capsys.readouterr().out
 
 

@@ -108,23 +108,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cache = PrefixCache(backbone, 1, tokens, Path(folder))
         side = ItemSide(cache.states(texts), numeric)
 
-        def cached() -> None:
-            embed_catalog(adapted, side, torch.device("cpu"))
+        def cached() -> torch.Tensor:
+            return embed_catalog(adapted, side, torch.device("cpu"))
 
-        def full() -> None:
+        def full() -> torch.Tensor:
             states, lengths = cache.compute(texts)
             fresh = ItemSide(type(side.prefix)(torch.from_numpy(states), torch.from_numpy(lengths.astype(np.int64))),
                              numeric)
-            embed_catalog(adapted, fresh, torch.device("cpu"))
+            return embed_catalog(adapted, fresh, torch.device("cpu"))
 
         cached_s, full_s = best_of(args.repeats, cached, full)
+        # the speed-up counts only if the cached path gives the same embeddings as running every layer
+        difference = float((cached() - full()).abs().max())
     result = {"command": command("fedcvr.simulations.benchmarks.encoder", argv), "machine": machine(),
               "items": len(texts), "max_text_tokens": tokens, "batch_size": ENCODE_BATCH,
               "throughput": {"fedcvr_items_per_s": len(texts) / ours_s,
                              "sentence_transformers_items_per_s": len(texts) / theirs_s,
                              "ratio": theirs_s / ours_s, "target": THROUGHPUT_TARGET},
               "reencode": {"cached_s": cached_s, "full_forward_s": full_s, "speedup": full_s / cached_s,
-                           "target": REENCODE_TARGET}}
+                           "max_embedding_difference": difference, "target": REENCODE_TARGET}}
     path = write_result(out / "encoder.json", result)
     t, r = result["throughput"], result["reencode"]
     print_table([
