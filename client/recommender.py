@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from fedcvr.shared.data.contract import EVENT_TYPES
-from fedcvr.shared.data.examples import event_codes
+from fedcvr.shared.data.examples import event_codes, histories
 from fedcvr.shared.data.loader import load_merchant
 from fedcvr.shared.data.pseudonym import KEY_FILE, merchant_key, pseudonym
 from fedcvr.shared.data.signals import EventLog
@@ -136,18 +136,23 @@ class Recommender:
 
     def _prepare_events(self) -> None:
         events = self.data.events.sort_values("timestamp", kind="stable")
-        recent = events.groupby("user_id", sort=False).tail(self.history_length)
-        self._histories: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         # one "now" for the whole shop: its last event + 1 s (ages and signals are counted back from it)
         now = events["timestamp"].max() + pd.Timedelta(seconds=1) if len(events) else pd.Timestamp(0)
         self._shop_now = int(now.value)
-        for user, rows in recent.groupby("user_id", sort=False):
-            ages = ((now - rows["timestamp"]).dt.total_seconds() / 3600).to_numpy(np.float32)
-            self._histories[str(user)] = (rows["item_id"].astype(str).to_numpy(dtype=object),
-                                          rows["event"].astype(str).to_numpy(dtype=object), ages)
+        codes, user_ids = event_codes(self.data)  # the encoding training examples use (items: rows of the items table)
+        # each shopper's last events before now, by the function that builds training and evaluation histories
+        shoppers = np.arange(len(user_ids), dtype=np.int32)
+        items, kinds, ages = histories(shoppers, np.full(len(shoppers), self._shop_now, np.int64), codes["user"],
+                                       codes["t"], codes["item"], codes["event"], self.history_length)
+        item_ids = self.data.items["item_id"].astype(str).to_numpy(dtype=object)
+        names = np.asarray(EVENT_TYPES, dtype=object)
+        self._histories: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for shopper, user in enumerate(user_ids):
+            real = items[shopper] >= 0
+            self._histories[str(user)] = (item_ids[items[shopper][real]], names[kinds[shopper][real]],
+                                          ages[shopper][real])
         purchases = events[events["event"] == "purchase"]
         self._bought = {str(u): set(g.astype(str)) for u, g in purchases.groupby("user_id")["item_id"]}
-        codes, user_ids = event_codes(self.data)  # the encoding training examples use (items: rows of the items table)
         self._log = EventLog.build(codes["user"], codes["item"], codes["event"], codes["t"])
         self._log_items = pd.Index(self.data.items["item_id"].astype(str))
         self._log_users = {str(u): i for i, u in enumerate(user_ids)}
