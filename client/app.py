@@ -27,16 +27,15 @@ from flwr.common.logger import log
 
 from fedcvr.shared import protocol
 from fedcvr.shared.data.contract import DataValidationError
-from fedcvr.shared.dp_config import PrivacyConfigError
-from fedcvr.shared.model.errors import ModelConfigError
 from fedcvr.shared.privacy import PrivacyLedgerError
 from fedcvr.shared.secagg import is_secure_instruction
+from fedcvr.shared.settings import SettingsError
 
 from .data_source import DataSourceError, resolve_data_dir
 from .node import ledger_path, node_for, resolve_model_dir, resumed_ledger_path
 from .secagg import SecureTrainingError, secure_train
 
-_EXPECTED = (DataSourceError, DataValidationError, ModelConfigError, PrivacyConfigError, PrivacyLedgerError, ValueError)
+_EXPECTED = (DataSourceError, DataValidationError, SettingsError, PrivacyLedgerError, ValueError)
 
 app = ClientApp()
 

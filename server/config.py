@@ -30,11 +30,12 @@ from pathlib import Path
 
 from fedcvr.shared.flower_app import STRATEGIES, declared_defaults
 from fedcvr.shared.secagg import MIN_NODES
+from fedcvr.shared.settings import SettingsError
 
 from .robust import METHODS as AGGREGATIONS
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingsError):
     """A run config value that is missing or invalid; the message names the key, the value and the fix."""
 
 

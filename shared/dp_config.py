@@ -20,13 +20,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .settings import read_section
+from .settings import SettingsError, read_section
 
 # The largest default δ of any node (`delta_for`), whatever its size.
 MAX_DEFAULT_DELTA = 1e-5
 
 
-class PrivacyConfigError(ValueError):
+class PrivacyConfigError(SettingsError):
     """A `dp.*` setting, or a noise plan, that cannot work; the message names the key, the value and the fix."""
 
 

@@ -7,8 +7,14 @@ from dataclasses import asdict, fields
 from typing import Any
 
 
+class SettingsError(ValueError):
+    """A run-config value that is missing, mistyped or cannot work. Every section's error is one of these (model
+    and training, `dp.*`, examples, personalisation, baselines, the server's keys), and the message names the key,
+    the value and the fix."""
+
+
 def read_section(section: type, keys: Mapping[str, str], run_config: Mapping[str, Any],
-                 error: type[Exception] = ValueError) -> dict[str, Any]:
+                 error: type[Exception] = SettingsError) -> dict[str, Any]:
     """Values of the dataclass `section`'s fields named by `keys` (config key -> field) that `run_config` sets,
     type-checked against the field types; a wrong type raises `error` naming the key, the value and the fix."""
     values: dict[str, Any] = {}
@@ -35,7 +41,7 @@ class Section:
     for a badly typed value; `from_run_config` reads the keys it finds (explicit non-None overrides win)."""
 
     KEYS: Mapping[str, str] = {}
-    ERROR: type[Exception] = ValueError
+    ERROR: type[Exception] = SettingsError
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any):

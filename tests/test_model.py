@@ -324,3 +324,23 @@ def test_a_damaged_local_blend_is_refused_by_name(tmp_path):
         load_memory(path, 4)
     save_file({"table": torch.zeros(3, 4)}, str(path), metadata={"item_ids": '["a", "b"]'})  # a file of before blends
     assert float(load_memory(path, 4).blend.abs().sum()) == 0.0
+
+
+def test_every_section_of_the_run_config_fails_with_one_error_type():
+    """Model, dp, examples, personalisation, baselines and the server's keys all raise SettingsError (each its
+    own subclass), naming the key and the value."""
+    from fedcvr.server.config import ConfigError, ServerConfig
+    from fedcvr.shared.dp_config import DPConfig
+    from fedcvr.shared.evaluation.baselines import BaselineConfig
+    from fedcvr.shared.settings import SettingsError
+    from fedcvr.shared.training.personalise import PersonaliseConfig
+
+    bad = [(ModelConfig.from_run_config, {"model.dim": 0}, "model.dim"),
+           (DPConfig.from_run_config, {"dp.target-epsilon": -1.0}, "dp.target-epsilon"),
+           (ExampleConfig.from_run_config, {"examples.negatives": 0}, "examples.negatives"),
+           (PersonaliseConfig.from_run_config, {"personalise-epochs": 0}, "personalise-epochs"),
+           (ServerConfig.from_run_config, {"num-server-rounds": 0}, "num-server-rounds")]
+    for read, run_config, key in bad:
+        with pytest.raises(SettingsError, match=key):
+            read(run_config)
+    assert issubclass(ConfigError, SettingsError) and BaselineConfig.ERROR.__mro__[1] is SettingsError

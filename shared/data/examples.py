@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import pandas as pd
 
-from ..settings import Section
+from ..settings import Section, SettingsError
 from .contract import EVENT_TYPES
 from .loader import MerchantData
 from .negatives import implicit_targets
@@ -66,24 +66,24 @@ class ExampleConfig(Section):
 
     def __post_init__(self) -> None:
         if self.history_length < 1:
-            raise ValueError(f"examples.history-length must be >= 1, got {self.history_length}")
+            raise SettingsError(f"examples.history-length must be >= 1, got {self.history_length}")
         if self.negatives < 1:
-            raise ValueError(f"examples.negatives must be >= 1, got {self.negatives}")
+            raise SettingsError(f"examples.negatives must be >= 1, got {self.negatives}")
         if not 0.0 <= self.popular_negatives <= 1.0:
-            raise ValueError(f"examples.popular-negatives must be a share in [0, 1], got {self.popular_negatives}")
+            raise SettingsError(f"examples.popular-negatives must be a share in [0, 1], got {self.popular_negatives}")
         if not 0.0 <= self.history_negatives <= 1.0 - self.popular_negatives:
-            raise ValueError("examples.history-negatives must be a share in [0, 1 - examples.popular-negatives], got "
-                             f"{self.history_negatives} (popular-negatives {self.popular_negatives})")
+            raise SettingsError("examples.history-negatives must be a share in [0, 1 - examples.popular-negatives], "
+                                f"got {self.history_negatives} (popular-negatives {self.popular_negatives})")
         if self.attribution_window_hours <= 0:
-            raise ValueError(f"examples.attribution-window-hours must be > 0, got {self.attribution_window_hours}")
+            raise SettingsError(f"examples.attribution-window-hours must be > 0, got {self.attribution_window_hours}")
         for name, value in (("validation-fraction", self.validation_fraction),
                             ("test-fraction", self.test_fraction)):
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"examples.{name} must be in [0, 1), got {value}")
+                raise SettingsError(f"examples.{name} must be in [0, 1), got {value}")
         if self.test_from:
             parse_test_from(self.test_from)  # raises on a date it cannot read
         if self.validation_fraction + self.test_fraction >= 1.0:
-            raise ValueError("examples.validation-fraction + examples.test-fraction must be < 1, got "
+            raise SettingsError("examples.validation-fraction + examples.test-fraction must be < 1, got "
                              f"{self.validation_fraction} + {self.test_fraction}")
 
 
@@ -92,11 +92,11 @@ def parse_test_from(text: str) -> pd.Timestamp:
     try:
         stamp = pd.Timestamp(text)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"examples.test-from = {text!r} is not a date ({err}); write a date such as "
+        raise SettingsError(f"examples.test-from = {text!r} is not a date ({err}); write a date such as "
                          "\"2011-11-01\" or \"2011-11-01 12:00\", or \"\" to cut at the test-fraction "
                          "quantile") from None
     if stamp is pd.NaT:
-        raise ValueError(f"examples.test-from = {text!r} is not a date; write a date such as \"2011-11-01\"")
+        raise SettingsError(f"examples.test-from = {text!r} is not a date; write a date such as \"2011-11-01\"")
     return stamp.tz_convert("UTC").tz_localize(None) if stamp.tzinfo else stamp
 
 

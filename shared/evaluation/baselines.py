@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ..settings import Section
+from ..settings import Section, SettingsError
 from . import BASELINES
 from .baskets import Purchases
 
@@ -44,7 +44,7 @@ Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """scorer(shoppers (S,), pool (C,) catalog rows) -> scores (S, C), higher first."""
 
 
-class BaselineError(ValueError):
+class BaselineError(SettingsError):
     """A bad baselines setting; the message names the key, the value and the fix."""
 
 

@@ -1,5 +1,8 @@
 """Errors of model configuration and loading; each names the setting, the value and the fix."""
 
 
-class ModelConfigError(ValueError):
+from ..settings import SettingsError
+
+
+class ModelConfigError(SettingsError):
     """A model or training setting is invalid."""
