@@ -127,8 +127,10 @@ def personalise(model: ConversionModel, side: ItemSide, prepared: Prepared, conf
         with torch.no_grad():
             model.memory.table.weight.zero_()
         model.head.load_state_dict(head)
+    too_few = fitted.units < config.min_validation
     blend, chosen = "", torch.zeros_like(model.memory.blend)
-    for name, prior in PRIORS.items() if config.blend else ():
+    # too few units: the layers are dropped whatever a blend scores, so none is tried (each try ranks validation)
+    for name, prior in PRIORS.items() if config.blend and not too_few else ():
         for weight in BLENDS:
             trial = weight * torch.from_numpy(prior()).to(chosen.device)
             with torch.no_grad():
@@ -138,7 +140,6 @@ def personalise(model: ConversionModel, side: ItemSide, prepared: Prepared, conf
                 best, blend, chosen = found, f"{name} x {weight:g}", trial
     with torch.no_grad():
         model.memory.blend.copy_(chosen)
-    too_few = fitted.units < config.min_validation
     outcome = Outcome(best > before.value and not too_few, metric, before.value, best, fitted.units, too_few,
                       with_memory, blend)
     return outcome if outcome.kept else _drop(model, head, outcome)
