@@ -28,6 +28,7 @@ from fedcvr.shared.model.folder import save_model_folder
 from fedcvr.shared.model.prefix_cache import PrefixCache
 from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 from fedcvr.shared.privacy import PrivacyLedger, PrivacyLedgerError, dp_report
+from fedcvr.shared.settings import SettingsError, with_defaults
 from fedcvr.shared.training.local import train_round
 from fedcvr.shared.training.loop import ItemSide, model_sums, resolve_device
 from fedcvr.shared.training.personalise import Outcome, PersonaliseConfig, personalise
@@ -36,7 +37,8 @@ from fedcvr.shared.training.prepare import Prepared, prepare
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """The run config as a node reads it."""
+    """The run config as a node reads it: every section, each key from the run config or else the default the
+    Flower App declares (`shared/settings.py`)."""
 
     model: ModelConfig
     train: TrainConfig
@@ -44,17 +46,17 @@ class NodeSettings:
     examples: ExampleConfig
     rounds: int
     local_epochs: int
-    personalise: PersonaliseConfig = PersonaliseConfig()
+    personalise: PersonaliseConfig
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> NodeSettings:
-        rounds = int(run_config.get("num-server-rounds", 1))
-        local_epochs = int(run_config.get("local-epochs", 1))
-        if rounds < 1 or local_epochs < 1:
-            raise ValueError(f"num-server-rounds = {rounds} and local-epochs = {local_epochs} must both be >= 1")
+        counts = with_defaults(("num-server-rounds", "local-epochs"), run_config)
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingsError(f"{key} = {value!r}: must be a whole number >= 1, e.g. {key} = 3")
         return cls(ModelConfig.from_run_config(run_config), TrainConfig.from_run_config(run_config),
-                   DPConfig.from_run_config(run_config), ExampleConfig.from_run_config(run_config), rounds,
-                   local_epochs, PersonaliseConfig.from_run_config(run_config))
+                   DPConfig.from_run_config(run_config), ExampleConfig.from_run_config(run_config),
+                   counts["num-server-rounds"], counts["local-epochs"], PersonaliseConfig.from_run_config(run_config))
 
     @property
     def lr(self) -> float:

@@ -1,6 +1,7 @@
 """The ServerApp's run config, read once into a typed, validated dataclass.
 
-Keys (defaults in `[tool.flwr.app.config]` of pyproject.toml; override with `flwr run . --run-config "k=v"`):
+Keys (a key the run config leaves out takes its default from `[tool.flwr.app.config]` of pyproject.toml, the one
+place defaults are written; override with `flwr run . --run-config "k=v"`):
   num-server-rounds   rounds of federated training, >= 1
   min-nodes           nodes to wait for before starting, >= 1
   round-timeout       seconds to wait for nodes to connect and for replies to a round, > 0
@@ -28,9 +29,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcvr.shared.flower_app import STRATEGIES, declared_defaults
+from fedcvr.shared.flower_app import STRATEGIES
 from fedcvr.shared.secagg import MIN_NODES
-from fedcvr.shared.settings import SettingsError
+from fedcvr.shared.settings import SettingsError, with_defaults
 
 from .robust import METHODS as AGGREGATIONS
 
@@ -40,10 +41,7 @@ class ConfigError(SettingsError):
 
 
 def _get(run_config: Mapping[str, object], key: str) -> object:
-    if key not in run_config:
-        raise ConfigError(f"run config key `{key}` is missing; add it to [tool.flwr.app.config] in "
-                          f"pyproject.toml or pass it with --run-config \"{key}=...\".")
-    return run_config[key]
+    return with_defaults((key,), run_config, ConfigError)[key]
 
 
 def _int(run_config: Mapping[str, object], key: str, minimum: int | None, fix: str) -> int:
@@ -67,7 +65,7 @@ def _float(run_config: Mapping[str, object], key: str, low: float, high: float |
 
 def _folder(run_config: Mapping[str, object], key: str, what: str, empty: str) -> Path | None:
     """An absolute folder path from `key`, or None for "" (`empty` says what "" means)."""
-    value = run_config.get(key, "")
+    value = _get(run_config, key)
     if not isinstance(value, str):
         raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be {what} (text), or \"\" {empty}.")
     if not value.strip():
@@ -79,15 +77,15 @@ def _folder(run_config: Mapping[str, object], key: str, what: str, empty: str) -
     return path
 
 
-def _flag(run_config: Mapping[str, object], key: str, default: bool) -> bool:
-    value = run_config.get(key, default)
+def _flag(run_config: Mapping[str, object], key: str) -> bool:
+    value = _get(run_config, key)
     if not isinstance(value, bool):
         raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be true or false.")
     return value
 
 
-def _non_negative(run_config: Mapping[str, object], key: str, default: float, zero: str = "0 = automatic") -> float:
-    value = run_config.get(key, default)
+def _non_negative(run_config: Mapping[str, object], key: str, zero: str = "0 = automatic") -> float:
+    value = _get(run_config, key)
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be a number >= 0 ({zero}).")
     return float(value)
@@ -109,51 +107,45 @@ class SecAggConfig:
                                      keeps the quantised weights precise
     """
 
-    enabled: bool = False
-    num_shares: float | int = 1.0
-    reconstruction_threshold: float | int = 0.67
-    clipping_range: float = 8.0
-    quantization_range: int = 4_194_304
-    max_weight: float = 0.0
+    enabled: bool
+    num_shares: float | int
+    reconstruction_threshold: float | int
+    clipping_range: float
+    quantization_range: int
+    max_weight: float
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> SecAggConfig:
-        defaults = cls()
-        enabled = _flag(run_config, "secagg", False)
+        enabled = _flag(run_config, "secagg")
 
-        def number(key: str, default: float | int) -> float | int:
-            value = run_config.get(key, default)
+        def number(key: str) -> float | int:
+            value = _get(run_config, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"run config `{key}` = {value!r} is invalid: it must be a number > 0.")
             return value
 
-        shares = number("secagg-num-shares", defaults.num_shares)
+        shares = number("secagg-num-shares")
         if isinstance(shares, float) and shares > 1:
             raise ConfigError(f"run config `secagg-num-shares` = {shares!r} is invalid: use a fraction of the "
                               "round's nodes in (0, 1], e.g. 1.0, or a whole number >= 3.")
         if isinstance(shares, int) and shares != 1 and shares < 3:
             raise ConfigError(f"run config `secagg-num-shares` = {shares!r} is invalid: a whole number must be "
                               ">= 3 (or use a fraction, e.g. 1.0 for every node of the round).")
-        threshold = number("secagg-reconstruction-threshold", defaults.reconstruction_threshold)
+        threshold = number("secagg-reconstruction-threshold")
         if isinstance(threshold, float) and threshold > 1:
             raise ConfigError(f"run config `secagg-reconstruction-threshold` = {threshold!r} is invalid: use a "
                               "fraction of the shares in (0, 1], e.g. 0.67, or a whole number.")
         if isinstance(threshold, int) and isinstance(shares, int) and shares != 1 and threshold >= shares:
             raise ConfigError(f"run config `secagg-reconstruction-threshold` = {threshold} is invalid: it must be "
                               f"below secagg-num-shares = {shares}.")
-        quantization = number("secagg-quantization-range", defaults.quantization_range)
+        quantization = number("secagg-quantization-range")
         if not isinstance(quantization, int) or quantization >= 2**32:
             raise ConfigError(f"run config `secagg-quantization-range` = {quantization!r} is invalid: it must be "
                               "a whole number below 2**32, e.g. 4194304 (2**22).")
         return cls(enabled=enabled, num_shares=shares, reconstruction_threshold=threshold,
-                   clipping_range=float(number("secagg-clipping-range", defaults.clipping_range)),
+                   clipping_range=float(number("secagg-clipping-range")),
                    quantization_range=quantization,
-                   max_weight=float(_non_negative(run_config, "secagg-max-weight", defaults.max_weight)))
-
-
-# Keys added with federated training: older run configs without them get the app's declared defaults.
-LATER_KEYS = ("strategy", "fraction-train", "proximal-mu", "server-lr", "resume", "aggregation", "aggregation-trim",
-              "reject-norm-factor", "rank-validation")
+                   max_weight=float(_non_negative(run_config, "secagg-max-weight")))
 
 
 def _strategy(run_config: Mapping[str, object]) -> str:
@@ -194,8 +186,6 @@ class ServerConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> ServerConfig:
         """Read and validate the run config; raises ConfigError on the first bad value."""
-        declared = declared_defaults()
-        run_config = {**{k: declared[k] for k in LATER_KEYS if k in declared}, **run_config}
         config = cls(
             num_server_rounds=_int(run_config, "num-server-rounds", 1, "it must be a whole number >= 1"),
             min_nodes=_int(run_config, "min-nodes", 1,
@@ -216,9 +206,8 @@ class ServerConfig:
             aggregation=_aggregation(run_config),
             aggregation_trim=_float(run_config, "aggregation-trim", 0.0, 0.4999,
                                     "aggregation-trim must be a share with 0 < t < 0.5, e.g. 0.2"),
-            reject_norm_factor=_non_negative(run_config, "reject-norm-factor", _get(run_config, "reject-norm-factor"),
-                                             "0 = no norm check"),
-            rank_validation=_flag(run_config, "rank-validation", bool(_get(run_config, "rank-validation"))),
+            reject_norm_factor=_non_negative(run_config, "reject-norm-factor", "0 = no norm check"),
+            rank_validation=_flag(run_config, "rank-validation"),
         )
         if config.secagg.enabled and config.aggregation != "mean":
             raise ConfigError(

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .settings import SettingsError, read_section
+from .settings import Section, SettingsError, read_section, with_defaults
 
 # The largest default δ of any node (`delta_for`), whatever its size.
 MAX_DEFAULT_DELTA = 1e-5
@@ -35,16 +35,17 @@ def _is_number(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class DPConfig:
-    enabled: bool = True
-    target_epsilon: float = 8.0
-    target_delta: float | None = None
-    max_grad_norm: float = 1.0
-    optimizer: str = "sgd"
-    lr: float = 1.0
-    grad_sample_mode: str = "ghost"
+class DPConfig(Section):
+    enabled: bool
+    target_epsilon: float
+    target_delta: float | None
+    max_grad_norm: float
+    optimizer: str
+    lr: float
+    grad_sample_mode: str
     accountant: str = "rdp"
 
+    ERROR = PrivacyConfigError
     KEYS = {
         "dp.enabled": "enabled", "dp.target-epsilon": "target_epsilon", "dp.target-delta": "target_delta",
         "dp.max-grad-norm": "max_grad_norm", "dp.optimizer": "optimizer", "dp.lr": "lr",
@@ -80,16 +81,17 @@ class DPConfig:
             raise PrivacyConfigError("; ".join(problems))
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> DPConfig:
-        """The `dp.*` keys of `run_config`; `dp.target-delta` = 0 (or missing) means the default δ."""
+    def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> DPConfig:
+        """The `dp.*` keys of `run_config` (else their declared defaults); `dp.target-delta` = 0 means the default
+        δ (None here). Explicit non-None `overrides` win."""
         keys = {k: v for k, v in cls.KEYS.items() if k != "dp.target-delta"}
         values = read_section(cls, keys, run_config, PrivacyConfigError)
-        if "dp.target-delta" in run_config:
-            delta = run_config["dp.target-delta"]
-            if not _is_number(delta):
-                raise PrivacyConfigError(f"dp.target-delta = {delta!r}: expected a number, e.g. dp.target-delta = "
-                                         "1e-6, or 0 for the default min(1 / (10 * local examples), 1e-5)")
-            values["target_delta"] = float(delta) if delta != 0 else None
+        delta = with_defaults(["dp.target-delta"], run_config, PrivacyConfigError)["dp.target-delta"]
+        if not _is_number(delta):
+            raise PrivacyConfigError(f"dp.target-delta = {delta!r}: expected a number, e.g. dp.target-delta = "
+                                     "1e-6, or 0 for the default min(1 / (10 * local examples), 1e-5)")
+        values["target_delta"] = float(delta) if delta != 0 else None
+        values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
 

@@ -174,7 +174,7 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
     load_full_state(model, best_state)
     say("evaluating train, validation and test splits")
     result.metrics = evaluate_all(model, side, prepared, device)
-    personalise_config = personalise_config or PersonaliseConfig()
+    personalise_config = personalise_config or PersonaliseConfig.defaults()
     if personalise_config.enabled:
         say("personalising: a local item memory, kept where validation rates it higher")
         result.personalised = personalise(model, side, prepared, personalise_config, train_config.batch_size,
@@ -186,7 +186,8 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
             result.metrics[split][LOCAL] = dict(found["model"])
     if baselines and prepared.implicit:
         say(f"fitting the baselines on the pooled purchases before each cut: {', '.join(baselines)}")
-        result.baselines = run_baselines(list(baselines), prepared, baseline_config or BaselineConfig(), "pooled",
+        baseline_config = baseline_config or BaselineConfig.defaults()
+        result.baselines = run_baselines(list(baselines), prepared, baseline_config, "pooled",
                                          backbone, model_config.max_text_tokens, cache_root, train_config.seed,
                                          say)
     result.seconds = time.perf_counter() - started

@@ -44,7 +44,8 @@ def served_vs_baselines(run_dir: Path, folders: list[Path], names: tuple[str, ..
         model, backbone, settings = load_model_folder(model_dir)
         model.eval()
         personalised = personalised or model.memory is not None
-        prepared = prepare([load_merchant(folder)], ExampleConfig(**settings.get("examples", {})), next_basket=True)
+        examples = ExampleConfig.defaults(**settings.get("examples", {}))
+        prepared = prepare([load_merchant(folder)], examples, next_basket=True)
         task = prepared.baskets.get("test")
         if task is None or not len(task):
             continue
@@ -53,7 +54,7 @@ def served_vs_baselines(run_dir: Path, folders: list[Path], names: tuple[str, ..
                         prepared.catalog.item_ids)
         scorer = basket_scorer(model, embed_catalog(model, side, device), device)
         served = basket_metrics.add(served, ranking_sums(task, prepared.candidates, scorer))
-        for result in run_baselines(list(names), prepared, BaselineConfig(), "local", backbone,
+        for result in run_baselines(list(names), prepared, BaselineConfig.defaults(), "local", backbone,
                                     model.config.max_text_tokens):
             fitted[result.name] = basket_metrics.add(fitted.get(result.name, {}), result.sums)
     if not served:

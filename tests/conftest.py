@@ -120,8 +120,9 @@ def quality_market(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("quality")
     generate_marketplace(SynthConfig(merchants=3, items=600, shoppers=2000, events=80_000, seed=3), root / "market")
-    result = train_central(root / "market", root / "central", ModelConfig(adapter_layers=0),
-                           TrainConfig(epochs=5, batch_size=512, lr=0.006, threads=2), ExampleConfig())
+    result = train_central(root / "market", root / "central", ModelConfig.defaults(adapter_layers=0),
+                           TrainConfig.defaults(epochs=5, batch_size=512, lr=0.006, threads=2),
+                           ExampleConfig.defaults())
     return root / "market", result
 
 

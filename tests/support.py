@@ -201,7 +201,7 @@ def sleeper(flwr_home: Path, *, ignore_term: bool = False, argv0: str | None = N
 # ---------------------------------------------------------------- served models
 
 def make_model(folder: Path, tiny_bert: Path, seed: int = 0, version: str = "v1") -> Path:
-    config = ModelConfig(encoder=str(tiny_bert), dim=8, attention_hidden=8, head_hidden=8, max_text_tokens=32)
+    config = ModelConfig.defaults(encoder=str(tiny_bert), dim=8, attention_hidden=8, head_hidden=8, max_text_tokens=32)
     model, backbone = initial_model(config, seed)
     save_model_folder(folder, model, backbone, {"version": version, "examples": {"history_length": 8}})
     (folder / "VERSION").write_text(version + "\n")

@@ -41,8 +41,8 @@ def purchases(rows, merchant: int | list[int] = 0) -> Purchases:
 
 def scores_of(name, params, data=None, config=None, shoppers=(10, 11, 12, 13, 14), embeddings=None, seed=0,
               n_items=ITEMS, cut=CUT, pool=POOL):
-    scorer = fit(name, params, purchases(LOG) if data is None else data, n_items, cut, config or BaselineConfig(),
-                 embeddings, seed)
+    scorer = fit(name, params, purchases(LOG) if data is None else data, n_items, cut,
+                 config or BaselineConfig.defaults(), embeddings, seed)
     return np.asarray(scorer(np.array(shoppers, np.int64), pool), dtype=np.float64)
 
 
@@ -75,7 +75,7 @@ def pop7_ties() -> np.ndarray:
 
 
 def test_repeat_ranks_own_items_by_recency_weighted_frequency_then_popularity():
-    config = BaselineConfig(popularity_days=7.0)
+    config = BaselineConfig.defaults(popularity_days=7.0)
     s = scores_of("repeat", {"half_life_days": 10.0}, config=config, shoppers=(10, 99))
     # u10: i0 at ages 1 and 2 days, i1 at 40, 50, 60 days; F = sum 0.5 ^ (age / 10)
     f0 = 0.5 ** 0.1 + 0.5 ** 0.2
@@ -89,7 +89,7 @@ def test_repeat_ranks_own_items_by_recency_weighted_frequency_then_popularity():
 
 
 def test_repeat_with_infinite_half_life_counts_purchases():
-    s = scores_of("repeat", {"half_life_days": math.inf}, config=BaselineConfig(popularity_days=7.0),
+    s = scores_of("repeat", {"half_life_days": math.inf}, config=BaselineConfig.defaults(popularity_days=7.0),
                   shoppers=(10,))
     # plain counts: i0 2, i1 3 -> 1 + 2/3 and 1 + 3/3: the older but more frequent i1 now comes first
     np.testing.assert_allclose(s[0], np.array([1 + 2 / 3, 2.0, 0, 0, 0, 0]) + pop7_ties(), rtol=1e-12, atol=1e-15)
@@ -110,7 +110,7 @@ for (i, j), v in {(0, 1): 1 / math.sqrt(8), (0, 2): 1 / math.sqrt(6), (0, 3): 0.
 
 
 def test_item_knn_sums_the_cosine_to_every_bought_item():
-    s = scores_of("item-knn", {"neighbours": 0}, config=BaselineConfig(popularity_days=7.0), shoppers=(11,))
+    s = scores_of("item-knn", {"neighbours": 0}, config=BaselineConfig.defaults(popularity_days=7.0), shoppers=(11,))
     # u11 bought {0, 2, 3}: score(j) = S0j + S2j + S3j
     expected = S[0] + S[2] + S[3]
     np.testing.assert_allclose(expected, [0.5 + 1 / math.sqrt(6), 1 / math.sqrt(8) * 2 + 1 / SQ3,
@@ -121,7 +121,7 @@ def test_item_knn_sums_the_cosine_to_every_bought_item():
 
 
 def test_item_knn_keeps_each_items_k_nearest_neighbours_and_ties_at_the_cut():
-    s = scores_of("item-knn", {"neighbours": 2}, config=BaselineConfig(popularity_days=7.0), shoppers=(11,))
+    s = scores_of("item-knn", {"neighbours": 2}, config=BaselineConfig.defaults(popularity_days=7.0), shoppers=(11,))
     # rows (a bought item's neighbours) cut to the 2 largest: row 0 keeps 3 and 2; row 2 keeps 3 and, tied at
     # 1/sqrt3, both 1 and 4; row 3 keeps 2 and 0.
     kept0 = {2: 1 / math.sqrt(6), 3: 0.5}
@@ -247,19 +247,20 @@ def test_check_names_rejects_unknown_names_naming_them():
         check_names(["popularity", "pop", "knn"], "--baselines")
     assert "popularity, repeat, item-knn, als, text" in str(err.value)
     with pytest.raises(BaselineError, match="unknown baseline 'nope'"):
-        fit("nope", {}, purchases(LOG), ITEMS, CUT, BaselineConfig())
+        fit("nope", {}, purchases(LOG), ITEMS, CUT, BaselineConfig.defaults())
 
 
 def test_config_errors_and_grids():
     with pytest.raises(BaselineError, match="baselines.popularity-days = 0"):
-        BaselineConfig(popularity_days=0)
+        BaselineConfig.defaults(popularity_days=0)
     with pytest.raises(BaselineError, match="baselines.als-iterations = 0"):
-        BaselineConfig(als_iterations=0)
-    config = BaselineConfig(popularity_days=45.0)
+        BaselineConfig.defaults(als_iterations=0)
+    config = BaselineConfig.defaults(popularity_days=45.0)
     assert [g["days"] for g in config.grid("popularity")] == [7.0, 14.0, 30.0, 45.0, 90.0, 365.0]
     for name in NAMES:
-        assert config.defaults(name) in config.grid(name)
-        assert BaselineConfig(tune=False).grid(name) == [BaselineConfig(tune=False).defaults(name)]
+        assert config.default_setting(name) in config.grid(name)
+        untuned = BaselineConfig.defaults(tune=False)
+        assert untuned.grid(name) == [untuned.default_setting(name)]
 
 
 # ---------------------------------------------------------------- tasks: cut, scopes, tuning
@@ -288,8 +289,8 @@ def test_purchases_at_or_after_the_cut_change_nothing(name):
     later = task_of(LOG + [(10, 2, 100), (11, 5, 100), (12, 5, 101), (14, 3, 150), (13, 4, 100)],
                     {10: [2], 11: [1, 4], 13: [3]}, CUT)
     for scope in next_basket.SCOPES:
-        a = baseline_sums(name, SETTINGS[name], task, {0: POOL}, ITEMS, BaselineConfig(), scope, EMBEDDINGS)
-        b = baseline_sums(name, SETTINGS[name], later, {0: POOL}, ITEMS, BaselineConfig(), scope, EMBEDDINGS)
+        a = baseline_sums(name, SETTINGS[name], task, {0: POOL}, ITEMS, BaselineConfig.defaults(), scope, EMBEDDINGS)
+        b = baseline_sums(name, SETTINGS[name], later, {0: POOL}, ITEMS, BaselineConfig.defaults(), scope, EMBEDDINGS)
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name} {scope} {key}")
@@ -306,8 +307,8 @@ def two_merchants() -> BasketTask:
 
 def test_local_scope_fits_each_merchant_alone_and_pooled_fits_everyone():
     task, candidates = two_merchants(), {0: np.arange(4), 1: np.arange(4)}
-    local = baseline_sums("popularity", {"days": 30.0}, task, candidates, 4, BaselineConfig(), "local")
-    pooled = baseline_sums("popularity", {"days": 30.0}, task, candidates, 4, BaselineConfig(), "pooled")
+    local = baseline_sums("popularity", {"days": 30.0}, task, candidates, 4, BaselineConfig.defaults(), "local")
+    pooled = baseline_sums("popularity", {"days": 30.0}, task, candidates, 4, BaselineConfig.defaults(), "pooled")
     # local, merchant 0 alone: item 0 (3 buyers) > item 2 (1) > items 1, 3 (0, tied): item 1 at rank 3 or 4
     tied = [int(i) for i in basket_metrics.tie_order(4) if i in (1, 3)]
     rank = 3 + tied.index(1)
@@ -331,13 +332,13 @@ def test_scopes_fit_on_what_the_module_doc_says(monkeypatch):
     b = task_of([(11, 1, 90), (12, 1, 150)], {11: [2]}, 200 * DAY, {11: 1, 12: 1})
     task = BasketTask.concat([a, b])
     candidates = {0: np.arange(4), 1: np.arange(4)}
-    baseline_sums("popularity", {"days": 30.0}, task, candidates, 4, BaselineConfig(), "local")
+    baseline_sums("popularity", {"days": 30.0}, task, candidates, 4, BaselineConfig.defaults(), "local")
     assert calls == [([0], CUT, 4), ([1], 200 * DAY, 7)]
     calls.clear()
-    baseline_sums("popularity", {"days": 30.0}, task, candidates, 4, BaselineConfig(), "pooled")
+    baseline_sums("popularity", {"days": 30.0}, task, candidates, 4, BaselineConfig.defaults(), "pooled")
     assert calls == [([0, 1], CUT, 9 + 1), ([0, 1], 200 * DAY, 11)]
     with pytest.raises(ValueError, match="scope"):
-        baseline_sums("popularity", {"days": 30.0}, task, candidates, 4, BaselineConfig(), "global")
+        baseline_sums("popularity", {"days": 30.0}, task, candidates, 4, BaselineConfig.defaults(), "global")
 
 
 def tuning_tasks() -> tuple[BasketTask, BasketTask]:
@@ -354,7 +355,7 @@ def tuning_tasks() -> tuple[BasketTask, BasketTask]:
 
 def test_tuning_picks_the_best_validation_setting_and_never_looks_at_the_test(monkeypatch):
     validation, test = tuning_tasks()
-    candidates, config = {0: np.arange(4)}, BaselineConfig(popularity_days=30.0)
+    candidates, config = {0: np.arange(4)}, BaselineConfig.defaults(popularity_days=30.0)
     by_days = {d: ndcg(baseline_sums("popularity", {"days": d}, test, candidates, 4, config, "local"))
                for d in (7.0, 14.0, 30.0, 90.0, 365.0)}
     # on the test, only the whole year ranks item 0 first (item 2's recent buyers win every shorter window)
@@ -379,7 +380,7 @@ def test_tuning_picks_the_best_validation_setting_and_never_looks_at_the_test(mo
 def test_without_tuning_the_default_setting_is_used():
     validation, test = tuning_tasks()
     (fixed,) = evaluate_baselines(["popularity"], validation, test, {0: np.arange(4)}, 4,
-                                  BaselineConfig(popularity_days=90.0, tune=False), "pooled")
+                                  BaselineConfig.defaults(popularity_days=90.0, tune=False), "pooled")
     assert fixed.params == {"days": 90.0} and fixed.validation_ndcg is None
     assert next_basket.params_text({"days": 30.0, "neighbours": 100}) == "days 30, neighbours 100"
 
@@ -387,9 +388,9 @@ def test_without_tuning_the_default_setting_is_used():
 @pytest.mark.parametrize("name", ["popularity", "repeat", "item-knn", "text"])
 def test_without_validation_shoppers_the_default_setting_is_used(name):
     _, test = tuning_tasks()
-    config = BaselineConfig()
+    config = BaselineConfig.defaults()
     empty = test.subset(np.zeros(0, np.int64))
     for validation in (None, empty):
         (result,) = evaluate_baselines([name], validation, test, {0: np.arange(4)}, 4, config, "pooled",
                                        np.eye(4, 3))
-        assert result.params == config.defaults(name)
+        assert result.params == config.default_setting(name)

@@ -27,7 +27,7 @@ def catalog(n=6):
 
 def examples_of(tmp_path, rows, **config):
     data = load_merchant(write_tables(tmp_path / "m", catalog(), log(rows)))
-    return build_examples(data, ExampleConfig(**config))
+    return build_examples(data, ExampleConfig.defaults(**config))
 
 
 def test_labels_follow_the_attribution_rules(tmp_path):
@@ -75,7 +75,7 @@ def brute_force_history(events: pd.DataFrame, user: str, t: pd.Timestamp, length
 
 def test_histories_match_a_brute_force_reading_of_the_log(tiny_market):
     data = load_merchant(merchant_folders(tiny_market)[0])
-    ex = build_examples(data, ExampleConfig(history_length=5))
+    ex = build_examples(data, ExampleConfig.defaults(history_length=5))
     rng = np.random.default_rng(0)
     with_history = np.flatnonzero(ex.history_item[:, -1] >= 0)
     picks = np.concatenate([rng.choice(len(ex), 40, replace=False), rng.choice(with_history, 40, replace=False)])
@@ -137,8 +137,8 @@ def test_implicit_examples_from_purchases_only(tmp_path):
 def test_implicit_examples_are_deterministic_for_a_seed(tmp_path):
     rows = [("u1", f"i{k % 6}", "purchase", 10 * k, f"o{k}") for k in range(12)]
     a = examples_of(tmp_path, rows, seed=1)
-    b = build_examples(load_merchant(tmp_path / "m"), ExampleConfig(seed=1))
-    c = build_examples(load_merchant(tmp_path / "m"), ExampleConfig(seed=2))
+    b = build_examples(load_merchant(tmp_path / "m"), ExampleConfig.defaults(seed=1))
+    c = build_examples(load_merchant(tmp_path / "m"), ExampleConfig.defaults(seed=2))
     assert np.array_equal(a.item, b.item) and not np.array_equal(a.item, c.item)
 
 
@@ -151,4 +151,4 @@ def test_implicit_examples_are_deterministic_for_a_seed(tmp_path):
 ])
 def test_example_config_errors_name_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ExampleConfig(**kwargs)
+        ExampleConfig.defaults(**kwargs)

@@ -177,10 +177,15 @@ def test_server_config_errors_name_key_value_and_fix(key, value, needle):
     assert f"`{key}` = {value!r}" in text and needle in text
 
 
-def test_server_config_missing_key():
+def test_server_config_key_neither_set_nor_declared(monkeypatch):
+    from fedcvr.shared import flower_app
+
     config = pyproject_run_config()
     del config["round-timeout"]
-    with pytest.raises(ConfigError, match="`round-timeout` is missing"):
+    assert ServerConfig.from_run_config(config).round_timeout == pyproject_run_config()["round-timeout"]
+    declared = {k: v for k, v in flower_app.declared_defaults().items() if k != "round-timeout"}
+    monkeypatch.setattr(flower_app, "declared_defaults", lambda: declared)
+    with pytest.raises(ConfigError, match="`round-timeout` is not set and the fedcvr Flower App declares no default"):
         ServerConfig.from_run_config(config)
 
 
@@ -288,6 +293,7 @@ def test_one_list_of_strategies_names_what_the_server_builds():
 
 
 def test_run_configs_of_before_federated_training_get_the_declared_defaults():
-    old = {k: v for k, v in pyproject_run_config().items() if k not in ("strategy", "reject-norm-factor")}
+    old = {k: v for k, v in pyproject_run_config().items() if k not in ("strategy", "reject-norm-factor", "secagg")}
     config = ServerConfig.from_run_config(old)
     assert config.strategy == "fedavg" and config.reject_norm_factor == pyproject_run_config()["reject-norm-factor"]
+    assert config.secagg.enabled is pyproject_run_config()["secagg"]

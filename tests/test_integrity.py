@@ -52,7 +52,7 @@ def test_damage_is_named(tmp_path, damage, needle):
 @pytest.fixture
 def model_folder(tiny_bert, tmp_path):
     backbone = load_backbone(str(tiny_bert))
-    model = ConversionModel(backbone, ModelConfig(encoder=str(tiny_bert), adapter_layers=1, dim=8))
+    model = ConversionModel(backbone, ModelConfig.defaults(encoder=str(tiny_bert), adapter_layers=1, dim=8))
     return save_model_folder(tmp_path / "model", model, backbone, {"train": {}}, {"test": {"ctcvr.auc": 0.6}})
 
 

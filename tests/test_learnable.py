@@ -47,7 +47,7 @@ def one_item_purchases(folder: Path) -> Path:
 
 
 def train_split(folder: Path):
-    prepared = prepare([load_merchant(folder)], ExampleConfig())
+    prepared = prepare([load_merchant(folder)], ExampleConfig.defaults())
     return prepared.splits["train"], len(prepared.catalog)
 
 
@@ -78,11 +78,11 @@ def node_setup(tiny_bert, tmp_path):
 
 def test_a_node_declines_a_one_item_purchase_log_without_spending_privacy(node_setup, tmp_path):
     run_config, model = node_setup
-    prepared = prepare([load_merchant(Path(run_config["data-root"]))], ExampleConfig(history_length=8))
+    prepared = prepare([load_merchant(Path(run_config["data-root"]))], ExampleConfig.defaults(history_length=8))
     side = ItemSide(None, torch.from_numpy(prepared.catalog.numeric))  # never encoded: the round declines first
     ledger = PrivacyLedger()
     result = train_round(model, side, prepared.splits["train"], lr=0.01, batch_size=8, local_epochs=1,
-                         dp=DPConfig(target_epsilon=4.0), ledger=ledger, rounds=2, seed=0,
+                         dp=DPConfig.defaults(target_epsilon=4.0), ledger=ledger, rounds=2, seed=0,
                          device=torch.device("cpu"))
     assert not result.trained and result.steps == 0 and "training examples are positive" in result.reason
     assert ledger.rounds_trained == 0 and ledger.epsilon() == 0
@@ -111,7 +111,7 @@ def test_central_training_refuses_all_positive_merchants_and_names_the_others(ti
     for folder in merchant_folders(tiny_market)[:2]:
         shutil.copytree(folder, market / folder.name)
     one_item_purchases(market / "brand-x")
-    prepared = prepare([load_merchant(f) for f in merchant_folders(market)], ExampleConfig())
+    prepared = prepare([load_merchant(f) for f in merchant_folders(market)], ExampleConfig.defaults())
     with pytest.raises(UnlearnableDataError, match=r"brand-x: all \d+ training examples are positive"):
         refuse_unlearnable(prepared)
     result = CliRunner().invoke(app, ["train-central", "--data", str(market), "--out", str(tmp_path / "m"),
@@ -126,7 +126,7 @@ def test_central_training_refuses_all_positive_merchants_and_names_the_others(ti
 def test_central_training_keeps_a_merchant_without_clicks_in_a_learnable_pool(tiny_market, tmp_path):
     cold = write_folder(tmp_path / "cold", 2, [(f"u{k}", f"i{k % 2}", "impression") for k in range(10)])
     pool = [load_merchant(merchant_folders(tiny_market)[0]), load_merchant(cold)]
-    refuse_unlearnable(prepare(pool, ExampleConfig()))  # true negatives: kept
+    refuse_unlearnable(prepare(pool, ExampleConfig.defaults()))  # true negatives: kept
     with pytest.raises(UnlearnableDataError, match=r"pooled training split: none of the \d+ training"):
-        refuse_unlearnable(prepare([load_merchant(cold)], ExampleConfig()))
-    assert np.isfinite(prepare(pool, ExampleConfig()).catalog.numeric).all()
+        refuse_unlearnable(prepare([load_merchant(cold)], ExampleConfig.defaults()))
+    assert np.isfinite(prepare(pool, ExampleConfig.defaults()).catalog.numeric).all()

@@ -21,12 +21,13 @@ from fedcvr.shared.training.prepare import prepare
 
 @pytest.fixture(scope="module")
 def merchant(tiny_market):
-    return prepare([load_merchant(merchant_folders(tiny_market)[2])], ExampleConfig(history_length=8))
+    return prepare([load_merchant(merchant_folders(tiny_market)[2])], ExampleConfig.defaults(history_length=8))
 
 
 def setup(tiny_bert, merchant, layers):
     backbone = load_backbone(str(tiny_bert))
-    config = ModelConfig(encoder=str(tiny_bert), adapter_layers=layers, dim=8, attention_hidden=8, head_hidden=8)
+    config = ModelConfig.defaults(encoder=str(tiny_bert), adapter_layers=layers, dim=8, attention_hidden=8,
+                                  head_hidden=8)
     side = ItemSide(PrefixCache(backbone, layers, 32).states(merchant.catalog.texts),
                     torch.from_numpy(merchant.catalog.numeric))
     torch.manual_seed(0)
@@ -37,7 +38,7 @@ def setup(tiny_bert, merchant, layers):
 def test_dp_rounds_accumulate_epsilon_until_the_budget_refuses(tiny_bert, merchant, layers, optimizer):
     model, side = setup(tiny_bert, merchant, layers)
     train = merchant.splits["train"]
-    dp = DPConfig(target_epsilon=4.0, optimizer=optimizer)
+    dp = DPConfig.defaults(target_epsilon=4.0, optimizer=optimizer)
     lr = 0.5 if optimizer == "sgd" else 0.01
     ledger = PrivacyLedger()
     spent = []
@@ -68,12 +69,12 @@ def test_without_dp_and_with_fedprox_pull(tiny_bert, merchant):
     model, side = setup(tiny_bert, merchant, 0)
     start = trainable_state(model)
     result = train_round(model, side, merchant.splits["train"], lr=0.01, batch_size=64, local_epochs=1,
-                         dp=DPConfig(enabled=False), ledger=None, rounds=1, seed=0, device=torch.device("cpu"))
+                         dp=DPConfig.defaults(enabled=False), ledger=None, rounds=1, seed=0, device=torch.device("cpu"))
     free = sum(float((a - b).norm()) for a, b in zip(trainable_state(model).values(), start.values()))
     assert result.trained and free > 0
     model2, _ = setup(tiny_bert, merchant, 0)
     train_round(model2, side, merchant.splits["train"], lr=0.01, batch_size=64, local_epochs=1,
-                dp=DPConfig(enabled=False), ledger=None, rounds=1, seed=0, device=torch.device("cpu"),
+                dp=DPConfig.defaults(enabled=False), ledger=None, rounds=1, seed=0, device=torch.device("cpu"),
                 proximal_mu=5.0)
     pulled = sum(float((a - b).norm()) for a, b in zip(trainable_state(model2).values(), start.values()))
     assert pulled < free, "the proximal term keeps the local model nearer the global one"
@@ -95,7 +96,7 @@ def test_ghost_clipping_trains_as_per_sample_gradients_do(tiny_bert, merchant, l
     for mode in ("hooks", "ghost"):
         model, side = setup(tiny_bert, merchant, layers)
         result = train_round(model, side, merchant.splits["train"], lr=0.5, batch_size=64, local_epochs=1,
-                             dp=DPConfig(target_epsilon=4.0, grad_sample_mode=mode), ledger=PrivacyLedger(),
+                             dp=DPConfig.defaults(target_epsilon=4.0, grad_sample_mode=mode), ledger=PrivacyLedger(),
                              rounds=2, seed=3, device=torch.device("cpu"))
         assert result.trained and result.steps > 1
         ends.append(trainable_state(model))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import tomllib
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO_ROOT, make_tiny_bert
+from conftest import make_tiny_bert
 from fedcvr.shared.data.examples import ExampleConfig
 from fedcvr.shared.data.signals import N_SIGNALS, repeat_prior
 from fedcvr.shared.model import prefix_cache as prefix_module
@@ -42,7 +41,7 @@ def full_model_embedding(backbone, texts):
 def test_cached_prefix_plus_fresh_adapters_equals_the_full_backbone(backbone, tmp_path, layers):
     cache = PrefixCache(backbone, layers, 64, tmp_path)
     states, mask = cache.states(TEXTS).gather(torch.arange(len(TEXTS)))
-    model = ConversionModel(backbone, ModelConfig(adapter_layers=layers, dim=8))
+    model = ConversionModel(backbone, ModelConfig.defaults(adapter_layers=layers, dim=8))
     encoder = model.item_encoder
     with torch.no_grad():
         # with fresh adapters (the identity), the encoder's output is the projection of the full backbone's mean
@@ -58,7 +57,7 @@ def test_trained_adapters_match_running_the_whole_backbone_with_them(backbone, t
     from fedcvr.shared.model.encoder import extended_mask
 
     torch.manual_seed(0)
-    model = ConversionModel(backbone, ModelConfig(adapter_layers=2, dim=8))
+    model = ConversionModel(backbone, ModelConfig.defaults(adapter_layers=2, dim=8))
     encoder = model.item_encoder
     for layer in encoder.layers:  # trained adapters: not the identity any more
         torch.nn.init.normal_(layer.adapter.up.weight, std=0.2)
@@ -108,7 +107,7 @@ def test_prefix_cache_root_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_only_trainable_weights_are_saved_and_the_backbone_never_is(backbone, tmp_path):
-    model = ConversionModel(backbone, ModelConfig(adapter_layers=1, dim=8))
+    model = ConversionModel(backbone, ModelConfig.defaults(adapter_layers=1, dim=8))
     state = trainable_state(model)
     assert state and all(p.requires_grad for p in model.trainable_parameters())
     assert not any("base_layer" in name or "backbone" in name for name in state)
@@ -116,15 +115,15 @@ def test_only_trainable_weights_are_saved_and_the_backbone_never_is(backbone, tm
     assert {n.split(".")[0] for n in state} == {"item_encoder", "user_tower", "head"}
     frozen = sum(p.numel() for p in backbone.model.parameters())
     assert sum(v.numel() for v in state.values()) < frozen
-    other = ConversionModel(backbone, ModelConfig(adapter_layers=1, dim=8))
+    other = ConversionModel(backbone, ModelConfig.defaults(adapter_layers=1, dim=8))
     load_trainable_state(other, state)
     assert all(torch.equal(a, b) for a, b in zip(trainable_state(other).values(), state.values()))
     with pytest.raises(ValueError, match="missing: item_encoder.layers.1.adapter"):
-        load_trainable_state(ConversionModel(backbone, ModelConfig(adapter_layers=2, dim=8)), state)
+        load_trainable_state(ConversionModel(backbone, ModelConfig.defaults(adapter_layers=2, dim=8)), state)
 
 
 def test_model_folder_round_trip_and_refusals(backbone, tiny_bert, tmp_path):
-    model = ConversionModel(backbone, ModelConfig(encoder=str(tiny_bert), adapter_layers=1, dim=8))
+    model = ConversionModel(backbone, ModelConfig.defaults(encoder=str(tiny_bert), adapter_layers=1, dim=8))
     folder = save_model_folder(tmp_path / "m", model, backbone, {"train": {}})
     assert sorted(p.name for p in folder.iterdir()) == ["SHA256SUMS", "config.json", "encoder.json",
                                                         "weights.safetensors"]
@@ -140,7 +139,7 @@ def test_model_folder_round_trip_and_refusals(backbone, tiny_bert, tmp_path):
 
 
 def test_towers_start_from_the_configured_rates(backbone):
-    model = ConversionModel(backbone, ModelConfig(dim=8, attention_hidden=8, head_hidden=8, ctr_prior=0.05,
+    model = ConversionModel(backbone, ModelConfig.defaults(dim=8, attention_hidden=8, head_hidden=8, ctr_prior=0.05,
                                                   cvr_prior=0.25))
     assert torch.sigmoid(model.head.ctr[-1].bias).item() == pytest.approx(0.05)
     assert torch.sigmoid(model.head.cvr[-1].bias).item() == pytest.approx(0.25)
@@ -170,7 +169,7 @@ def batch_inputs(batch: int, length: int, items: int) -> ScoreInputs:
 
 
 def test_score_shapes_and_attention_over_real_history_only(backbone):
-    model = ConversionModel(backbone, ModelConfig(adapter_layers=0, dim=8))
+    model = ConversionModel(backbone, ModelConfig.defaults(adapter_layers=0, dim=8))
     items = torch.randn(20, 8)
     inputs = batch_inputs(6, 5, 20)
     ctr, cvr, weights = model.score(items, inputs)
@@ -183,7 +182,8 @@ def test_scoring_candidates_equals_scoring_each_pair(backbone):
     """Full-catalog ranking scores n shoppers x k candidates at once; it must give what `score` gives for each
     (shopper, candidate) pair at an unknown position, including a shopper without history."""
     torch.manual_seed(1)
-    model = ConversionModel(backbone, ModelConfig(adapter_layers=0, dim=8, attention_hidden=6, head_hidden=5)).eval()
+    config = ModelConfig.defaults(adapter_layers=0, dim=8, attention_hidden=6, head_hidden=5)
+    model = ConversionModel(backbone, config).eval()
     items = torch.randn(30, 8)
     inputs = batch_inputs(4, 7, 30)
     candidates = torch.tensor([3, 0, 29, 11, 11, 17])
@@ -205,7 +205,7 @@ def test_user_tower_and_head_support_per_sample_gradients(backbone):
     from fedcvr.shared.model.user_tower import recency_bucket
     from fedcvr.shared.training import dp_samplers  # noqa: F401  (registers the small tables' functions)
 
-    model = ConversionModel(backbone, ModelConfig(adapter_layers=0, dim=8))
+    model = ConversionModel(backbone, ModelConfig.defaults(adapter_layers=0, dim=8))
 
     class TowerAndHead(torch.nn.Module):
         def __init__(self):
@@ -241,7 +241,7 @@ def test_user_tower_and_head_support_per_sample_gradients(backbone):
 ])
 def test_bad_encoder_settings_are_clear(tiny_bert, kwargs, message):
     with pytest.raises(ModelConfigError, match=message):
-        config = ModelConfig(**{"encoder": str(tiny_bert), **kwargs})
+        config = ModelConfig.defaults(**{"encoder": str(tiny_bert), **kwargs})
         ConversionModel(load_backbone(config.encoder), config)
 
 
@@ -282,16 +282,6 @@ def flat(table: dict, prefix: str = "") -> dict:
     return out
 
 
-def test_pyproject_run_config_matches_the_defaults_in_code():
-    config = flat(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
-    assert ModelConfig.from_run_config(config) == ModelConfig()
-    assert TrainConfig.from_run_config(config) == TrainConfig()
-    defaults = ExampleConfig.from_run_config(config)
-    assert {k: v for k, v in vars(defaults).items() if k != "seed"} == \
-        {k: v for k, v in vars(ExampleConfig()).items() if k != "seed"}
-    assert set(ModelConfig.KEYS) | set(TrainConfig.KEYS) <= set(config)
-
-
 def test_prepare_refuses_zero_items_and_zero_examples():
     import pandas as pd
 
@@ -303,7 +293,7 @@ def test_prepare_refuses_zero_items_and_zero_examples():
                          pd.DataFrame({"user_id": [], "item_id": [], "event": [],
                                        "timestamp": pd.to_datetime([])}))
     with pytest.raises(ModelConfigError, match="zero items"):
-        prepare([empty], ExampleConfig())
+        prepare([empty], ExampleConfig.defaults())
 
 
 def test_a_damaged_local_blend_is_refused_by_name(tmp_path):

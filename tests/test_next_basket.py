@@ -241,7 +241,7 @@ def test_ties_follow_the_fixed_tie_order_not_the_catalog_order():
     assert top == [p for p in pool[order] if p in (20, 42, 61)] + [p for p in pool[order] if p not in (20, 42, 61)]
     # a baseline scoring everything alike (popularity without purchases) ranks exactly as a constant
     empty = build_empty_task(pool)
-    assert bm.finalise(baseline_sums("popularity", {"days": 7.0}, empty, {0: pool}, 100, BaselineConfig(),
+    assert bm.finalise(baseline_sums("popularity", {"days": 7.0}, empty, {0: pool}, 100, BaselineConfig.defaults(),
                                      "local"), 0) == \
         bm.finalise(ranking_sums(empty, {0: pool}, lambda t, p: np.zeros((len(t), len(p)))), 0)
 
@@ -340,7 +340,7 @@ def test_shared_metrics_finalise_and_explain_next_basket_keys():
 def test_test_from_must_be_a_date():
     for bad in ("next tuesday", "2011-13-45", "NaT"):
         with pytest.raises(ValueError, match="examples.test-from = .* is not a date"):
-            ExampleConfig(test_from=bad)
+            ExampleConfig.defaults(test_from=bad)
     assert parse_test_from("2024-05-11T02:00:00+02:00") == pd.Timestamp("2024-05-11T00:00:00")
     assert ExampleConfig.from_run_config({"examples.test-from": "2024-05-11"}).test_from == "2024-05-11"
 
@@ -348,8 +348,8 @@ def test_test_from_must_be_a_date():
 def test_split_cuts_the_test_at_test_from(tmp_path):
     rows = [(f"u{k % 5}", f"i{k % 6}", "purchase", k / 2, f"o{k}") for k in range(60)]   # days 0 .. 29.5
     data = merchant(tmp_path, rows)
-    examples = build_examples(data, ExampleConfig())
-    config = ExampleConfig(test_from="2024-05-21T08:00:00", validation_fraction=0.25)
+    examples = build_examples(data, ExampleConfig.defaults())
+    config = ExampleConfig.defaults(test_from="2024-05-21T08:00:00", validation_fraction=0.25)
     split = split_by_time(examples, config)
     t_test = pd.Timestamp("2024-05-21T08:00:00").value
     assert split.test_start == pd.Timestamp(t_test)
@@ -365,7 +365,7 @@ def test_prepare_builds_the_validation_and_test_tasks_of_purchase_logs(tmp_path)
     rows = [(f"u{k % 5}", f"i{k % 6}", "purchase", k / 2, f"o{k}") for k in range(60)]
     first = merchant(tmp_path, rows, name="a")
     second = merchant(tmp_path, [(u, i, e, d + 0.25, s) for u, i, e, d, s in rows], name="b")
-    config = ExampleConfig(test_from="2024-05-21T08:00:00", history_length=3)
+    config = ExampleConfig.defaults(test_from="2024-05-21T08:00:00", history_length=3)
     prepared = prepare([first, second], config)
     assert prepared.implicit and set(prepared.baskets) == {"validation", "test"}
     test, validation = prepared.baskets["test"], prepared.baskets["validation"]

@@ -56,7 +56,7 @@ def test_train_central_refuses_a_bad_date_and_an_unknown_baseline(tmp_path, tiny
 
 
 def test_the_test_split_and_the_next_basket_cut_start_at_test_from(tiny_purchase_market):
-    config = ExampleConfig(test_from=CUT)
+    config = ExampleConfig.defaults(test_from=CUT)
     prepared = prepare([load_merchant(f) for f in merchant_folders(tiny_purchase_market)], config)
     cut = pd.Timestamp(CUT).value
     assert set(prepared.baskets["test"].cut) == {cut}
@@ -70,7 +70,7 @@ def test_the_test_split_and_the_next_basket_cut_start_at_test_from(tiny_purchase
         next_basket.fit = lambda name, params, data, n, at, *rest: fitted.append((data, at)) or original(
             name, params, data, n, at, *rest)
         next_basket.baseline_sums("popularity", {"days": 30.0}, prepared.baskets["test"], prepared.candidates,
-                                  len(prepared.catalog), BaselineConfig(), "pooled")
+                                  len(prepared.catalog), BaselineConfig.defaults(), "pooled")
     finally:
         next_basket.fit = original
     assert [at for _, at in fitted] == [cut] and (fitted[0][0].t < cut).all()
@@ -80,8 +80,9 @@ def test_the_test_split_and_the_next_basket_cut_start_at_test_from(tiny_purchase
 
 
 def test_the_model_ranks_a_next_basket_as_scoring_each_item_of_the_catalog_would(tiny_purchase_market, tiny_bert):
-    prepared = prepare([load_merchant(merchant_folders(tiny_purchase_market)[0])], ExampleConfig(test_from=CUT))
-    config = ModelConfig(encoder=str(tiny_bert))
+    prepared = prepare([load_merchant(merchant_folders(tiny_purchase_market)[0])],
+                       ExampleConfig.defaults(test_from=CUT))
+    config = ModelConfig.defaults(encoder=str(tiny_bert))
     model, backbone = initial_model(config, 0)
     side = ItemSide(PrefixCache(backbone, 0, config.max_text_tokens).states(prepared.catalog.texts),
                     torch.from_numpy(prepared.catalog.numeric))

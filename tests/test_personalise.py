@@ -45,7 +45,7 @@ def test_local_layers_are_kept_only_where_validation_rates_them_higher(node, mon
     calls = iter(scores)
     monkeypatch.setattr(module, "validation_score", lambda *args: Validation(next(calls), units, {}))
     before = head_state(node.model)
-    config = PersonaliseConfig(head=True, min_validation=30, blend=False)
+    config = PersonaliseConfig.defaults(head=True, min_validation=30, blend=False)
     outcome = personalise(node.model, node.side, node.prepared, config, 128, 0, node.device)
     assert outcome.kept is kept and outcome.global_score == scores[0]
     assert outcome.local_score == (max(scores) if None not in scores else scores[1])
@@ -74,7 +74,8 @@ def test_the_blend_is_chosen_on_validation(node, monkeypatch, memory_helps, best
 
     monkeypatch.setattr(module, "validation_score", score)
     before = head_state(node.model)
-    outcome = personalise(node.model, node.side, node.prepared, PersonaliseConfig(head=True), 128, 0, node.device)
+    config = PersonaliseConfig.defaults(head=True)
+    outcome = personalise(node.model, node.side, node.prepared, config, 128, 0, node.device)
     assert BLENDS == (0.5, 1.0, 2.0) and set(PRIORS) == {"repeat", "popular"}
     assert outcome.kept is (memory_helps or best_blend != "") and outcome.blend == best_blend
     assert outcome.memory is memory_helps
@@ -94,7 +95,7 @@ def test_the_blend_is_chosen_on_validation(node, monkeypatch, memory_helps, best
 
 def test_without_select_the_local_layers_are_always_kept(node, monkeypatch):
     monkeypatch.setattr(module, "validation_score", lambda *args: pytest.fail("select = false reads no validation"))
-    config = PersonaliseConfig(select=False)
+    config = PersonaliseConfig.defaults(select=False)
     outcome = personalise(node.model, node.side, node.prepared, config, 128, 0, node.device)
     assert outcome.kept and node.model.memory is not None
     assert outcome.describe() == "local layers kept (personalise-select = false: validation not read)"

@@ -81,7 +81,7 @@ def test_projected_epsilon_is_epsilon_after_recording():
 
 @pytest.mark.parametrize("target", [1.0, 2.0])
 def test_plan_noise_meets_the_target_over_all_rounds(target):
-    config = DPConfig(target_epsilon=target)
+    config = DPConfig.defaults(target_epsilon=target)
     rounds = 5
     noise = plan_noise(config, RATE, STEPS, rounds, DELTA)
     ledger = PrivacyLedger(noise_multiplier=noise, delta=DELTA)
@@ -98,7 +98,7 @@ def test_plan_noise_meets_the_target_over_all_rounds(target):
 
 def test_ledger_plan_fixes_noise_and_delta_for_the_run():
     ledger = PrivacyLedger()
-    config = DPConfig(target_epsilon=1.0)
+    config = DPConfig.defaults(target_epsilon=1.0)
     noise = ledger.plan(config, sample_rate=RATE, steps_per_round=STEPS, rounds=3, n_examples=64)
     assert ledger.delta == delta_for(64)
     assert noise == plan_noise(config, RATE, STEPS, 3, delta_for(64))
@@ -108,7 +108,7 @@ def test_ledger_plan_fixes_noise_and_delta_for_the_run():
 
 
 def test_plan_noise_rejects_bad_inputs_and_unreachable_targets():
-    config = DPConfig(target_epsilon=1.0)
+    config = DPConfig.defaults(target_epsilon=1.0)
     for rate in (0.0, 1.5, -0.1):
         with pytest.raises(PrivacyConfigError, match="sample rate"):
             plan_noise(config, rate, STEPS, 3, DELTA)
@@ -119,16 +119,16 @@ def test_plan_noise_rejects_bad_inputs_and_unreachable_targets():
     with pytest.raises(PrivacyConfigError, match="delta"):
         plan_noise(config, RATE, STEPS, 3, 0.0)
     with pytest.raises(PrivacyConfigError, match="dp.enabled"):
-        plan_noise(DPConfig(enabled=False), RATE, STEPS, 3, DELTA)
+        plan_noise(DPConfig.defaults(enabled=False), RATE, STEPS, 3, DELTA)
     with pytest.raises(PrivacyConfigError, match="cannot be met.*raise dp.target-epsilon"):
-        plan_noise(DPConfig(target_epsilon=1e-9), 1.0, 10**9, 10**3, DELTA)
+        plan_noise(DPConfig.defaults(target_epsilon=1e-9), 1.0, 10**9, 10**3, DELTA)
 
 
 # ---------------------------------------------------------------- the budget
 
 
 def test_can_train_refuses_the_round_past_the_budget():
-    config = DPConfig(target_epsilon=1.0)
+    config = DPConfig.defaults(target_epsilon=1.0)
     noise = plan_noise(config, RATE, STEPS, 3, DELTA)
     ledger = PrivacyLedger(noise_multiplier=noise, delta=DELTA)
     for _ in range(3):
@@ -273,8 +273,8 @@ def test_attach_refuses_a_non_rdp_engine():
 def test_config_from_run_config_and_defaults():
     config = DPConfig.from_run_config({"dp.enabled": True, "dp.target-epsilon": 4, "dp.target-delta": 0,
                                        "dp.max-grad-norm": 0.5})
-    assert config == DPConfig(target_epsilon=4.0, target_delta=None, max_grad_norm=0.5)
-    assert DPConfig.from_run_config({}) == DPConfig()
+    assert config == DPConfig.defaults(target_epsilon=4.0, target_delta=None, max_grad_norm=0.5)
+    assert DPConfig.from_run_config({}) == DPConfig.defaults()
     assert DPConfig.from_run_config({"dp.target-delta": 1e-6}).target_delta == 1e-6
     for n in (1, 64, 10_000):
         assert 0 < delta_for(n) < 1 / n
@@ -301,18 +301,18 @@ def test_config_errors_name_the_key_and_value(run_config, message):
 
 def test_config_collects_every_problem():
     with pytest.raises(PrivacyConfigError) as info:
-        DPConfig(target_epsilon=0.0, max_grad_norm=-1.0, accountant="prv")
+        DPConfig.defaults(target_epsilon=0.0, max_grad_norm=-1.0, accountant="prv")
     assert all(key in str(info.value) for key in ("dp.target-epsilon", "dp.max-grad-norm", "accountant"))
 
 
 def test_dp_report_is_numbers_only():
     ledger = PrivacyLedger(noise_multiplier=NOISE, delta=DELTA)
     ledger.record(NOISE, RATE, STEPS)
-    report = dp_report(ledger, DPConfig(target_epsilon=8.0))
+    report = dp_report(ledger, DPConfig.defaults(target_epsilon=8.0))
     assert report == {"epsilon": ledger.epsilon(), "delta": DELTA, "target_epsilon": 8.0, "noise_multiplier": NOISE,
                       "rounds_trained": 1}
     assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in report.values())
     MetricRecord(report)  # accepted as metrics
-    assert math.isinf(dp_report(ledger, DPConfig(enabled=False))["epsilon"])
-    fresh = dp_report(PrivacyLedger(), DPConfig(target_delta=1e-6))
+    assert math.isinf(dp_report(ledger, DPConfig.defaults(enabled=False))["epsilon"])
+    fresh = dp_report(PrivacyLedger(), DPConfig.defaults(target_delta=1e-6))
     assert fresh["epsilon"] == 0.0 and fresh["delta"] == 1e-6 and fresh["rounds_trained"] == 0

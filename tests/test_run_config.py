@@ -115,3 +115,54 @@ def test_run_folders_inside_the_app_must_be_ignored_by_git(tmp_path):
     assert flower_app.packed_into_app(REPO, REPO / "my-run")
     assert flower_app.packed_into_app(REPO, REPO)
     assert not flower_app.packed_into_app(REPO, tmp_path / "run")
+
+
+SECTIONS = ("fedcvr.shared.model.config:ModelConfig", "fedcvr.shared.model.config:TrainConfig",
+            "fedcvr.shared.data.examples:ExampleConfig", "fedcvr.shared.dp_config:DPConfig",
+            "fedcvr.shared.training.personalise:PersonaliseConfig",
+            "fedcvr.shared.evaluation.baselines:BaselineConfig")
+
+
+def _section(path: str):
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("path", SECTIONS)
+def test_defaults_are_written_only_in_the_pyproject(path):
+    import dataclasses
+
+    section = _section(path)
+    declared = flower_app.flatten(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+                                  ["config"])
+    assert set(section.KEYS) <= set(declared), set(section.KEYS) - set(declared)
+    # no field that a run-config key sets carries a default of its own in code
+    keyed = set(section.KEYS.values())
+    assert [f.name for f in dataclasses.fields(section) if f.name in keyed
+            and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING] == sorted(
+        keyed, key=[f.name for f in dataclasses.fields(section)].index)
+    settings = section.defaults()
+    for key, name in section.KEYS.items():
+        expected = None if key == "dp.target-delta" and declared[key] == 0 else declared[key]
+        assert getattr(settings, name) == expected, key
+
+
+def test_a_run_config_key_left_out_takes_the_declared_default(monkeypatch):
+    from fedcvr.client.node import NodeSettings
+    from fedcvr.shared.model.config import ModelConfig
+    from fedcvr.shared.settings import SettingsError
+
+    declared = dict(flower_app.declared_defaults())
+    monkeypatch.setattr(flower_app, "declared_defaults", lambda: {**declared, "model.dim": 24, "local-epochs": 3})
+    assert ModelConfig.from_run_config({}).dim == 24
+    assert ModelConfig.from_run_config({"model.dim": 16}).dim == 16
+    settings = NodeSettings.from_run_config({"num-server-rounds": 2})
+    assert (settings.rounds, settings.local_epochs, settings.model.dim) == (2, 3, 24)
+    with pytest.raises(SettingsError, match=r"local-epochs = 0: must be a whole number >= 1"):
+        NodeSettings.from_run_config({"local-epochs": 0})
+    monkeypatch.setattr(flower_app, "declared_defaults",
+                        lambda: {k: v for k, v in declared.items() if k != "model.dim"})
+    with pytest.raises(SettingsError, match=r"`model.dim` is not set and the fedcvr Flower App declares no default"):
+        ModelConfig.from_run_config({})

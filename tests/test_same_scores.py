@@ -35,10 +35,10 @@ def test_recommend_scores_each_item_exactly_as_the_next_basket_evaluation(tmp_pa
     shutil.copytree(full, shop)
     before.to_parquet(shop / "events.parquet", index=False)
 
-    config = ModelConfig(encoder=str(tiny_bert), dim=8, attention_hidden=8, head_hidden=8, max_text_tokens=32)
+    config = ModelConfig.defaults(encoder=str(tiny_bert), dim=8, attention_hidden=8, head_hidden=8, max_text_tokens=32)
     model, backbone = initial_model(config, 3)
     data = load_merchant(full)
-    prepared = prepare([data], ExampleConfig(test_from=str(cut), history_length=HISTORY))
+    prepared = prepare([data], ExampleConfig.defaults(test_from=str(cut), history_length=HISTORY))
     memory = model.attach_memory(prepared.catalog.item_ids)
     with torch.no_grad():  # a trained memory: every item its own offset, and a blend of the repeat prior
         memory.table.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))

@@ -17,6 +17,8 @@ from fedcvr.server.app import run_training
 from fedcvr.server.config import ConfigError, SecAggConfig, ServerConfig
 from fedcvr.server.secagg import SecAggError, SecAggGrid, merge_node_metrics
 
+SECAGG = SecAggConfig.from_run_config({"secagg": True})  # SecAgg+ with the declared shares, threshold and ranges
+
 
 class SecureNodes:
     """A Grid of nodes that run only the SecAgg+ stages around a given train function (no model, no data)."""
@@ -70,7 +72,7 @@ def test_the_coordinator_gets_the_weighted_mean_and_never_a_single_update(server
     updates = three_updates(rng)
     grid = SecureNodes(updates)
     start = {"a.weight": np.zeros((4, 3), np.float32), "b.bias": np.zeros(5, np.float32)}
-    replies = SecAggGrid(grid, SecAggConfig(enabled=True), node_context(0, {}, {})).send_and_receive(
+    replies = SecAggGrid(grid, SECAGG, node_context(0, {}, {})).send_and_receive(
         instructions([101, 102, 103], start))
     assert len(replies) == 1 and not replies[0].has_error()
     mean = replies[0].content["arrays"].to_numpy_ndarrays()
@@ -91,7 +93,7 @@ def test_a_node_dropping_out_mid_round_is_recovered(server_identity, stage):
     updates = three_updates(rng)
     grid = SecureNodes(updates, drop_at={102: stage})
     start = {"a.weight": np.zeros((4, 3), np.float32), "b.bias": np.zeros(5, np.float32)}
-    replies = SecAggGrid(grid, SecAggConfig(enabled=True), node_context(0, {}, {})).send_and_receive(
+    replies = SecAggGrid(grid, SECAGG, node_context(0, {}, {})).send_and_receive(
         instructions([101, 102, 103], start))
     ok = [r for r in replies if not r.has_error()]
     failed = [r for r in replies if r.has_error()]
@@ -105,7 +107,7 @@ def test_a_node_dropping_out_mid_round_is_recovered(server_identity, stage):
 def test_too_many_drop_outs_halt_the_round_and_keep_the_model(server_identity):
     updates = three_updates(np.random.default_rng(3))
     grid = SecureNodes(updates, drop_at={102: Stage.COLLECT_MASKED_VECTORS, 103: Stage.COLLECT_MASKED_VECTORS})
-    replies = SecAggGrid(grid, SecAggConfig(enabled=True), node_context(0, {}, {})).send_and_receive(
+    replies = SecAggGrid(grid, SECAGG, node_context(0, {}, {})).send_and_receive(
         instructions([101, 102, 103], {"a.weight": np.zeros((4, 3), np.float32),
                                        "b.bias": np.zeros(5, np.float32)}))
     assert replies and all(r.has_error() for r in replies)
@@ -114,7 +116,7 @@ def test_too_many_drop_outs_halt_the_round_and_keep_the_model(server_identity):
 def test_fewer_than_three_nodes_are_refused(server_identity):
     grid = SecureNodes(dict(list(three_updates(np.random.default_rng(2)).items())[:2]))
     with pytest.raises(SecAggError, match="at least 3 nodes"):
-        SecAggGrid(grid, SecAggConfig(enabled=True), node_context(0, {}, {})).send_and_receive(
+        SecAggGrid(grid, SECAGG, node_context(0, {}, {})).send_and_receive(
             instructions([101, 102], {"x": np.zeros(2, np.float32)}))
     with pytest.raises(ConfigError, match="min-nodes"):
         ServerConfig.from_run_config({**pyproject_run_config(), "secagg": True, "min-nodes": 2})
@@ -128,8 +130,14 @@ def test_bad_secagg_keys_name_the_key(key, value):
         SecAggConfig.from_run_config({"secagg": True, key: value})
 
 
-def test_pyproject_secagg_defaults_match_the_code():
-    assert SecAggConfig.from_run_config(pyproject_run_config()) == SecAggConfig()
+def test_secagg_keys_left_out_take_the_pyproject_defaults():
+    declared = pyproject_run_config()
+    config = SecAggConfig.from_run_config({})
+    assert config == SecAggConfig.from_run_config(declared)
+    assert (config.enabled, config.num_shares, config.reconstruction_threshold, config.clipping_range,
+            config.quantization_range, config.max_weight) == (
+        declared["secagg"], declared["secagg-num-shares"], declared["secagg-reconstruction-threshold"],
+        declared["secagg-clipping-range"], declared["secagg-quantization-range"], declared["secagg-max-weight"])
 
 
 def test_merge_node_metrics_weights_the_loss_and_keeps_the_largest_epsilon_and_delta():

@@ -17,7 +17,7 @@ from fedcvr.simulations.served_baselines import served_vs_baselines
 def test_each_merchants_served_model_stands_beside_its_own_baselines(market, request, tmp_path, tiny_bert):
     root = request.getfixturevalue(market)
     folders = merchant_folders(root)
-    config = ModelConfig(encoder=str(tiny_bert), dim=8, attention_hidden=8, head_hidden=8, max_text_tokens=32)
+    config = ModelConfig.defaults(encoder=str(tiny_bert), dim=8, attention_hidden=8, head_hidden=8, max_text_tokens=32)
     for folder in folders[:2]:  # the third merchant saved no model: it is left out, not an error
         model, backbone = initial_model(config, 0)
         save_model_folder(tmp_path / "models" / folder.name, model, backbone, {"examples": {"history_length": 8}})

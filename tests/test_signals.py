@@ -65,7 +65,7 @@ def shop(tmp_path_factory):
 def test_no_example_sees_its_own_future(shop):
     """Each example's signals equal those from a log cut at the example's own time: events at or after it,
     later purchases included, change nothing."""
-    examples = build_examples(shop, ExampleConfig(negatives=3))
+    examples = build_examples(shop, ExampleConfig.defaults(negatives=3))
     codes, _ = event_codes(shop)
     rows = np.random.default_rng(1).choice(len(examples), 60, replace=False)
     for row in rows:
@@ -77,7 +77,7 @@ def test_no_example_sees_its_own_future(shop):
 
 
 def test_a_positive_does_not_count_its_own_purchase(shop):
-    examples = build_examples(shop, ExampleConfig(negatives=1))
+    examples = build_examples(shop, ExampleConfig.defaults(negatives=1))
     positives = examples.purchased == 1
     purchase_seen = examples.signals[:, 9]
     first = pd.DataFrame({"u": examples.user, "i": examples.item, "t": examples.timestamp})[positives]
@@ -88,7 +88,7 @@ def test_a_positive_does_not_count_its_own_purchase(shop):
 def test_popular_negatives_come_from_earlier_purchases(shop):
     """With examples.popular-negatives = 1, a negative of a purchase at t is an item sold before t (a first
     purchase in the log, with nothing before it, draws uniformly)."""
-    examples = build_examples(shop, ExampleConfig(negatives=4, popular_negatives=1.0, history_negatives=0.0))
+    examples = build_examples(shop, ExampleConfig.defaults(negatives=4, popular_negatives=1.0, history_negatives=0.0))
     codes, _ = event_codes(shop)
     buy = codes["event"] == EVENT_TYPES.index("purchase")
     first_sale = pd.Series(codes["t"][buy]).groupby(codes["item"][buy]).min()
@@ -96,7 +96,7 @@ def test_popular_negatives_come_from_earlier_purchases(shop):
     sold_before = first_sale.reindex(examples.item[negatives]).to_numpy() < examples.timestamp[negatives]
     has_past = examples.timestamp[negatives] > codes["t"][buy].min()
     assert sold_before[has_past].all()
-    uniform = build_examples(shop, ExampleConfig(negatives=4, popular_negatives=0.0, history_negatives=0.0))
+    uniform = build_examples(shop, ExampleConfig.defaults(negatives=4, popular_negatives=0.0, history_negatives=0.0))
     # drawn by past sales, negatives are items that sell: more of them were bought before than uniform ones
     never = ~np.isin(np.arange(len(shop.items)), codes["item"][buy])
     assert never[uniform.item[uniform.purchased == 0]].mean() > never[examples.item[negatives]].mean()
@@ -105,7 +105,7 @@ def test_popular_negatives_come_from_earlier_purchases(shop):
 def test_history_negatives_come_from_the_shoppers_own_past(shop):
     """With examples.history-negatives = 1, a negative of u's purchase at t is an item u bought before t and not in
     this basket (a shopper's first purchase, with nothing before it, draws uniformly)."""
-    examples = build_examples(shop, ExampleConfig(negatives=4, popular_negatives=0.0, history_negatives=1.0))
+    examples = build_examples(shop, ExampleConfig.defaults(negatives=4, popular_negatives=0.0, history_negatives=1.0))
     codes, _ = event_codes(shop)
     buy = codes["event"] == EVENT_TYPES.index("purchase")
     bought = pd.DataFrame({"user": codes["user"][buy], "item": codes["item"][buy], "t": codes["t"][buy]})
@@ -121,7 +121,7 @@ def test_history_negatives_come_from_the_shoppers_own_past(shop):
 
 def test_negative_shares_are_validated():
     with pytest.raises(ValueError, match="history-negatives"):
-        ExampleConfig(popular_negatives=0.8, history_negatives=0.3)
+        ExampleConfig.defaults(popular_negatives=0.8, history_negatives=0.3)
 
 
 def test_signal_columns_are_bounded():
@@ -137,7 +137,7 @@ def test_signal_columns_are_bounded():
 def test_log_q_is_the_samplers_own_probability(shop):
     """log_q = log(I Q(i | u, t)) with Q the mixture of `data/negatives.py`, checked example by example; 0 for
     uniform negatives. The draws follow it: history negatives are own past items, at the rate Q gives."""
-    config = ExampleConfig(negatives=4, popular_negatives=0.3, history_negatives=0.4)
+    config = ExampleConfig.defaults(negatives=4, popular_negatives=0.3, history_negatives=0.4)
     examples = build_examples(shop, config)
     codes, _ = event_codes(shop)
     buy = codes["event"] == EVENT_TYPES.index("purchase")
@@ -154,7 +154,7 @@ def test_log_q_is_the_samplers_own_probability(shop):
             p * (shop_before.item == i).mean() if len(shop_before) else 0.0) + (1 - h - p) / n_items
         assert np.isclose(examples.log_q[row], np.log(max(n_items * q, 0.01)), atol=1e-4)
     assert examples.log_q.max() > 1  # a shopper's favourite is drawn far more often than uniformly
-    uniform = build_examples(shop, ExampleConfig(negatives=4, popular_negatives=0.0, history_negatives=0.0))
+    uniform = build_examples(shop, ExampleConfig.defaults(negatives=4, popular_negatives=0.0, history_negatives=0.0))
     assert (uniform.log_q == 0).all()
 
 

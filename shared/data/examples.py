@@ -48,15 +48,15 @@ _NS_PER_HOUR = 3_600 * 1_000_000_000
 class ExampleConfig(Section):
     """How examples are built; read from `examples.*` in the run config."""
 
-    history_length: int = 30
-    negatives: int = 4
-    popular_negatives: float = 0.4
-    history_negatives: float = 0.3
-    attribution_window_hours: float = 24.0
-    validation_fraction: float = 0.1
-    test_fraction: float = 0.1
-    test_from: str = ""
-    seed: int = 0
+    history_length: int
+    negatives: int
+    popular_negatives: float
+    history_negatives: float
+    attribution_window_hours: float
+    validation_fraction: float
+    test_fraction: float
+    test_from: str
+    seed: int
 
     KEYS = {"examples.history-length": "history_length", "examples.negatives": "negatives",
             "examples.popular-negatives": "popular_negatives", "examples.history-negatives": "history_negatives",
@@ -215,7 +215,7 @@ def event_codes(data: MerchantData) -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 def build_examples(data: MerchantData, config: ExampleConfig | None = None) -> Examples:
     """Examples of one merchant (explicit when it logs impressions, implicit otherwise); see the module doc."""
-    config = config or ExampleConfig()
+    config = config or ExampleConfig.defaults()
     events = data.events
     item_ids = data.items["item_id"].to_numpy(dtype=object)
     codes, user_ids = event_codes(data)
@@ -284,7 +284,7 @@ def split_by_time(examples: Examples, config: ExampleConfig | None = None, t_val
     """Train / validation / test of one merchant by time; see the module doc for the cut points. With
     `examples.test-from`, `t_val` (ns) sets the validation cut (e.g. one cut for several merchants together,
     `validation_start` of their pooled times); by default it is the merchant's own."""
-    config = config or ExampleConfig()
+    config = config or ExampleConfig.defaults()
     t = examples.timestamp
     if len(t) == 0:
         empty = examples.subset(np.zeros(0, dtype=bool))

@@ -52,9 +52,9 @@ class BaselineError(SettingsError):
 class BaselineConfig(Section):
     """How baselines are fitted; `baselines.*` keys of the run config."""
 
-    popularity_days: float = 30.0
-    tune: bool = True
-    als_iterations: int = 15
+    popularity_days: float
+    tune: bool
+    als_iterations: int
 
     KEYS = {"baselines.popularity-days": "popularity_days", "baselines.tune": "tune",
             "baselines.als-iterations": "als_iterations"}
@@ -66,7 +66,7 @@ class BaselineConfig(Section):
         if self.als_iterations < 1:
             raise BaselineError(f"baselines.als-iterations = {self.als_iterations}: must be >= 1, e.g. 15")
 
-    def defaults(self, name: str) -> dict[str, Any]:
+    def default_setting(self, name: str) -> dict[str, Any]:
         return {"popularity": {"days": self.popularity_days}, "repeat": {"half_life_days": 30.0},
                 "item-knn": {"neighbours": 100}, "als": {"factors": 64, "alpha": 1.0},
                 "text": {"recent": 5}}[name]
@@ -74,7 +74,7 @@ class BaselineConfig(Section):
     def grid(self, name: str) -> list[dict[str, Any]]:
         """The settings tried on the validation split (the default among them)."""
         if not self.tune:
-            return [self.defaults(name)]
+            return [self.default_setting(name)]
         grids: dict[str, list[dict[str, Any]]] = {
             "popularity": [{"days": d} for d in sorted({7.0, 14.0, 30.0, 90.0, 365.0, self.popularity_days})],
             "repeat": [{"half_life_days": h} for h in (7.0, 30.0, 90.0, 365.0, math.inf)],

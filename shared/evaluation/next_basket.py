@@ -90,7 +90,7 @@ def evaluate_baselines(names: list[str], validation: BasketTask | None, test: Ba
     out = []
     for name in names:
         grid = config.grid(name)
-        best, best_score = config.defaults(name), None
+        best, best_score = config.default_setting(name), None
         if len(grid) > 1 and validation is not None and len(validation):
             for params in grid:
                 sums = baseline_sums(name, params, validation, candidates, n_items, config, scope, embeddings, seed)

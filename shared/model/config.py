@@ -33,16 +33,16 @@ def _positive(key: str, value: float, minimum: float = 1) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig(Section):
-    encoder: str = ""
-    max_text_tokens: int = 64
-    dim: int = 64
-    attention_hidden: int = 64
-    head_hidden: int = 64
-    max_position: int = 50
-    ctr_prior: float = 0.05
-    cvr_prior: float = 0.25
-    adapter_layers: int = 0
-    adapter_size: int = 32
+    encoder: str
+    max_text_tokens: int
+    dim: int
+    attention_hidden: int
+    head_hidden: int
+    max_position: int
+    ctr_prior: float
+    cvr_prior: float
+    adapter_layers: int
+    adapter_size: int
 
     ERROR = ModelConfigError
     KEYS = {
@@ -67,14 +67,14 @@ class ModelConfig(Section):
 
 @dataclass(frozen=True)
 class TrainConfig(Section):
-    epochs: int = 8
-    batch_size: int = 1024
-    lr: float = 0.006
-    weight_decay: float = 0.0
-    patience: int = 2
-    device: str = "auto"
-    threads: int = 0
-    seed: int = 0
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    device: str
+    threads: int
+    seed: int
 
     ERROR = ModelConfigError
     KEYS = {

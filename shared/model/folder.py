@@ -58,7 +58,7 @@ def load_model_folder(folder: Path, backbone: Backbone | None = None) -> tuple[C
     verify_digests(folder, (WEIGHTS, CONFIG, ENCODER, *local), error=ModelConfigError)
     settings = json.loads((folder / CONFIG).read_text())
     reference = json.loads((folder / ENCODER).read_text())
-    config = ModelConfig(**settings["model"])
+    config = ModelConfig.defaults(**settings["model"])
     backbone = backbone or load_backbone(config.encoder)
     if backbone.key != reference["key"]:
         raise ModelConfigError(

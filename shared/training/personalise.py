@@ -46,13 +46,13 @@ from .selection import selection_metric, validation_score
 
 @dataclass(frozen=True)
 class PersonaliseConfig(Section):
-    enabled: bool = True
-    epochs: int = 2
-    lr: float = 0.01
-    head: bool = False
-    select: bool = True
-    blend: bool = True
-    min_validation: int = 0
+    enabled: bool
+    epochs: int
+    lr: float
+    head: bool
+    select: bool
+    blend: bool
+    min_validation: int
 
     ERROR = ModelConfigError
     KEYS = {"personalise": "enabled", "personalise-epochs": "epochs", "personalise-lr": "lr",

@@ -41,7 +41,7 @@ def update_sizes(adapter_layers: int, encoder: str) -> dict[str, Any]:
     from fedcvr.shared.model.esmm import initial_model
     from fedcvr.shared.model.weights import trainable_state
 
-    model, backbone = initial_model(ModelConfig(encoder=encoder, adapter_layers=adapter_layers), 0)
+    model, backbone = initial_model(ModelConfig.defaults(encoder=encoder, adapter_layers=adapter_layers), 0)
     update = ArrayRecord(trainable_state(model))  # exactly what a node's reply carries
     encoder_record = ArrayRecord(backbone.model.state_dict())
     return {"adapter_layers": adapter_layers, "update_bytes": update.count_bytes(),

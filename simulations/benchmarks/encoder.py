@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     texts = catalog_texts(root, args.items)
     numeric = torch.zeros(len(texts), 2)
     backbone = load_backbone(args.encoder)
-    tokens = ModelConfig().max_text_tokens
+    tokens = ModelConfig.defaults().max_text_tokens
     reference = SentenceTransformer(str(resolve_encoder_path(args.encoder)), device="cpu")
     reference.max_seq_length = tokens
 
-    frozen = ConversionModel(backbone, ModelConfig(encoder=args.encoder, adapter_layers=0)).eval()
+    frozen = ConversionModel(backbone, ModelConfig.defaults(encoder=args.encoder, adapter_layers=0)).eval()
 
     def ours_cold() -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     ours_s, theirs_s = best_of(args.repeats, ours_cold, theirs)
 
-    adapted = ConversionModel(backbone, ModelConfig(encoder=args.encoder, adapter_layers=1)).eval()
+    adapted = ConversionModel(backbone, ModelConfig.defaults(encoder=args.encoder, adapter_layers=1)).eval()
     with torch.no_grad():  # an adapter update: the adapter is no longer the identity
         for layer in adapted.item_encoder.layers:
             layer.adapter.up.weight.normal_(std=0.02)

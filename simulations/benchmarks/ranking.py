@@ -4,7 +4,7 @@ with `ConversionModel.score` (the history repeated once per candidate), measured
 
     python -m fedcvr.simulations.benchmarks.ranking [--catalog 2048] [--shoppers 8] [--repeats 5] [--out runs/bench]
 
-The model has the app's default sizes (`ModelConfig()`: dim 64, attention and head hidden 64, history 30); item
+The model has the app's default sizes (`ModelConfig.defaults()`: dim 64, attention and head hidden 64, history 30); item
 embeddings are random (ranking cost does not depend on the encoder, whose embeddings are computed once per
 catalog). Both paths must give the same scores (checked). Prints one table and writes `<out>/ranking.json` with the
 machine's description.
@@ -33,7 +33,7 @@ def measure(catalog: int, shoppers: int, repeats: int, history: int = 30, encode
     from fedcvr.shared.model.encoder import load_backbone
     from fedcvr.shared.model.esmm import ConversionModel, ScoreInputs
 
-    config = ModelConfig(**({"encoder": encoder} if encoder else {}), **model_overrides)
+    config = ModelConfig.defaults(**({"encoder": encoder} if encoder else {}), **model_overrides)
     torch.manual_seed(0)
     model = ConversionModel(load_backbone(config.encoder), config).eval()
     generator = torch.Generator().manual_seed(0)

@@ -42,7 +42,7 @@ def prepare(out: Path, items: int, shoppers: int, events: int, encoder: str) -> 
         generate_marketplace(SynthConfig(merchants=1, items=items, shoppers=shoppers, events=events, seed=7), data)
     model_dir = out / f"model-{items}"
     if not (model_dir / "VERSION").is_file():
-        model, backbone = initial_model(ModelConfig(encoder=encoder), 0)
+        model, backbone = initial_model(ModelConfig.defaults(encoder=encoder), 0)
         save_model_folder(model_dir, model, backbone, {"version": "bench", "examples": {"history_length": 30}})
         (model_dir / "VERSION").write_text("bench\n")
     return data / "merchant-01", model_dir
