@@ -73,7 +73,7 @@ def simulate_command(
         "--dp-epsilon", help="ε budget of the whole run, all rounds together (dp.target-epsilon). "
                              "(default: the app's)")] = None,
     strategy: Annotated[str | None, typer.Option(
-        "--strategy", help="Aggregation strategy: fedavg, fedprox or fedadam. (default: fedavg)")] = None,
+        "--strategy", help="Aggregation strategy: fedavg, fedprox or fedadam. (default: the app's strategy)")] = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", help="Seed of the run (and of the synthetic marketplace with --merchants). (default: 0)")] = None,
     local_epochs: Annotated[int | None, typer.Option(
