@@ -51,15 +51,21 @@ def train_central_command(
     data: Path = typer.Option(..., "--data", help="Marketplace folder (one sub-folder per merchant)."),
     out: Path = typer.Option(..., "--out", help="Model folder to write (weights, config, encoder, metrics)."),
     merchants: str = typer.Option("", "--merchants", help="Comma-separated merchant folder names (default: all)."),
-    epochs: int = typer.Option(None, "--epochs", help="Most epochs (early stopping may end sooner). [default: the app's train.epochs]"),
-    encoder: str = typer.Option(None, "--encoder", help="Local BERT folder. [default: the app's model.encoder; \"\" is the packaged all-MiniLM-L6-v2]"),
+    epochs: int = typer.Option(None, "--epochs", help="Most epochs (early stopping may end sooner). "
+                               "[default: the app's train.epochs]"),
+    encoder: str = typer.Option(None, "--encoder", help="Local BERT folder. [default: the app's model.encoder; "
+                                "\"\" is the packaged all-MiniLM-L6-v2]"),
     adapter_layers: int = typer.Option(None, "--adapter-layers", help="Top layers with adapters (0 = frozen "
-                                                                      "embeddings). [default: the app's adapter.layers]"),
-    adapter_size: int = typer.Option(None, "--adapter-size", help="Adapter bottleneck size. [default: the app's adapter.size]"),
-    batch_size: int = typer.Option(None, "--batch-size", help="Examples per step. [default: the app's train.batch-size]"),
-    lr: float = typer.Option(None, "--lr", help="Adam learning rate, decayed along a cosine. [default: the app's train.lr]"),
+                                       "embeddings). [default: the app's adapter.layers]"),
+    adapter_size: int = typer.Option(None, "--adapter-size", help="Adapter bottleneck size. "
+                                     "[default: the app's adapter.size]"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Examples per step. "
+                                   "[default: the app's train.batch-size]"),
+    lr: float = typer.Option(None, "--lr", help="Adam learning rate, decayed along a cosine. "
+                             "[default: the app's train.lr]"),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda. [default: the app's train.device]"),
-    seed: int = typer.Option(None, "--seed", help="Seed for initialisation and shuffling. [default: the app's train.seed]"),
+    seed: int = typer.Option(None, "--seed", help="Seed for initialisation and shuffling. "
+                             "[default: the app's train.seed]"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Folder of the frozen-prefix cache. "
                                                              "[default: ~/.cache/fedcvr/prefix or $FEDCVR_CACHE]"),
     test_from: str = typer.Option("", "--test-from", help="Date where the test split starts, e.g. 2011-11-01; "
@@ -70,7 +76,8 @@ def train_central_command(
                                        "('' for none)."),
     popularity_days: float = typer.Option(None, "--popularity-days",
                                           help="Window W of the popularity baseline, in days (tuned on validation "
-                                               "unless --no-tune). [default: the app's baselines.popularity-days]"),
+                                               "unless --no-tune). [default: the app's "
+                                               "baselines.popularity-days]"),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune each baseline's setting on the validation split."),
     run_config: str = typer.Option("", "--run-config", help="Model, training and example settings as run config "
                                    "keys, \"key=value ...\" with TOML values, e.g. \"examples.negatives=8 "
