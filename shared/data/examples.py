@@ -100,8 +100,24 @@ def parse_test_from(text: str) -> pd.Timestamp:
     return stamp.tz_convert("UTC").tz_localize(None) if stamp.tzinfo else stamp
 
 
-@dataclass
-class Examples:
+@dataclass(kw_only=True)
+class ExampleColumns:
+    """The per-example labels, histories and signals that one merchant's `Examples` and a pooled training set
+    (`training/data.py`) both hold, N examples and L history slots (see `Examples` for each column)."""
+
+    clicked: np.ndarray
+    purchased: np.ndarray
+    history_item: np.ndarray
+    history_event: np.ndarray
+    history_age_hours: np.ndarray
+    true_p_click: np.ndarray
+    true_p_purchase: np.ndarray
+    signals: np.ndarray
+    log_q: np.ndarray
+
+
+@dataclass(kw_only=True)
+class Examples(ExampleColumns):
     """Examples of one merchant as aligned arrays; N examples, L history slots.
 
     item_ids (I,) catalog item ids, row order of the items table: item codes index into it
@@ -124,15 +140,6 @@ class Examples:
     item: np.ndarray
     timestamp: np.ndarray
     position: np.ndarray
-    clicked: np.ndarray
-    purchased: np.ndarray
-    history_item: np.ndarray
-    history_event: np.ndarray
-    history_age_hours: np.ndarray
-    true_p_click: np.ndarray
-    true_p_purchase: np.ndarray
-    signals: np.ndarray
-    log_q: np.ndarray
     implicit: bool
 
     _PER_EXAMPLE = ("user", "item", "timestamp", "position", "clicked", "purchased", "history_item",

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.examples import Examples
+from ..data.examples import ExampleColumns, Examples
 from ..model.encoder import item_text
 from ..model.esmm import ScoreInputs
 
@@ -49,8 +49,8 @@ class Catalog:
         return codes.astype(np.int64)
 
 
-@dataclass
-class TrainingSet:
+@dataclass(kw_only=True)
+class TrainingSet(ExampleColumns):
     """N examples in catalog codes. merchant (N,) index of the merchant; user (N,) shopper, unique over merchants;
     timestamp (N,) ns; slot (N,) position + 1, 0 = unknown; other fields as in `Examples`."""
 
@@ -59,15 +59,6 @@ class TrainingSet:
     item: np.ndarray
     timestamp: np.ndarray
     slot: np.ndarray
-    clicked: np.ndarray
-    purchased: np.ndarray
-    history_item: np.ndarray
-    history_event: np.ndarray
-    history_age_hours: np.ndarray
-    true_p_click: np.ndarray
-    true_p_purchase: np.ndarray
-    signals: np.ndarray
-    log_q: np.ndarray
 
     def __len__(self) -> int:
         return len(self.item)
