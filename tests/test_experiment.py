@@ -70,6 +70,7 @@ def test_bad_configs_name_the_field(tmp_path, text, needle):
         Experiment.from_toml(write(tmp_path, text))
 
 
+@pytest.mark.slow  # whole runs: the integration lane (`make test-slow`)
 def test_a_grid_runs_into_a_tidy_table_and_resumes(tmp_path, tiny_market, tiny_bert):
     experiment = Experiment.from_toml(write(tmp_path, TINY.format(data=tiny_market, bert=tiny_bert)))
     seen, progressed = [], []

@@ -29,6 +29,7 @@ def test_initial_weights_are_the_coordinators(tiny_market, tiny_bert, tmp_path, 
         torch.testing.assert_close(first[name], value)
 
 
+@pytest.mark.slow  # whole runs: the integration lane (`make test-slow`)
 def test_compare_trains_each_merchant_alone_with_the_runs_budget(tiny_market, tiny_bert, tmp_path, server_identity):
     grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "run")
     run_training(grid, run_config, ServerConfig.from_run_config(run_config))

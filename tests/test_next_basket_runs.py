@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -117,6 +118,7 @@ def _experiment(tmp_path, data, bert) -> object:
     return config
 
 
+@pytest.mark.slow  # whole runs: the integration lane (`make test-slow`)
 def test_an_experiment_reports_the_model_beside_the_baselines(tmp_path, tiny_purchase_market, tiny_bert):
     from fedcvr.simulations.experiment import run_grid
     from fedcvr.simulations.experiment_config import Experiment

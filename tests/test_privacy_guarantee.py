@@ -51,6 +51,7 @@ def spent(rows: list[dict]) -> list[tuple[int, float, float]]:
     return [(row["round"], round(row["max-epsilon"], 9), row["delta"]) for row in rows]
 
 
+@pytest.mark.slow  # whole runs: the integration lane (`make test-slow`)
 def test_runs_resumed_into_new_folders_report_what_an_uninterrupted_run_spent(tiny_market, tiny_bert, tmp_path):
     whole = run(tiny_market, tiny_bert, tmp_path / "whole")
     assert [row["nodes-trained"] for row in whole] == [3, 3, 3]

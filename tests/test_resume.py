@@ -46,7 +46,7 @@ def metrics_of(rows):
     return [{k: v for k, v in row.items() if k not in TIMES} for row in rows]
 
 
-@pytest.mark.parametrize("strategy, dp", [("fedavg", True), ("fedadam", False)])
+@pytest.mark.parametrize("strategy, dp", [pytest.param("fedavg", True, marks=pytest.mark.slow), ("fedadam", False)])
 def test_resumed_run_equals_uninterrupted_run(tiny_market, tiny_bert, tmp_path, server_identity, strategy, dp):
     settings = {"num-server-rounds": 3, "strategy": strategy, "dp.enabled": dp}
     grid, run_config = federation(tiny_market, tiny_bert, tmp_path / "whole", **settings)
