@@ -16,6 +16,7 @@ Expected problems (data folder, data validation, settings) go back as error repl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from logging import ERROR
 from typing import Any
@@ -94,8 +95,10 @@ def evaluate(message: Message, context: Context) -> Message:
         split = str(config.get(protocol.SPLIT, "validation"))
         rank = bool(config.get(protocol.RANK, True))
         personalised = bool(config.get(protocol.PERSONALISED, False))
+        started = time.perf_counter()
         record = node.evaluate(message.content[protocol.ARRAYS].to_torch_state_dict(), split, rank=rank,
                                personalised=personalised and node.settings.personalise.enabled)
+        record[protocol.EVALUATE_SECONDS] = time.perf_counter() - started
     except _EXPECTED as err:
         return _error(message, context, err)
     return Message(RecordDict({protocol.METRICS: MetricRecord(record)}), reply_to=message)

@@ -158,6 +158,9 @@ def merge_node_metrics(node_metrics: Mapping[int, Mapping[str, Scalar]]) -> dict
     pair = worst_privacy([(r["epsilon"], r["delta"]) for r in rows if "epsilon" in r])
     if pair is not None:
         out["epsilon"], out["delta"] = pair
+    seconds = [float(r["train-seconds"]) for r in rows if "train-seconds" in r]
+    if seconds:  # the nodes trained side by side: the round waited for the slowest
+        out["train-seconds"] = max(seconds)
     return out
 
 

@@ -6,7 +6,8 @@ Aggregation is Flower's own (weighted by each node's `num-examples`). On top of 
   (`max-epsilon`, `delta`), a pair that every node's guarantee meets (not the largest ε with its own node's δ);
 - bytes sent (global weights x nodes asked) and received (the nodes' weights) are counted;
 - time: the round's wall time (`seconds`), the nodes' own training time (`client-train-seconds`, summed, and
-  `client-train-seconds-max`) and the aggregation's (`aggregate-seconds`); the rest is evaluation and overhead;
+  `client-train-seconds-max`), the slowest node's own evaluation time (`client-evaluate-seconds-max`) and the
+  aggregation's (`aggregate-seconds`); the rest is overhead (messages, a deployed node's process per message);
 - screening (`robust.py`): each update is checked against the global weights sent; one with other arrays or
   shapes, NaN/Inf values, or a change far above the round's median is rejected, logged with its node id and
   left out; the round goes on with the others. Nodes that replied with an error or not at all within
@@ -80,7 +81,13 @@ def run_privacy(rows: Iterable[dict[str, Any]]) -> dict[str, float] | None:
 
 
 def _evaluate_metrics(contents: list, weighted_by_key: str) -> MetricRecord:
-    return MetricRecord(merge_evaluations([dict(c["metrics"]) for c in contents]))
+    """The nodes' sums added up and finalised, and the slowest node's own evaluation time."""
+    out = merge_evaluations([dict(c["metrics"]) for c in contents])
+    seconds = [float(c["metrics"][protocol.EVALUATE_SECONDS]) for c in contents
+               if protocol.EVALUATE_SECONDS in c["metrics"]]
+    if seconds:
+        out["client-evaluate-seconds-max"] = max(seconds)
+    return MetricRecord(out)
 
 
 class RoundBook:

@@ -281,9 +281,13 @@ def finalise(sums: MetricSums) -> dict[str, float | None]:
     return result
 
 
+_NOT_SUMS = ("num-examples", "evaluate-seconds")  # keys of an evaluation reply beside its sums (`protocol.py`)
+
+
 def merge_evaluations(records: Iterable[Mapping[str, object]]) -> dict[str, float]:
-    """Server side: add up the nodes' metric records (`MetricSums.to_record`, a reply's `num-examples` ignored),
-    then finalise; metrics without a value (None, or not finite) are left out."""
-    parts = [MetricSums.from_record({k: v for k, v in r.items() if k != "num-examples"}) for r in records]
+    """Server side: add up the nodes' metric records (`MetricSums.to_record`; a reply's `num-examples` and
+    `evaluate-seconds`, which are not sums, ignored), then finalise; metrics without a value (None, or not finite)
+    are left out."""
+    parts = [MetricSums.from_record({k: v for k, v in r.items() if k not in _NOT_SUMS}) for r in records]
     final = finalise(merge_all(parts))
     return {k: float(v) for k, v in final.items() if v is not None and np.isfinite(v)}

@@ -7,7 +7,8 @@ Messages (Flower Message API):
                   FEDERATION_ID); reply: ARRAYS (the new weights) and METRICS (NUM_EXAMPLES, TRAIN_LOSS,
                   TRAIN_SECONDS, EPSILON with DELTA under DP), or a DECLINED error (below)
   evaluate        ARRAYS and CONFIG (SPLIT, RANK, PERSONALISED); reply: METRICS, the metric sums of
-                  `metrics.py` (the server adds them up and finalises: `metrics.merge_evaluations`)
+                  `metrics.py` (the server adds them up and finalises: `metrics.merge_evaluations`) and
+                  EVALUATE_SECONDS, the node's own time for the evaluation (not a sum: left out of the merge)
   query.SAVE_MODEL  ARRAYS and CONFIG (MODEL_VERSION); reply: SAVED (MODEL_VERSION, MODEL_DIR)
   query.TRAIN_SIZE  no content; reply: SIZE (TRAIN_SIZE_KEY), the weight of the node's update under SecAgg+
 Reply statuses:
@@ -47,6 +48,7 @@ MODEL_DIR = "model-dir"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
+EVALUATE_SECONDS = "evaluate-seconds"
 EPSILON = "epsilon"
 DELTA = "delta"
 TRAIN_SIZE_KEY = "train-size"

@@ -27,6 +27,9 @@ def test_fedavg_with_dp_trains_reports_epsilon_and_pushes_the_model_back(tiny_ma
     # the round's time: the nodes' training (summed over the 3 nodes, and the slowest) and the aggregation
     assert all(0 < r["client-train-seconds-max"] <= r["client-train-seconds"] < r["seconds"] for r in rounds)
     assert all(0 <= r["aggregate-seconds"] < r["seconds"] for r in rounds)
+    # and the slowest node's own evaluation, beside the sums (never merged into them)
+    assert all(0 < r["client-evaluate-seconds-max"] < r["seconds"] for r in rounds)
+    assert "evaluate-seconds" not in rounds[0] and "evaluate-seconds" not in summary["test"]
     assert json.loads((tmp_path / "run" / "history.json").read_text()) == rounds
     assert 0 < summary["test"]["ctcvr.auc"] < 1
     version = summary["model_version"]

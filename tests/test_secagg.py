@@ -144,6 +144,10 @@ def test_merge_node_metrics_weights_the_loss_and_keeps_the_largest_epsilon_and_d
     merged = merge_node_metrics({1: {"num-examples": 100, "train-loss": 1.0, "epsilon": 2.0, "delta": 1e-5},
                                  2: {"num-examples": 300, "train-loss": 0.5, "epsilon": 3.0, "delta": 1e-6}})
     assert merged == {"num-examples": 400, "nodes-trained": 2, "train-loss": 0.625, "epsilon": 3.0, "delta": 1e-5}
+    # the nodes train side by side: the round waited for the slowest one's training
+    timed = merge_node_metrics({1: {"num-examples": 1, "train-loss": 1.0, "train-seconds": 4.0},
+                                2: {"num-examples": 1, "train-loss": 1.0, "train-seconds": 9.5}})
+    assert timed["train-seconds"] == 9.5
 
 
 def test_federated_training_with_dp_under_secagg(tiny_market, tiny_bert, tmp_path, server_identity):
