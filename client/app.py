@@ -33,8 +33,11 @@ from fedcvr.shared.secagg import is_secure_instruction
 from fedcvr.shared.settings import SettingsError
 
 from .data_source import DataSourceError, resolve_data_dir
-from .node import ledger_path, node_for, resolve_model_dir, resumed_ledger_path
 from .secagg import SecureTrainingError, secure_train
+
+# Flower starts a fresh ClientApp process for each message of a deployed node, so this module imports only what
+# every message needs (flwr and the protocol): torch, transformers, opacus and pandas come with `node.py`, which
+# a handler imports when its message needs the model (3 of a SecAgg+ round's 4 stages never do).
 
 _EXPECTED = (DataSourceError, DataValidationError, SettingsError, PrivacyLedgerError, ValueError)
 
@@ -49,6 +52,8 @@ def _error(message: Message, context: Context, err: Exception | str) -> Message:
 
 def train_once(arrays: dict, config: Mapping[str, Any], context: Context) -> tuple[dict | None, dict, str]:
     """One local round on this node's merchant: (new weights or None when declined, metrics, reason)."""
+    from .node import ledger_path, node_for, resumed_ledger_path
+
     folder = resolve_data_dir(context.node_config, context.run_config)
     node = node_for(folder, context.run_config)
     return node.train(arrays, context.state, int(config.get(protocol.SERVER_ROUND, 1)),
@@ -89,6 +94,8 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
+    from .node import node_for
+
     try:
         node = node_for(resolve_data_dir(context.node_config, context.run_config), context.run_config)
         config = message.content[protocol.CONFIG]
@@ -106,6 +113,8 @@ def evaluate(message: Message, context: Context) -> Message:
 
 @app.query(protocol.SAVE_MODEL)
 def save_model(message: Message, context: Context) -> Message:
+    from .node import node_for, resolve_model_dir
+
     try:
         folder = resolve_data_dir(context.node_config, context.run_config)
         node = node_for(folder, context.run_config)
@@ -121,6 +130,8 @@ def save_model(message: Message, context: Context) -> Message:
 @app.query(protocol.TRAIN_SIZE)
 def train_size(message: Message, context: Context) -> Message:
     """The size of this node's training split: the weight of its update under secure aggregation."""
+    from .node import node_for
+
     try:
         node = node_for(resolve_data_dir(context.node_config, context.run_config), context.run_config)
     except _EXPECTED as err:

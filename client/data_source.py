@@ -15,8 +15,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedcvr.shared.data.loader import merchant_folders
-
 
 class DataSourceError(ValueError):
     """The node cannot tell, or cannot find, its merchant's data folder."""
@@ -64,6 +62,8 @@ def resolve_data_dir(node_config: Mapping[str, object], run_config: Mapping[str,
             "the run config has no `data-root`: in a simulation it names the marketplace folder with one "
             "sub-folder per merchant (e.g. --run-config \"data-root='/abs/path/to/marketplace'\").")
     root = _folder("data-root", run_config["data-root"], "run config")
+    from fedcvr.shared.data.tables import merchant_folders  # pandas: only in simulation, where it is loaded anyway
+
     try:
         folders = merchant_folders(root)
     except FileNotFoundError as err:

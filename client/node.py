@@ -29,7 +29,6 @@ from fedcvr.shared.model.prefix_cache import PrefixCache
 from fedcvr.shared.model.weights import load_trainable_state, trainable_state
 from fedcvr.shared.privacy import PrivacyLedger, PrivacyLedgerError, dp_report
 from fedcvr.shared.settings import SettingsError, with_defaults
-from fedcvr.shared.training.local import train_round
 from fedcvr.shared.training.loop import ItemSide, model_sums, resolve_device
 from fedcvr.shared.training.personalise import Outcome, PersonaliseConfig, personalise
 from fedcvr.shared.training.prepare import Prepared, prepare
@@ -108,6 +107,8 @@ class MerchantNode:
         With DP, the node's privacy ledger lives in `state` (the node's context.state) and, when `ledger_file`
         is given, also on disk, so that what was spent survives a restarted node or a resumed run; `resumed_file`
         is the ledger the node kept in the run this one resumes (`resumed_ledger_path`)."""
+        from fedcvr.shared.training.local import train_round  # with Opacus: only a training message needs it
+
         self.load(arrays)
         s = self.settings
         ledger = load_ledger(state, ledger_file, federation, resumed_file) if s.dp.enabled else None

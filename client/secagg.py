@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from logging import WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -23,8 +22,12 @@ from flwr.compat.common import recorddict_compat as compat
 from fedcvr.shared import protocol
 from fedcvr.shared.secagg import MAX_WEIGHT_KEY, WEIGHT_NAMES_KEY
 
+if TYPE_CHECKING:  # torch is imported by the one stage that trains: the others answer without it
+    import torch
+
 # (weights, instruction config) -> (new weights, metrics); raises with the reason when the node cannot train
-TrainFn = Callable[[dict[str, torch.Tensor], Mapping[str, Any]], tuple[Mapping[str, torch.Tensor], dict[str, Any]]]
+TrainFn = Callable[[dict[str, "torch.Tensor"], Mapping[str, Any]],
+                   tuple[Mapping[str, "torch.Tensor"], dict[str, Any]]]
 
 
 class SecureTrainingError(RuntimeError):
@@ -39,6 +42,8 @@ def legacy_fit(message: Message, train: TrainFn) -> Message:
     if len(names) != len(arrays):
         raise SecureTrainingError(f"the instruction names {len(names)} weights but carries {len(arrays)}: the "
                                   "coordinator and this node run different fedcvr versions.")
+    import torch
+
     new, report = train({name: torch.from_numpy(np.array(a)) for name, a in zip(names, arrays, strict=True)},
                         fitins.config)
     missing = [name for name in names if name not in new]

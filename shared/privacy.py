@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, RecordDict
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from .dp_config import DPConfig, PrivacyConfigError, _is_number, delta_for
 
@@ -74,6 +72,8 @@ def plan_noise(config: DPConfig, sample_rate: float, steps_per_round: int, round
         raise PrivacyConfigError(f"rounds = {rounds!r}: must be a whole number >= 1 (the rounds planned for the run)")
     if not (_is_number(delta) and 0 < delta < 1):
         raise PrivacyConfigError(f"delta = {delta!r}: must be between 0 and 1; use delta_for(n_examples)")
+    from opacus.accountants.utils import get_noise_multiplier
+
     steps = rounds * steps_per_round
     try:
         with warnings.catch_warnings():  # the search's far-off trial noises warn about the RDP order range
@@ -101,6 +101,8 @@ def _merged(history: Sequence[Entry], noise: float, sample_rate: float, steps: i
 
 
 def _epsilon(history: Sequence[Entry], delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta))
@@ -186,6 +188,8 @@ class PrivacyLedger:
     def attach(self, privacy_engine: PrivacyEngine) -> None:
         """Load this ledger's history into `privacy_engine`'s RDP accountant, before `make_private`, so that
         Opacus's own bookkeeping (and `privacy_engine.get_epsilon`) continues from the earlier rounds."""
+        from opacus.accountants import RDPAccountant
+
         accountant = privacy_engine.accountant
         if not isinstance(accountant, RDPAccountant):
             raise PrivacyLedgerError(f"privacy engine accountant = {accountant.mechanism()!r}: the ledger holds RDP "

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,22 +47,46 @@ def resolve_encoder_path(encoder: str) -> Path:
     return path
 
 
-@dataclass
 class Backbone:
-    """A frozen BERT model with its tokenizer; `key` identifies its weights for caching."""
+    """A frozen BERT model with its tokenizer; `key` identifies its weights for caching.
 
-    model: nn.Module
-    tokenizer: object
-    path: Path
-    key: str
+    The weights load on first use of `model` or `tokenizer`: sizes come from config.json, so a node whose item
+    states all come from the prefix cache (frozen embeddings, `adapter.layers = 0`) never loads them, which spares
+    a deployed node's fresh process per message the import of transformers and the read of ~90 MB."""
+
+    def __init__(self, encoder: str, path: Path, key: str, config: Mapping[str, Any]):
+        self.encoder, self.path, self.key = encoder, path, key
+        try:
+            self.hidden_size = int(config["hidden_size"])
+            self.num_layers = int(config["num_hidden_layers"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelConfigError(f"model.encoder = {encoder!r}: {path / 'config.json'} does not give the BERT "
+                                   f"sizes hidden_size and num_hidden_layers ({err!r})") from None
+        self._loaded: tuple[nn.Module, object] | None = None
+        self._lock = threading.Lock()
 
     @property
-    def num_layers(self) -> int:
-        return len(self.model.encoder.layer)
+    def loaded(self) -> bool:
+        """Whether the weights have been read (by a use of `model` or `tokenizer`)."""
+        return self._loaded is not None
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+    def model(self) -> nn.Module:
+        return self._load()[0]
+
+    @property
+    def tokenizer(self) -> object:
+        return self._load()[1]
+
+    def _load(self) -> tuple[nn.Module, object]:
+        with self._lock:  # two threads of a service may ask at once: one load
+            if self._loaded is None:
+                self._loaded = _load_weights(self.encoder, self.path)
+                layers = len(self._loaded[0].encoder.layer)
+                if layers != self.num_layers:
+                    raise ModelConfigError(f"model.encoder = {self.encoder!r}: {self.path} holds {layers} layers "
+                                           f"where its config.json says {self.num_layers}")
+            return self._loaded
 
 
 def _backbone_key(path: Path) -> str:
@@ -90,30 +116,44 @@ def load_backbone(encoder: str) -> Backbone:
 
 
 def _load_backbone(encoder: str, path: Path, key: str) -> Backbone:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """The backbone of `path`, its config and files checked; the weights load on first use."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ModelConfigError(f"model.encoder = {encoder!r}: cannot read {path / 'config.json'}: {err}") from err
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "bert":
+        raise ModelConfigError(
+            f"model.encoder = {encoder!r}: the model in {path} is a '{model_type}' model; fedcvr needs a "
+            "BERT-family checkpoint (model_type 'bert', e.g. all-MiniLM-L6-v2 or bert-base-chinese)")
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    tokenizer = [name for name in ("tokenizer.json", "vocab.txt") if (path / name).is_file()]
+    if not weights or not tokenizer:
+        raise ModelConfigError(f"model.encoder = {encoder!r}: {path} has no "
+                               f"{'weights' if not weights else 'tokenizer files'}. " + _FILES_NEEDED)
+    return Backbone(encoder, path, key, config)
+
+
+_FILES_NEEDED = ("The folder needs weights (model.safetensors or pytorch_model.bin) and tokenizer files "
+                 "(tokenizer.json or vocab.txt).")
+
+
+def _load_weights(encoder: str, path: Path) -> tuple[nn.Module, object]:
+    from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # unused pooler weights of sentence-transformers checkpoints are expected
     hf_logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ModelConfigError(f"model.encoder = {encoder!r}: cannot read {path / 'config.json'}: {err}") from err
-    if config.model_type != "bert":
-        raise ModelConfigError(
-            f"model.encoder = {encoder!r}: the model in {path} is a '{config.model_type}' model; fedcvr needs a "
-            "BERT-family checkpoint (model_type 'bert', e.g. all-MiniLM-L6-v2 or bert-base-chinese)")
-    try:
         model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelConfigError(f"model.encoder = {encoder!r}: cannot load the model or tokenizer in {path}: {err}. "
-                               "The folder needs weights (model.safetensors or pytorch_model.bin) and tokenizer "
-                               "files (tokenizer.json or vocab.txt).") from err
+                               + _FILES_NEEDED) from err
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return Backbone(model=model, tokenizer=tokenizer, path=path, key=key)
+    return model, tokenizer
 
 
 def check_adapter_layers(backbone: Backbone, adapter_layers: int) -> None:
