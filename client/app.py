@@ -50,6 +50,14 @@ def _error(message: Message, context: Context, err: Exception | str) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
+def _weights(content: RecordDict) -> dict:
+    """A message content's weights as torch tensors. flwr converts only when torch is already imported (it looks in
+    sys.modules), which this module leaves to the handlers that need it."""
+    import torch  # noqa: F401
+
+    return content[protocol.ARRAYS].to_torch_state_dict()
+
+
 def train_once(arrays: dict, config: Mapping[str, Any], context: Context) -> tuple[dict | None, dict, str]:
     """One local round on this node's merchant: (new weights or None when declined, metrics, reason)."""
     from .node import ledger_path, node_for, resumed_ledger_path
@@ -82,7 +90,7 @@ def train(message: Message, context: Context) -> Message:
     if is_secure_instruction(message):  # a stage of a SecAgg+ round: the same training, a masked update out
         return secure_train(message, context, _train_for_secure_round(context))
     try:
-        arrays, report, reason = train_once(message.content[protocol.ARRAYS].to_torch_state_dict(),
+        arrays, report, reason = train_once(_weights(message.content),
                                             message.content[protocol.CONFIG], context)
     except _EXPECTED as err:
         return _error(message, context, err)
@@ -103,7 +111,7 @@ def evaluate(message: Message, context: Context) -> Message:
         rank = bool(config.get(protocol.RANK, True))
         personalised = bool(config.get(protocol.PERSONALISED, False))
         started = time.perf_counter()
-        record = node.evaluate(message.content[protocol.ARRAYS].to_torch_state_dict(), split, rank=rank,
+        record = node.evaluate(_weights(message.content), split, rank=rank,
                                personalised=personalised and node.settings.personalise.enabled)
         record[protocol.EVALUATE_SECONDS] = time.perf_counter() - started
     except _EXPECTED as err:
@@ -120,7 +128,7 @@ def save_model(message: Message, context: Context) -> Message:
         node = node_for(folder, context.run_config)
         version = str(message.content[protocol.CONFIG][protocol.MODEL_VERSION])
         target = resolve_model_dir(context.node_config, context.run_config, folder.name)
-        saved = node.save_model(message.content[protocol.ARRAYS].to_torch_state_dict(), target, version)
+        saved = node.save_model(_weights(message.content), target, version)
     except _EXPECTED as err:
         return _error(message, context, err)
     return Message(RecordDict({protocol.SAVED: ConfigRecord({protocol.MODEL_VERSION: version,

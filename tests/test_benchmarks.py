@@ -91,6 +91,9 @@ def test_the_suite_summarises_every_figure_against_its_target():
         "serving": {"retrieval": {"ratio_of_medians": 1.3}, "http": {"recommend": {"p50_ms": 5.0, "p99_ms": 17.0}}},
         "scale": {"seconds_per_round_fit": {"slope": 1.5, "r2": 0.999}, "peak_mb_fit": {"slope": 20.0, "r2": 0.99}},
         "gpu": {"measured": False, "reason": "no CUDA device is visible"},
+        "deployed_round": {"merchants": 3, "rounds": [
+            {"mode": "plain", "overhead_per_message_s": 2.5}, {"mode": "plain", "overhead_per_message_s": 3.5},
+            {"mode": "secagg", "overhead_per_message_s": 1.2}]},
     }
     rows = {figure: (value, target, met) for figure, value, target, met in summary(results)}
     assert rows["DP step / plain step (adapter.layers 1, hooks)"] == ("2.50", "<= 2.0", "NO")
@@ -100,6 +103,20 @@ def test_the_suite_summarises_every_figure_against_its_target():
     assert rows["re-encode: full forward / cached prefix"] == ("40.0x", ">= 3", "yes")
     assert rows["scale: s/round per merchant (fit)"][2] == "yes"
     assert rows["GPU / CPU step speed-up"][0].startswith("not measured")
+    # the worst round counts
+    assert rows["deployed round overhead per message (plain, 3 nodes, worst round)"] == ("3.5 s", "<= 3 s", "NO")
+    assert rows["deployed round overhead per message (secagg, 3 nodes, worst round)"][2] == "yes"
+
+
+def test_deployed_round_splits_each_round_into_work_and_overhead(tmp_path):
+    from fedcvr.simulations.benchmarks.deployed_round import round_rows
+
+    (tmp_path / "rounds.jsonl").write_text(
+        json.dumps({"round": 1, "seconds": 20.0, "client-train-seconds-max": 12.0,
+                    "client-evaluate-seconds-max": 2.0}) + "\n" + json.dumps({"round": 2, "seconds": 9.0}) + "\n")
+    first, second = round_rows(tmp_path, "secagg")
+    assert first["overhead_s"] == pytest.approx(6.0) and first["overhead_per_message_s"] == pytest.approx(1.2)
+    assert second["overhead_s"] == pytest.approx(9.0)  # nothing measured: all of it counts as overhead
 
 
 def test_ranking_benchmark_scores_the_same_both_ways_and_times_them(tmp_path, tiny_bert, capsys):

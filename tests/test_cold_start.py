@@ -20,12 +20,21 @@ HEAVY = ("torch", "transformers", "opacus", "pandas")
 
 
 def test_the_client_app_imports_no_model_library():
-    probe = ("import json, sys; import fedcvr.client.app; "
-             f"print(json.dumps({{m: m in sys.modules for m in {HEAVY!r}}}))")
+    probe = f"""
+import json, sys
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+import fedcvr.client.app as app
+loaded = {{m: m in sys.modules for m in {HEAVY!r}}}
+# a handler that needs the weights as tensors gets them (flwr converts only once torch is imported)
+weights = app._weights(RecordDict({{"arrays": ArrayRecord({{"w": Array(np.ones(3, np.float32))}})}}))
+print(json.dumps({{"loaded": loaded, "tensor": type(weights["w"]).__name__, "sum": float(weights["w"].sum())}}))
+"""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env,
                          timeout=120, check=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == dict.fromkeys(HEAVY, False)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"loaded": dict.fromkeys(HEAVY, False), "tensor": "Tensor", "sum": 3.0}
 
 
 def test_a_node_with_cached_frozen_embeddings_never_reads_the_bert_weights(tiny_market, tiny_bert, tmp_path,

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedcvr.shared.processes import interrupt_on_sigterm
 from fedcvr.simulations.benchmarks.common import command, machine, print_table, write_result
 from fedcvr.simulations.launcher import free_ports
 
@@ -114,6 +115,42 @@ def round_rows(run_dir: Path, mode: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _run_federation(args: argparse.Namespace, folders: list[Path], work: Path, env: dict[str, str],
+                    procs: Processes, rows: list[dict[str, Any]]) -> None:
+    """Keys, a SuperLink, the merchants' nodes, then one run per mode; each round's row appended to `rows`."""
+    keys, home = work / "keys", work / "coordinator"
+    link_port, control_port, *node_ports = free_ports(2 + args.merchants)
+    _run([_fedcvr(), "keys", "init", str(keys), "--superlink-host", "127.0.0.1", "--merchants",
+          str(args.merchants)], env)
+    procs.start("superlink", [_fedcvr(), "coordinator", "start", "--home", str(home), "--keys", str(keys),
+                              "--host", "127.0.0.1", "--port", str(link_port),
+                              "--control-address", f"127.0.0.1:{control_port}"])
+    _wait_for_port(link_port, 60)
+    _wait_for_port(control_port, 60)
+    for i, folder in enumerate(folders, start=1):
+        _run([_fedcvr(), "coordinator", "register", str(keys / "merchants" / f"merchant-{i:02d}.pub"),
+              "--home", str(home)], env)
+        procs.start(f"merchant-{i}", [
+            _fedcvr(), "merchant", "start", "--data-dir", str(folder), "--model-dir",
+            str(work / f"merchant-{i}" / "model"), "--superlink", f"127.0.0.1:{link_port}",
+            "--ca", str(keys / "ca.pem"), "--key", str(keys / "merchants" / f"merchant-{i:02d}"),
+            "--port", str(node_ports[i - 1])])
+    for mode in args.modes:
+        run_dir = work / f"run-{mode}"
+        run = [_fedcvr(), "coordinator", "run", "--home", str(home), "--out", str(run_dir), "--rounds",
+               str(args.rounds)] + (["--secagg"] if mode == "secagg" else [])
+        if args.run_config:
+            run += ["--run-config", args.run_config]
+        started = time.perf_counter()
+        _run(run, env, timeout=3600)
+        print(f"{mode}: {args.rounds} round(s) in {time.perf_counter() - started:.0f} s", flush=True)
+        failed = [r for r in round_rows(run_dir, mode) if r["train_s"] == 0.0]
+        if failed:
+            raise RuntimeError(f"{mode}: round(s) {[r['round'] for r in failed]} trained on no node: see "
+                               f"{run_dir / 'rounds.jsonl'} (failed) and the logs in {work / 'logs'}")
+        rows += round_rows(run_dir, mode)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="Marketplace folder (default: the synthetic default in OUT/data)")
@@ -148,38 +185,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"{data} has {len(folders)} merchant folders, fewer than --merchants {args.merchants}")
     fill_prefix_cache(folders, parse_run_config(args.run_config))
 
-    keys, home = work / "keys", work / "coordinator"
-    link_port, control_port, *node_ports = free_ports(2 + args.merchants)
     procs = Processes(work / "logs", env)
     rows: list[dict[str, Any]] = []
-    try:
-        _run([_fedcvr(), "keys", "init", str(keys), "--superlink-host", "127.0.0.1", "--merchants",
-              str(args.merchants)], env)
-        procs.start("superlink", [_fedcvr(), "coordinator", "start", "--home", str(home), "--keys", str(keys),
-                                  "--host", "127.0.0.1", "--port", str(link_port),
-                                  "--control-address", f"127.0.0.1:{control_port}"])
-        _wait_for_port(link_port, 60)
-        _wait_for_port(control_port, 60)
-        for i, folder in enumerate(folders, start=1):
-            _run([_fedcvr(), "coordinator", "register", str(keys / "merchants" / f"merchant-{i:02d}.pub"),
-                  "--home", str(home)], env)
-            procs.start(f"merchant-{i}", [
-                _fedcvr(), "merchant", "start", "--data-dir", str(folder), "--model-dir",
-                str(work / f"merchant-{i}" / "model"), "--superlink", f"127.0.0.1:{link_port}",
-                "--ca", str(keys / "ca.pem"), "--key", str(keys / "merchants" / f"merchant-{i:02d}"),
-                "--port", str(node_ports[i - 1])])
-        for mode in args.modes:
-            run_dir = work / f"run-{mode}"
-            run = [_fedcvr(), "coordinator", "run", "--home", str(home), "--out", str(run_dir), "--rounds",
-                   str(args.rounds)] + (["--secagg"] if mode == "secagg" else [])
-            if args.run_config:
-                run += ["--run-config", args.run_config]
-            started = time.perf_counter()
-            _run(run, env, timeout=3600)
-            print(f"{mode}: {args.rounds} round(s) in {time.perf_counter() - started:.0f} s", flush=True)
-            rows += round_rows(run_dir, mode)
-    finally:
-        procs.stop_all()
+    with interrupt_on_sigterm():  # a benchmark stopped with SIGTERM still stops every process it started
+        try:
+            _run_federation(args, folders, work, env, procs, rows)
+        finally:
+            procs.stop_all()
     table = [(f"{r['mode']} round {r['round']}",
               f"{r['round_s']:6.1f} s = slowest training {r['train_s']:5.1f} s + slowest evaluation "
               f"{r['evaluate_s']:4.1f} s + overhead {r['overhead_s']:5.1f} s ({r['messages']} messages: "
