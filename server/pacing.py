@@ -5,7 +5,8 @@
 ClientApp process (about 10 s of imports on 2 cores, far more on a busy machine) before it trains, so a number that
 fits one machine fails on a busier one, and every node then drops out of the round at once.
 
-- `PacedGrid` wraps the run's Grid. It measures how long each batch took whose every message was answered, per
+- `PacedGrid` wraps the run's Grid and collects replies every `POLL_SECONDS` (Flower's send_and_receive waits 3 s
+  between asks). It measures how long each batch took whose every message was answered, per
   kind of message (train, evaluate, query.*), and gives later batches of that kind at least `factor` times the
   longest of those: never less than round-timeout, more when the nodes showed they need it (logged with why).
 - `check_progress` runs after every round: when `STALLED_ROUNDS` rounds in a row produced no update because no
@@ -24,6 +25,7 @@ from flwr.app import Message
 from flwr.common.logger import log
 
 FACTOR = 2.0
+POLL_SECONDS = 0.25  # how often the coordinator asks the SuperLink for replies (Flower's own loop: every 3 s)
 STALLED_ROUNDS = 2
 TIMED_OUT = ("no reply within", "secure aggregation halted")
 
@@ -36,8 +38,9 @@ class PacedGrid:
     """A Grid whose waits follow the time the nodes took so far (see the module's docstring)."""
 
     def __init__(self, grid: Any, round_timeout: float, factor: float = FACTOR,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, poll: float = POLL_SECONDS):
         self.grid = grid
+        self.poll = poll
         self.round_timeout = round_timeout
         self.factor = factor
         self.clock = clock
@@ -59,11 +62,28 @@ class PacedGrid:
                 "(round-timeout = %g s)", wait, len(messages), kind, self.factor, self.slowest[kind],
                 self.round_timeout)
         started = self.clock()
-        replies = list(self.grid.send_and_receive(messages, timeout=wait))
+        replies = self._exchange(messages, wait)
         took = self.clock() - started
         if len(replies) >= len(messages):  # every message answered: the time the slowest node took
             self.slowest[kind] = max(self.slowest.get(kind, 0.0), took)
         return replies
+
+    def _exchange(self, messages: list[Message], timeout: float) -> list[Message]:
+        """Push the messages, then collect their replies every `poll` seconds until all are in or `timeout` has
+        passed. Flower's own send_and_receive asks the SuperLink every 3 s, which a deployed round of 5 messages
+        per node pays in waiting alone; a grid without push and pull (the in-process runner) answers at once."""
+        if not (hasattr(self.grid, "push_messages") and hasattr(self.grid, "pull_messages")):
+            return list(self.grid.send_and_receive(messages, timeout=timeout))
+        waiting = set(self.grid.push_messages(messages))
+        deadline = self.clock() + timeout
+        replies: list[Message] = []
+        while True:
+            pulled = list(self.grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if not waiting or self.clock() >= deadline:
+                return replies
+            time.sleep(min(self.poll, max(deadline - self.clock(), 0.0)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)

@@ -152,3 +152,39 @@ def test_run_training_stops_when_two_rounds_in_a_row_get_no_answer_in_time(tiny_
         run_in_process(run_config, lambda node, sent, reply: None)
     assert len((out / "rounds.jsonl").read_text().splitlines()) == 2
     assert load_checkpoint(checkpoint_folder(out)).round == 2
+
+
+class _PushPull:
+    """A Grid with push and pull: each message's reply is ready `ready[i]` pulls after it was pushed."""
+
+    def __init__(self, ready: list[int]):
+        self.ready, self.pulls, self.now = ready, 0, 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        self.now += 1.0
+        return [_Reply(i) for i in sorted(ids) if self.ready[int(i[1:])] <= self.pulls]
+
+
+class _Reply:
+    def __init__(self, reply_to: str):
+        self.metadata = type("Meta", (), {"reply_to_message_id": reply_to})()
+
+
+def test_replies_are_collected_as_they_come_and_the_wait_ends_at_the_timeout():
+    from fedcvr.server.pacing import PacedGrid
+
+    inner = _PushPull([1, 3, 2])
+    grid = PacedGrid(inner, round_timeout=60, clock=inner.clock, poll=0.0)
+    replies = list(grid.send_and_receive([_Msg("train")] * 3, timeout=60))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"] and inner.pulls == 3
+    late = _PushPull([1, 100, 1])  # one node never answers within the 5 s the wait allows
+    grid = PacedGrid(late, round_timeout=5, clock=late.clock, poll=0.0)
+    replies = list(grid.send_and_receive([_Msg("evaluate")] * 3, timeout=5))
+    assert len(replies) == 2 and late.pulls == 5
