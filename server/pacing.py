@@ -2,13 +2,13 @@
 
 `round-timeout` is how long the coordinator waits for the replies to one batch of messages: a round's training
 (each of the four SecAgg+ stages is one), its evaluation, a query. On a deployed node each message starts a fresh
-ClientApp process (about 10 s of imports on 2 cores, far more on a busy machine) before it trains, so a number that
-fits one machine fails on a busier one, and every node then drops out of the round at once.
+ClientApp process (seconds of imports and data preparation on 2 cores, far more on a busy machine) before it
+trains, so a number that fits one machine fails on a busier one, and every node then drops out of the round at once.
 
 - `PacedGrid` wraps the run's Grid and collects replies every `POLL_SECONDS` (Flower's send_and_receive waits 3 s
-  between asks). It measures how long each batch took whose every message was answered, per
-  kind of message (train, evaluate, query.*), and gives later batches of that kind at least `factor` times the
-  longest of those: never less than round-timeout, more when the nodes showed they need it (logged with why).
+  between asks). It measures how long each batch took whose every message was answered, per kind of message
+  (train, evaluate, query.*), and gives later batches of that kind at least `factor` times the longest of those:
+  never less than round-timeout, more when the nodes showed they need it (logged with why).
 - `check_progress` runs after every round: when `STALLED_ROUNDS` rounds in a row produced no update because no
   node answered in time (or SecAgg+ halted for want of answers), the run stops with that reason, the round its
   checkpoint holds, and the round-timeout to resume with, instead of going on for nothing.
@@ -106,7 +106,7 @@ def check_progress(rows: Sequence[dict[str, Any]], round_timeout: float, stalled
     numbers = ", ".join(str(r["round"]) for r in last)
     raise RoundsTimedOut(
         f"rounds {numbers} produced no update: no node answered within round-timeout = {round_timeout:g} s (each "
-        "message starts a fresh ClientApp process on a node, about 10 s of imports on 2 cores and more on a busy "
-        f"machine, before it trains). The run stops here; its checkpoint holds the model of round {done}. Resume "
+        "message starts a fresh ClientApp process on a node, seconds of imports and data preparation on 2 cores and "
+        f"more on a busy machine, before it trains). The run stops here; its checkpoint holds the model of round {done}. Resume "
         f"it with a longer round-timeout, e.g. `fedcvr coordinator run --resume OUT --run-config "
         f"\"round-timeout={max(600, 4 * round_timeout):g}\" ...` (or `fedcvr simulate --resume OUT ...`).")
