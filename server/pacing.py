@@ -107,6 +107,7 @@ def check_progress(rows: Sequence[dict[str, Any]], round_timeout: float, stalled
     raise RoundsTimedOut(
         f"rounds {numbers} produced no update: no node answered within round-timeout = {round_timeout:g} s (each "
         "message starts a fresh ClientApp process on a node, seconds of imports and data preparation on 2 cores and "
-        f"more on a busy machine, before it trains). The run stops here; its checkpoint holds the model of round {done}. Resume "
+        f"more on a busy machine, before it trains). The run stops here; its checkpoint holds the model of round "
+        f"{done}. Resume "
         f"it with a longer round-timeout, e.g. `fedcvr coordinator run --resume OUT --run-config "
         f"\"round-timeout={max(600, 4 * round_timeout):g}\" ...` (or `fedcvr simulate --resume OUT ...`).")
