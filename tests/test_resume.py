@@ -38,7 +38,8 @@ def weights(run):
     return load_file(str(run / "model" / "weights.safetensors"))
 
 
-TIMES = ("seconds", "client-train-seconds", "client-train-seconds-max", "aggregate-seconds")
+TIMES = ("seconds", "client-train-seconds", "client-train-seconds-max", "client-evaluate-seconds-max",
+         "aggregate-seconds")
 
 
 def metrics_of(rows):
