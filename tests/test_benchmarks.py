@@ -129,3 +129,15 @@ def test_ranking_benchmark_scores_the_same_both_ways_and_times_them(tmp_path, ti
     assert result["speedup"] == result["pairs_per_second"]["together"] / result["pairs_per_second"]["per_pair"]
     assert json.loads((tmp_path / "ranking.json").read_text())["catalog"] == 40
     assert "together (score_candidates)" in capsys.readouterr().out
+
+
+def test_cold_start_benchmark_times_each_step_of_a_node_before_it_trains(tmp_path, tiny_market):
+    from fedcvr.shared.data.loader import merchant_folders
+    from fedcvr.simulations.benchmarks import cold_start
+
+    result = cold_start.main(["--merchant", str(merchant_folders(tiny_market)[0]), "--out", str(tmp_path)])
+    assert list(result["steps"]) == ["import the ClientApp", "import the node's code", "the backbone",
+                                     "load the merchant's folder", "prepare its examples",
+                                     "the catalog's prefix states"]
+    assert all(seconds >= 0 for seconds in result["steps"].values()) and result["total_s"] > 0
+    assert json.loads((tmp_path / "cold_start.json").read_text())["merchant"] == result["merchant"]
