@@ -40,7 +40,7 @@ test-slow: install
 test-deployment: install
 	$(PYTEST) -m deployment tests/test_deployment.py
 
-# speed, memory and communication against their references (about an hour on 2 cores); figures in BENCHMARKS.md
+# speed, memory and communication against their references (about an hour and a half on 2 cores); figures in BENCHMARKS.md
 bench: install
 	HF_HUB_OFFLINE=1 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m fedcvr.simulations.benchmarks --out runs/bench
 

@@ -6,7 +6,8 @@ against their targets, written with the machine's description to `<out>/benchmar
 The benchmarks (each also runs alone, see its module): dp_overhead, encoder, communication, serving, scale,
 ranking, deployed_round, gpu.
 Each measures its figures side by side in one run, so the ratios hold on a busy machine; the whole suite takes
-about an hour on 2 CPU cores (the serving benchmark's 100k-item index is built once and kept in `<out>`).
+about an hour and a half on 2 CPU cores (deployed_round alone about 16 minutes; the serving benchmark's 100k-item
+index is built once and kept in `<out>`).
 """
 
 from __future__ import annotations
