@@ -81,11 +81,12 @@ class Backbone:
     def _load(self) -> tuple[nn.Module, object]:
         with self._lock:  # two threads of a service may ask at once: one load
             if self._loaded is None:
-                self._loaded = _load_weights(self.encoder, self.path)
-                layers = len(self._loaded[0].encoder.layer)
-                if layers != self.num_layers:
+                loaded = _load_weights(self.encoder, self.path)
+                layers = len(loaded[0].encoder.layer)
+                if layers != self.num_layers:  # kept unloaded: every later use is refused the same way
                     raise ModelConfigError(f"model.encoder = {self.encoder!r}: {self.path} holds {layers} layers "
                                            f"where its config.json says {self.num_layers}")
+                self._loaded = loaded
             return self._loaded
 
 
