@@ -137,6 +137,24 @@ def end_processes(processes: Sequence[subprocess.Popen], grace: float = 10.0) ->
             process.wait()
 
 
+def end_session(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
+    """Stop a process started in a session of its own (`start_new_session=True`) with everything it started: `sig`
+    to its process group (whose id is its PID), SIGKILL to the group if it has not ended `grace` seconds later, and
+    SIGKILL again once it has, for children that outlive their leader (a SuperNode's ClientApp)."""
+    for signal_number in (sig, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, signal_number)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        break
+
+
 def start_watchdog(cleanup: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `cleanup` in a session of its own with a pipe from this process on its standard input. The command
     first reads its input to the end, which comes when this process ends in any way (the write end is never

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from support import descendants
 
+from fedcvr.shared.processes import end_session
 from fedcvr.simulations.launcher import _stat, alive, free_ports
 
 pytestmark = pytest.mark.deployment
@@ -50,22 +51,7 @@ class Processes:
         return process
 
     def stop(self, name: str, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
-        process = self.running.pop(name)
-        for signal_number in (sig, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, signal_number)  # the group's id is the PID of the process we started
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                continue
-            # the group may outlive its leader (a SuperNode's ClientApp child): make sure it is gone
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            break
+        end_session(self.running.pop(name), sig, grace)
 
     def stop_all(self) -> None:
         for name in list(self.running):

@@ -117,6 +117,27 @@ def test_when_one_child_ends_the_group_stops_the_others():
         kill_all(children)
 
 
+@pytest.mark.parametrize("ignore_term", [False, True])
+def test_end_session_stops_a_leader_and_the_children_it_leaves(ignore_term):
+    """The leader of a session of its own leaves a child behind (as a SuperNode leaves its ClientApp): both end,
+    whether the leader heeds SIGTERM or has to be killed after the grace time."""
+    trap = "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_term else ""
+    code = (f"import signal, subprocess, sys, time\n{trap}"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "print(child.pid, flush=True)\ntime.sleep(120)\n")
+    leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    child = int(leader.stdout.readline())
+    try:
+        started = time.monotonic()
+        processes.end_session(leader, grace=1.0)
+        assert leader.poll() is not None and gone({child}) == set()
+        assert (time.monotonic() - started >= 1.0) == ignore_term  # SIGKILL only after the grace time
+    finally:
+        kill_all({child})
+        if leader.poll() is None:
+            leader.kill()
+
+
 def test_reap_dead_children_leaves_no_zombie_and_spares_the_running():
     ended = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(3)]
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from fedcvr.shared.processes import interrupt_on_sigterm
+from fedcvr.shared.processes import end_session, interrupt_on_sigterm
 from fedcvr.simulations.benchmarks.common import command, machine, print_table, write_result
 from fedcvr.simulations.launcher import free_ports
 
@@ -46,18 +45,8 @@ class Processes:
         return self.running[name]
 
     def stop_all(self) -> None:
-        for name, process in list(self.running.items()):
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(process.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    process.wait(timeout=15)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            self.running.pop(name)
+        for name in list(self.running):
+            end_session(self.running.pop(name))
 
 
 def _fedcvr() -> str:
