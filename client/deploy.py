@@ -10,8 +10,8 @@ never connects with data that would fail at the first round. The node config it 
                 remembers what it has spent
 
 The SuperNode runs with `--isolation process`: `fedcvr merchant start` starts its SuperExec itself
-(`superexec_command`, through `fedcvr.shared.superexec`, which reaps the ClientApp processes that ended) and
-stops both together.
+(`superexec_command`, through `fedcvr.client.superexec`, which forks each message's ClientApp process from a parent
+that imported torch and the node's code once, and reaps the processes that ended) and stops both together.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedcvr.shared import superexec
+from fedcvr.client import superexec
 from fedcvr.shared.data.loader import MerchantData, load_merchant
 from fedcvr.shared.deploy import DeployError, parse_address
 

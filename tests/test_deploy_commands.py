@@ -129,7 +129,7 @@ def test_merchant_plan_builds_the_supernode_command(keys, market, tmp_path):
     assert pairs["--superlink"] == "127.0.0.1:9092" and pairs["--port"] == "9095" and pairs["--host"] == "127.0.0.1"
     assert pairs["--isolation"] == "process"  # `merchant start` runs the SuperExec itself (it reaps ClientApps)
     superexec = plan.superexec_command("/opt/env/bin/python", 4321)
-    assert superexec[:3] == ["/opt/env/bin/python", "-m", "fedcvr.shared.superexec"]
+    assert superexec[:3] == ["/opt/env/bin/python", "-m", "fedcvr.client.superexec"]  # warm ClientApp processes
     assert Options(superexec)["--runtime-api-address"] == "127.0.0.1:9095"
     assert Options(superexec)["--parent-pid"] == "4321"
     assert pairs["--root-certificates"] == str((keys / "ca.pem").resolve())
