@@ -16,6 +16,7 @@ that imported torch and the node's code once, and reaps the processes that ended
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedcvr.client import superexec
+from fedcvr.client import superexec, supernode
 from fedcvr.shared.data.loader import MerchantData, load_merchant
 from fedcvr.shared.deploy import DeployError, parse_address
 
@@ -90,10 +91,15 @@ def check_private_key(path: Path) -> Path:
 
 def merchant_plan(bin_dir: Path, *, data_dir: Path, model_dir: Path, superlink: str, ca: Path | None,
                   key: Path | None, insecure: bool = False, port: int = DEFAULT_NODE_PORT,
-                  state_dir: Path | None = None) -> MerchantPlan:
+                  state_dir: Path | None = None, poll_seconds: float = supernode.POLL_SECONDS,
+                  python: str | None = None) -> MerchantPlan:
     """Check the inputs (raises DeployError, or the data's DataValidationError with every problem) and build
     the SuperNode command."""
     parse_address(superlink, "--superlink")
+    try:
+        supernode.check_poll(poll_seconds)
+    except ValueError as err:
+        raise DeployError(str(err)) from None
     if not 0 < port < 65536:
         raise DeployError(f"--port {port} is not a port number: use a free port, e.g. {DEFAULT_NODE_PORT}.")
     if insecure and (ca is not None or key is not None):
@@ -111,11 +117,12 @@ def merchant_plan(bin_dir: Path, *, data_dir: Path, model_dir: Path, superlink: 
     state_dir = (state_dir or model_dir.parent / f"{model_dir.name}-state").expanduser().resolve()
     node_config = " ".join([f"data-dir={_quote(data_dir)}", f"model-dir={_quote(model_dir)}",
                             f"state-dir={_quote(state_dir)}"])
-    command = [str(bin_dir / "flower-supernode"), "--superlink", superlink.strip(), "--node-config", node_config,
-               "--host", "127.0.0.1", "--port", str(port), "--isolation", "process"]
+    flower = ["--superlink", superlink.strip(), "--node-config", node_config, "--host", "127.0.0.1", "--port",
+              str(port), "--isolation", "process"]
     if insecure:
-        command.append("--insecure")
+        flower.append("--insecure")
     else:
-        command += ["--root-certificates", str(check_ca(ca)), "--auth-supernode-private-key",
-                    str(check_private_key(key))]
+        flower += ["--root-certificates", str(check_ca(ca)), "--auth-supernode-private-key",
+                   str(check_private_key(key))]
+    command = supernode.command(python or sys.executable, poll_seconds, flower)
     return MerchantPlan(command=command, data=data, model_dir=model_dir, state_dir=state_dir, port=port)

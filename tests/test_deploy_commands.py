@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,7 +125,7 @@ def test_merchant_plan_builds_the_supernode_command(keys, market, tmp_path):
     plan = merchant_plan(BIN, data_dir=shop, model_dir=tmp_path / "model", superlink="127.0.0.1:9092",
                          ca=keys / "ca.pem", key=keys / "merchants" / "merchant-01", port=9095)
     command = plan.command
-    assert command[0] == str(BIN / "flower-supernode")
+    assert command[:5] == [sys.executable, "-m", "fedcvr.client.supernode", "--poll-seconds", "0.5"]
     pairs = Options(command)
     assert pairs["--superlink"] == "127.0.0.1:9092" and pairs["--port"] == "9095" and pairs["--host"] == "127.0.0.1"
     assert pairs["--isolation"] == "process"  # `merchant start` runs the SuperExec itself (it reaps ClientApps)
@@ -335,3 +336,43 @@ def test_the_superlink_module_needs_the_merchant_address():
         ("0.0.0.0", 9092), ["--host", "127.0.0.1", "--port", "9093"])
     with pytest.raises(DeployError, match="--merchant-address HOST:PORT missing"):
         split_arguments(["--host", "127.0.0.1"])
+
+
+def test_the_supernode_wrapper_shortens_only_the_idle_wait_and_checks_its_option():
+    from fedcvr.client import supernode
+
+    slept: list[float] = []
+
+    class Clock:
+        def sleep(self, seconds):
+            slept.append(seconds)
+
+        def monotonic(self):
+            return 42.0
+
+    paced = supernode.PacedTime(0.5, Clock())
+    paced.sleep(3)  # Flower's idle wait
+    paced.sleep(0.2)
+    assert slept == [0.5, 0.2] and paced.monotonic() == 42.0  # everything else is the real module's
+    assert supernode.split_args(["--superlink", "h:1", "--poll-seconds", "0.25", "--insecure"]) == (
+        0.25, ["--superlink", "h:1", "--insecure"])
+    assert supernode.split_args(["--insecure"]) == (supernode.POLL_SECONDS, ["--insecure"])
+    for bad in ("0", "nan", "10", "soon"):
+        with pytest.raises(ValueError, match="--poll-seconds"):
+            supernode.split_args(["--poll-seconds", bad])
+
+
+def test_merchant_plan_refuses_a_bad_poll_interval(market, tmp_path):
+    with pytest.raises(DeployError, match="--poll-seconds must be between"):
+        merchant_plan(BIN, data_dir=market / "shop-a", model_dir=tmp_path / "m", superlink="127.0.0.1:9092",
+                      ca=None, key=None, insecure=True, poll_seconds=30)
+
+
+def test_flowers_supernode_loop_still_waits_through_the_module_the_wrapper_replaces():
+    """The wrapper replaces `time` inside flwr.supernode.start_client_internal; if Flower stops calling
+    `time.sleep` there, the wrapper no longer does anything and this test says so."""
+    import inspect
+
+    from flwr.supernode import start_client_internal
+
+    assert "time.sleep(3)" in inspect.getsource(start_client_internal)
