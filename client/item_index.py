@@ -8,9 +8,12 @@ catalog it was built from; it is rebuilt when either changes (a new pushed-back 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +47,29 @@ def embed(model: ConversionModel, backbone: Backbone, catalog: Catalog) -> np.nd
     cache = PrefixCache(backbone, model.config.adapter_layers, model.config.max_text_tokens)
     side = ItemSide(cache.states(catalog.texts), torch.from_numpy(catalog.numeric), catalog.item_ids)
     return embed_catalog(model, side, torch.device("cpu")).numpy().astype(np.float32)
+
+
+def index_stamp(folder: Path) -> tuple[int, int, int] | None:
+    """What identifies the saved index file's current version (inode, mtime, size; a save replaces the file), or
+    None when there is none: worker processes serving one model folder compare it to see another's write."""
+    try:
+        stat = os.stat(folder / INDEX_FILE)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `<folder>/.write.lock` across processes (released when the block ends or the process
+    dies), so that writes of worker processes to one index folder happen one after another."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder / ".write.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
 
 
 def _unit(embeddings: np.ndarray) -> np.ndarray:

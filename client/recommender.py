@@ -25,6 +25,9 @@ and survive a restart.
 Items can be added while requests are answered: the catalog (index, titles, categories, prices, popularity) is one
 immutable `CatalogSnapshot`, replaced by a single assignment once a new one is complete; every read takes the
 current snapshot once and uses only it. Writers take a lock, so one write at a time builds on the latest snapshot.
+Several worker processes may serve one model folder (`fedcvr serve --workers`): a write holds a lock on the index
+folder across processes and starts from the folder's latest index, and each read first checks whether the saved
+index changed since this process last read it (one `stat`), and if so re-reads it with the added items.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from fedcvr.shared.model.folder import load_model_folder
 from fedcvr.shared.training.data import Catalog
 
 from .catalog import ITEM_FIELDS, CatalogSnapshot, Filters, ShopperMatch, UnknownItems, merged_items, model_version
-from .item_index import INDEX_DIR, ItemIndex, catalog_digest, embed
+from .item_index import INDEX_DIR, ItemIndex, catalog_digest, embed, folder_lock, index_stamp
 from .scoring import History, Scores, contributions, explain, reason, score_rows
 
 __all__ = ["CatalogSnapshot", "Filters", "History", "Recommender", "ShopperMatch", "UnknownItems",
@@ -78,21 +81,39 @@ class Recommender:
         index, self.index_built = ItemIndex.load_or_build(self.model_dir / INDEX_DIR, self.model, self.backbone,
                                                           Catalog.from_items([items]), self.version)
         self._snapshot = self._make_snapshot(items, index)
+        self._seen = index_stamp(self.model_dir / INDEX_DIR)
 
     # ---------------------------------------------------------------- catalog and index
 
     @property
     def snapshot(self) -> CatalogSnapshot:
-        """The current catalog; a reader that needs it more than once takes it once and keeps it."""
+        """The current catalog (re-read first if another process saved a newer index); a reader that needs it more
+        than once takes it once and keeps it."""
+        if index_stamp(self.model_dir / INDEX_DIR) != self._seen:
+            with self._write_lock:
+                self._refresh()
         return self._snapshot
 
     @property
     def index(self) -> ItemIndex:
-        return self._snapshot.index
+        return self.snapshot.index
 
     @property
     def titles(self) -> np.ndarray:
-        return self._snapshot.titles
+        return self.snapshot.titles
+
+    def _refresh(self) -> None:
+        """Under the write lock: re-read the saved index and the added items if another process changed them."""
+        folder = self.model_dir / INDEX_DIR
+        stamp = index_stamp(folder)
+        if stamp == self._seen:
+            return
+        index = ItemIndex.load(folder)  # a save that lands meanwhile changes the stamp again: read at the next call
+        if index is not None and index.version == self.version:
+            added = folder / ADDED_ITEMS
+            items = merged_items(self.data.items, pd.read_parquet(added) if added.is_file() else None)
+            self._snapshot = self._make_snapshot(items, index)
+        self._seen = stamp
 
     def _make_snapshot(self, items: pd.DataFrame, index: ItemIndex) -> CatalogSnapshot:
         meta = items.set_index("item_id").reindex(index.item_ids)
@@ -117,19 +138,21 @@ class Recommender:
         frame = frame.drop_duplicates("item_id", keep="last").reset_index(drop=True)
         vectors = np.concatenate([embed(self.model, self.backbone, Catalog.from_items([frame.iloc[s:s + ADD_BATCH]]))
                                   for s in range(0, len(frame), ADD_BATCH)])
-        with self._write_lock:
+        folder = self.model_dir / INDEX_DIR
+        with self._write_lock, folder_lock(folder):  # one write at a time, in this process and across workers
+            self._refresh()  # build on the latest catalog, whichever worker wrote it
             current = self._snapshot
             updated = [i for i in frame["item_id"] if i in current.index.position]
             added = [i for i in frame["item_id"] if i not in current.index.position]
             items = merged_items(current.items, frame)
             index = current.index.upsert(list(frame["item_id"]), vectors, catalog_digest(Catalog.from_items([items])))
-            folder = self.model_dir / INDEX_DIR
             path = folder / ADDED_ITEMS
             before = pd.read_parquet(path) if path.is_file() else None
             keep = pd.concat([before, frame]) if before is not None else frame
             keep.drop_duplicates("item_id", keep="last").to_parquet(path, index=False)
             index.save(folder)
             self._snapshot = self._make_snapshot(items, index)  # the one step that makes the items visible
+            self._seen = index_stamp(folder)
         return {"added": added, "updated": updated, "catalog_size": len(index)}
 
     # ---------------------------------------------------------------- shoppers
@@ -206,7 +229,7 @@ class Recommender:
     # ---------------------------------------------------------------- scoring
 
     def rows_of(self, item_ids: list[str]) -> np.ndarray:
-        return self._snapshot.rows_of(item_ids)
+        return self.snapshot.rows_of(item_ids)
 
     def signals(self, user_id: str | None, history: History, rows: np.ndarray, snap: CatalogSnapshot,
                 stored: bool) -> np.ndarray:
@@ -268,7 +291,7 @@ class Recommender:
         """Top `k` items by pCTCVR for a stored shopper (`user_id`) or an ad-hoc `history` (which wins); without
         history, the top `k` by popularity (each item's `popularity` is then the score it is ranked by)."""
         filters = filters or Filters()
-        snap = self._snapshot  # one consistent catalog for the whole request, even if items are added meanwhile
+        snap = self.snapshot  # one consistent catalog for the whole request, even if items are added meanwhile
         history, stored = self._history(user_id, history, snap)
         bought = self.bought_by(user_id) | {i for i, e in zip(history.item_ids, history.events, strict=True)
                                             if e == "purchase"}
@@ -309,7 +332,7 @@ class Recommender:
 
     def score(self, user_id: str | None, item_ids: list[str], history: History | None = None) -> dict[str, Any]:
         """The scores of the given items for a shopper, in the order given (see `_score_fields`)."""
-        snap = self._snapshot
+        snap = self.snapshot
         rows = snap.rows_of(item_ids)
         history, stored = self._history(user_id, history, snap)
         scores = score_rows(self.model, snap.index, rows, history, self.signals(user_id, history, rows, snap, stored))
@@ -319,7 +342,7 @@ class Recommender:
 
     def similar(self, item_id: str, k: int = 10) -> dict[str, Any]:
         """Items whose embeddings are closest (cosine) to the item's."""
-        snap = self._snapshot
+        snap = self.snapshot
         row = snap.rows_of([item_id])[0]
         allowed = np.ones(len(snap.index), dtype=bool)
         allowed[row] = False
@@ -329,7 +352,7 @@ class Recommender:
                           for r, s in zip(rows, scores, strict=True)]}
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model_version": self.version, "catalog_size": len(self._snapshot.index),
+        return {"status": "ok", "model_version": self.version, "catalog_size": len(self.snapshot.index),
                 "encoder": self.model.config.encoder or "all-MiniLM-L6-v2 (packaged)", "merchant": self.data.name,
                 "shoppers": len(self._histories)}
 

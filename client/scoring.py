@@ -60,7 +60,8 @@ class Scores:
 def score_rows(model: ConversionModel, index: ItemIndex, rows: np.ndarray, history: History,
                signals: np.ndarray) -> Scores:
     """Scores of index `rows` (B,) for `history` (an empty one is scored as no history at all), each row with its
-    signals (B, N_SIGNALS) for this shopper (`Recommender.signals`)."""
+    signals (B, N_SIGNALS) for this shopper (`Recommender.signals`). The one history is read once for all rows
+    (`ConversionModel.score_against`: the same scores as `score` of each (history, row) pair)."""
     hist_rows = np.asarray([index.position[i] for i in history.item_ids], dtype=np.int64)
     length = max(len(hist_rows), 1)
     table = torch.from_numpy(index.embeddings[np.concatenate([rows, hist_rows])])  # candidates, then the history
@@ -69,21 +70,22 @@ def score_rows(model: ConversionModel, index: ItemIndex, rows: np.ndarray, histo
     codes = torch.as_tensor(pd.Index(EVENT_TYPES).get_indexer(history.events) if len(history) else [0],
                             dtype=torch.long)
     ages = torch.as_tensor(history.age_hours if len(history) else [0.0], dtype=torch.float32)
+    shopper = ScoreInputs(
+        target=torch.zeros(1, dtype=torch.long),  # unused by score_against
+        history=positions[None],
+        history_mask=torch.full((1, length), bool(len(hist_rows))),
+        events=codes[None],
+        age_hours=ages[None],
+        position=torch.zeros(1, dtype=torch.long),
+        signals=torch.zeros(1, signals.shape[-1] if signals.ndim == 2 else 0),  # unused by score_against
+    )
     parts: list[tuple[np.ndarray, ...]] = []
     step = max(1, MAX_CELLS // length)
     for start in range(0, len(rows), step):
         b = len(rows[start:start + step])
-        inputs = ScoreInputs(
-            target=torch.arange(start, start + b),
-            history=positions.repeat(b, 1),
-            history_mask=torch.full((b, length), bool(len(hist_rows))),
-            events=codes.repeat(b, 1),
-            age_hours=ages.repeat(b, 1),
-            position=torch.zeros(b, dtype=torch.long),
-            signals=torch.from_numpy(signals[start:start + b]),
-        )
-        ctr, cvr, attention = model.score(table, inputs)
-        parts.append((torch.sigmoid(ctr).numpy(), torch.sigmoid(cvr).numpy(), attention.numpy()))
+        ctr, cvr, attention = model.score_against(table, shopper, torch.arange(start, start + b),
+                                                  torch.from_numpy(signals[start:start + b])[None])
+        parts.append((torch.sigmoid(ctr[0]).numpy(), torch.sigmoid(cvr[0]).numpy(), attention[0].numpy()))
     if not parts:
         return Scores(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros((0, length)))
     p_ctr, p_cvr, attention = (np.concatenate([p[i] for p in parts]) for i in range(3))
@@ -95,8 +97,8 @@ def contributions(model: ConversionModel, index: ItemIndex, rows: np.ndarray, hi
                   full: np.ndarray, signals: np.ndarray) -> tuple[list[str], np.ndarray]:
     """How much each distinct history item raises each row's pCTCVR: `full` (B,) minus the pCTCVR with all of that
     item's events left out of the history the user tower reads (each row keeps its `signals` (B, N_SIGNALS)). The
-    N histories-without-one are scored against the B rows in one pass of
-    `ConversionModel.score_candidates` (each history's candidate-free parts computed once).
+    N histories-without-one are scored against the B rows in one pass of `ConversionModel.score_masked` (the
+    attention of each (history item, row) pair computed once for all N).
     -> (distinct history items in first-seen order, (B, N) drops)."""
     distinct = list(dict.fromkeys(history.item_ids))
     if not distinct or not len(rows):
@@ -106,14 +108,14 @@ def contributions(model: ConversionModel, index: ItemIndex, rows: np.ndarray, hi
     hist_rows = np.asarray([index.position[i] for i in history.item_ids], dtype=np.int64)
     table = torch.from_numpy(index.embeddings[np.concatenate([rows, hist_rows])])
     n, length = keep.shape
-    variants = ScoreInputs(
-        target=torch.zeros(n, dtype=torch.long),  # unused by score_candidates
-        history=torch.arange(len(rows), len(rows) + length).repeat(n, 1),
-        history_mask=keep,
-        events=torch.as_tensor(pd.Index(EVENT_TYPES).get_indexer(history.events), dtype=torch.long).repeat(n, 1),
-        age_hours=torch.as_tensor(history.age_hours, dtype=torch.float32).repeat(n, 1),
-        position=torch.zeros(n, dtype=torch.long),
-        signals=torch.zeros(n, signals.shape[-1]),  # unused by score_candidates
+    shopper = ScoreInputs(
+        target=torch.zeros(1, dtype=torch.long),  # unused by score_masked
+        history=torch.arange(len(rows), len(rows) + length)[None],
+        history_mask=torch.ones(1, length, dtype=torch.bool),
+        events=torch.as_tensor(pd.Index(EVENT_TYPES).get_indexer(history.events), dtype=torch.long)[None],
+        age_hours=torch.as_tensor(history.age_hours, dtype=torch.float32)[None],
+        position=torch.zeros(1, dtype=torch.long),
+        signals=torch.zeros(1, signals.shape[-1]),  # unused by score_masked
     )
     step = max(1, MAX_CELLS // (n * length))
     # without item n, the rows that ARE item n lose their candidate-in-history signals (never touched)
@@ -122,8 +124,8 @@ def contributions(model: ConversionModel, index: ItemIndex, rows: np.ndarray, hi
     for v, item in enumerate(distinct):
         per_variant[v, row_items == item, :N_PAIR] = unseen_pair()
     per_variant = torch.from_numpy(per_variant)
-    without = torch.cat([model.score_candidates(table, variants, torch.arange(s, min(s + step, len(rows))),
-                                                per_variant[:, s:s + step])
+    without = torch.cat([model.score_masked(table, shopper, keep, torch.arange(s, min(s + step, len(rows))),
+                                            per_variant[:, s:s + step])
                          for s in range(0, len(rows), step)], dim=1)  # (N, B)
     return distinct, full[:, None] - without.numpy().T
 

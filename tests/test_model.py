@@ -198,6 +198,35 @@ def test_scoring_candidates_equals_scoring_each_pair(backbone):
     assert torch.equal(fast[:, 3], fast[:, 4])  # the same candidate twice scores the same
 
 
+def test_one_history_through_many_masks_equals_each_masked_history_scored_alone(backbone):
+    """Serving's leave-one-out explanations read one history through N masks (`score_masked`, the attention
+    computed once); each must score what `score_candidates` gives the history with that mask, and `score_against`
+    (serving's scores and attention) what `score` gives each pair."""
+    torch.manual_seed(2)
+    config = ModelConfig.defaults(adapter_layers=0, dim=8, attention_hidden=6, head_hidden=5)
+    model = ConversionModel(backbone, config).eval()
+    items = torch.randn(30, 8)
+    one = batch_inputs(1, 7, 30)
+    one.history_mask = torch.ones(1, 7, dtype=torch.bool)
+    masks = torch.rand(5, 7) > 0.4
+    masks[0] = False  # every event left out: scored as no history
+    candidates = torch.tensor([3, 0, 29, 11])
+    with torch.no_grad():
+        signals = torch.rand(5, 4, N_SIGNALS)
+        fast = model.score_masked(items, one, masks, candidates, signals)
+        repeated = ScoreInputs(**{name: getattr(one, name).repeat(5, *([1] * (getattr(one, name).dim() - 1)))
+                                  for name in ("target", "history", "history_mask", "events", "age_hours",
+                                               "position", "signals")})
+        repeated.history_mask = masks
+        slow = model.score_candidates(items, repeated, candidates, signals)
+        ctr, cvr, attention = model.score_against(items, one, candidates, signals[:1])
+        pair_ctr, pair_cvr, pair_attention = model.score(items, one.paired_with(candidates, signals[:1]))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ctr[0], pair_ctr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cvr[0], pair_cvr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention[0], pair_attention, rtol=1e-5, atol=1e-6)
+
+
 def test_user_tower_and_head_support_per_sample_gradients(backbone):
     """Opacus computes per-sample gradients of the tower and head: they equal one-sample-at-a-time autograd."""
     from opacus import GradSampleModule

@@ -142,15 +142,40 @@ class ConversionModel(nn.Module):
         items, signals (n, k, N_SIGNALS) of each pair -> pCTCVR (n, k) of every candidate for every shopper at an
         unknown position: `score` of each (shopper, candidate) pair, computed without repeating a shopper's history
         k times."""
+        ctr, cvr, _ = self.score_against(items, batch, candidates, signals)
+        return torch.sigmoid(ctr) * torch.sigmoid(cvr)
+
+    def score_against(self, items: torch.Tensor, batch: ScoreInputs, candidates: torch.Tensor,
+                      signals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As `score_candidates`, but -> ctr logit (n, k), cvr logit (n, k) and the attention over each shopper's
+        history (n, k, L): `score` of each (shopper, candidate) pair at an unknown position."""
         targets = items[candidates]  # (k, D)
-        user = self.user_tower.against(*self._behaviour_inputs(items, batch), targets)  # (n, k, D)
+        user, weights = self.user_tower.against(*self._behaviour_inputs(items, batch), targets)  # (n, k, D)
+        ctr, cvr = self._head_pairs(user, targets, signals)
+        return ctr, cvr, weights.permute(1, 0, 2)
+
+    def score_masked(self, items: torch.Tensor, batch: ScoreInputs, masks: torch.Tensor, candidates: torch.Tensor,
+                     signals: torch.Tensor) -> torch.Tensor:
+        """One shopper's `batch` (n = 1) read through each of N history `masks` (N, L) -> pCTCVR (N, k) of every
+        candidate: `score_candidates` of the history repeated N times with mask n each, with the attention
+        computed once (`UserTower.against_masks`). signals (N, k, N_SIGNALS)."""
+        history, events, recency, _ = self._behaviour_inputs(items, batch)
+        targets = items[candidates]
+        user = self.user_tower.against_masks(history, events, recency, masks, targets)  # (N, k, D)
+        ctr, cvr = self._head_pairs(user, targets, signals)
+        return torch.sigmoid(ctr) * torch.sigmoid(cvr)
+
+    def _head_pairs(self, user: torch.Tensor, targets: torch.Tensor, signals: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """user (n, k, D), targets (k, D), signals (n, k, N_SIGNALS) -> ctr and cvr logits (n, k), position
+        unknown."""
         n, k, dim = user.shape
         flat_targets = targets[None].expand(n, k, dim).reshape(n * k, dim)
         flat_signals = signals.reshape(n * k, -1)
         ctr, cvr = self.head(user.reshape(n * k, dim), flat_targets,
-                             torch.zeros(n * k, dtype=torch.long, device=items.device), flat_signals)
+                             torch.zeros(n * k, dtype=torch.long, device=user.device), flat_signals)
         ctr = ctr + self.local_blend(flat_signals)
-        return (torch.sigmoid(ctr) * torch.sigmoid(cvr)).view(n, k)
+        return ctr.view(n, k), cvr.view(n, k)
 
     @staticmethod
     def _behaviour_inputs(items: torch.Tensor, batch: ScoreInputs

@@ -52,11 +52,12 @@ class UserTower(nn.Module):
         return self.long_term((behaviour * mask[..., None]).sum(1) / count)
 
     def against(self, history: torch.Tensor, events: torch.Tensor, recency: torch.Tensor, mask: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
-        """The user vectors of n shoppers against each of k candidate targets, (n, k, D): what `forward` gives for
-        every (shopper, candidate) pair, but with the candidate-free parts (behaviour, the long-term interest, the
-        attention's terms in the behaviour alone) computed once per shopper and the attention's behaviour x target
-        term as one matrix product. history (n, L, D), events / recency / mask (n, L), targets (k, D)."""
+                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The user vectors of n shoppers against each of k candidate targets, (n, k, D), and the attention
+        weights (k, n, L): what `forward` gives for every (shopper, candidate) pair, but with the candidate-free
+        parts (behaviour, the long-term interest, the attention's terms in the behaviour alone) computed once per
+        shopper and the attention's behaviour x target term as one matrix product. history (n, L, D), events /
+        recency / mask (n, L), targets (k, D)."""
         behaviour = self._behaviour(history, events, recency)  # (n, L, D)
         first, second = self.attention[0], self.attention[2]
         w_b, w_q, w_diff, w_prod = first.weight.split(behaviour.shape[-1], dim=1)  # each (H, D)
@@ -77,4 +78,21 @@ class UserTower(nn.Module):
         linear, norm = self.out[0], self.out[1]
         w_interest, w_long = linear.weight.split(dim, dim=1)
         user = interest @ w_interest.T + (long_term @ w_long.T + linear.bias)[:, None, :]
-        return norm(user)
+        return norm(user), weights
+
+    def against_masks(self, history: torch.Tensor, events: torch.Tensor, recency: torch.Tensor,
+                      masks: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The user vectors of one history read through each of N masks, against each of k targets, (N, k, D):
+        what `against` gives for the history repeated N times with mask n each, with the attention computed once
+        (a behaviour's attention weight depends on the behaviour and the target, never on the mask).
+        history (1, L, D), events / recency (1, L), masks (N, L) bool, targets (k, D)."""
+        _, raw = self.against(history, events, recency, torch.ones_like(masks[:1]), targets)  # (k, 1, L)
+        behaviour = self._behaviour(history, events, recency)[0]  # (L, D)
+        kept = masks.to(behaviour.dtype)  # (N, L)
+        count = kept.sum(1, keepdim=True).clamp(min=1)  # (N, 1)
+        weights = raw[:, 0, :][None] * kept[:, None, :]  # (N, k, L)
+        interest = (weights @ behaviour) / count[:, :, None]  # (N, k, D)
+        long_term = self.long_term((kept @ behaviour) / count)  # (N, D)
+        linear, norm = self.out[0], self.out[1]
+        w_interest, w_long = linear.weight.split(behaviour.shape[-1], dim=1)
+        return norm(interest @ w_interest.T + (long_term @ w_long.T + linear.bias)[:, None, :])
