@@ -116,7 +116,7 @@ class MerchantNode:
         result = train_round(self.model, self.side, self.prepared.splits["train"], lr=s.lr,
                              batch_size=s.train.batch_size, local_epochs=s.local_epochs, dp=s.dp, ledger=ledger,
                              rounds=s.rounds, seed=s.train.seed * 100_003 + server_round, device=self.device,
-                             proximal_mu=proximal_mu)
+                             proximal_mu=proximal_mu, negative_rate=s.train.negative_rate)
         report: dict[str, float | int] = {"num-examples": result.examples, "train-loss": result.loss,
                                           "steps": result.steps, "train-size": self.train_size(),
                                           "train-seconds": time.perf_counter() - started}

@@ -34,7 +34,7 @@ from fedcvr.shared.model.esmm import ConversionModel
 from fedcvr.shared.model.folder import save_model_folder
 from fedcvr.shared.model.prefix_cache import PrefixCache
 from fedcvr.shared.model.weights import full_state, load_full_state
-from fedcvr.shared.training.data import TrainingSet
+from fedcvr.shared.training.data import TrainingSet, subsample_negatives
 from fedcvr.shared.training.learnable import refuse_unlearnable
 from fedcvr.shared.training.loop import (
     ItemSide,
@@ -151,9 +151,9 @@ def train_central(data_root: Path, out: Path, model_config: ModelConfig, train_c
     for epoch in range(1, train_config.epochs + 1):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(train_config.lr, epoch, train_config.epochs)
-        progress = on_epoch_start(epoch, len(prepared.splits["train"])) if on_epoch_start else None
-        loss = train_epoch(model, side, prepared.splits["train"], optimizer, train_config.batch_size, rng, device,
-                           progress)
+        train = subsample_negatives(prepared.splits["train"], train_config.negative_rate, rng)
+        progress = on_epoch_start(epoch, len(train)) if on_epoch_start else None
+        loss = train_epoch(model, side, train, optimizer, train_config.batch_size, rng, device, progress)
         # early stopping: no full-catalog ranking each epoch, except the validation next baskets of purchase logs
         metric = selection_metric(prepared)
         validation = validation_score(model, side, prepared, device)

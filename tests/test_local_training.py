@@ -112,3 +112,19 @@ def test_grad_sample_mode_is_checked():
 
     with pytest.raises(PrivacyConfigError, match="dp.grad-sample-mode = 'functorch': must be one of ghost, hooks"):
         DPConfig.from_run_config({"dp.grad-sample-mode": "functorch"})
+
+
+@pytest.mark.parametrize("dp_on", [False, True])
+def test_a_round_with_negative_subsampling_trains_on_every_positive_and_fewer_examples(tiny_bert, merchant, dp_on):
+    model, side = setup(tiny_bert, merchant, 0)
+    train = merchant.splits["train"]
+    dp = DPConfig.defaults(target_epsilon=4.0) if dp_on else DPConfig.defaults(enabled=False)
+    ledger = PrivacyLedger() if dp_on else None
+    result = train_round(model, side, train, lr=0.01, batch_size=64, local_epochs=1, dp=dp, ledger=ledger, rounds=2,
+                         seed=0, device=torch.device("cpu"), negative_rate=0.3)
+    positives, negatives = int((train.clicked > 0).sum()), int((train.clicked == 0).sum())
+    assert result.trained
+    if not dp_on:  # every kept example once
+        assert positives < result.examples < positives + 0.5 * negatives
+    else:  # Poisson batches over the kept examples; δ still counts every training example
+        assert 0 < result.examples < positives + 0.5 * negatives and ledger.delta < 1 / len(train)

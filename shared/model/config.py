@@ -75,12 +75,13 @@ class TrainConfig(Section):
     device: str
     threads: int
     seed: int
+    negative_rate: float
 
     ERROR = ModelConfigError
     KEYS = {
         "train.epochs": "epochs", "train.batch-size": "batch_size", "train.lr": "lr",
         "train.weight-decay": "weight_decay", "train.patience": "patience", "train.device": "device",
-        "train.threads": "threads", "train.seed": "seed",
+        "train.threads": "threads", "train.seed": "seed", "train.negative-rate": "negative_rate",
     }
 
     def __post_init__(self) -> None:
@@ -94,3 +95,6 @@ class TrainConfig(Section):
         _positive("train.threads", self.threads, 0)
         if self.device not in _DEVICES:
             raise ModelConfigError(f"train.device = {self.device!r}: use one of {', '.join(_DEVICES)}")
+        if not 0 < self.negative_rate <= 1:  # NaN fails this too
+            raise ModelConfigError(f"train.negative-rate = {self.negative_rate!r}: the share of negative training "
+                                   "examples each epoch keeps, in (0, 1]; 1 keeps all")

@@ -92,6 +92,25 @@ class TrainingSet(ExampleColumns):
         return cls(**{name: np.concatenate(values) for name, values in columns.items()})
 
 
+def subsample_negatives(data: TrainingSet, rate: float, rng: np.random.Generator) -> TrainingSet:
+    """Every positive example (clicked: a click of an impression, a purchase of a purchase log) and each negative
+    with probability `rate`, for a faster epoch; `rate` >= 1 returns `data` itself.
+
+    Correction: in the kept examples the odds of a click are those of the data divided by `rate`, so a model
+    trained on them as they are would learn click logits raised by -log(rate). Each kept example's log_q (which
+    training subtracts from the click logit, `model/esmm.py` `esmm_loss`) is raised by log(rate): the model's
+    own click logit then learns the logit of the full data, calibrated, and pCTCVR = pCTR x pCVR with it (clicked
+    examples are all kept, so pCVR sees the same examples as without sub-sampling)."""
+    if rate >= 1.0:
+        return data
+    if not 0.0 < rate:
+        raise ValueError(f"negative sub-sampling rate must be in (0, 1], got {rate}")
+    keep = np.flatnonzero((data.clicked > 0) | (rng.random(len(data)) < rate))
+    out = data.subset(keep)
+    out.log_q = (out.log_q + np.float32(np.log(rate))).astype(np.float32)
+    return out
+
+
 @dataclass
 class Batch:
     """items (U,) catalog rows to encode; inputs index into those U rows; labels and sampling corrections

@@ -27,7 +27,7 @@ from ..model.esmm import ConversionModel, esmm_loss
 from ..model.user_tower import recency_bucket
 from ..privacy import PrivacyLedger
 from . import dp_samplers  # noqa: F401  (Opacus's functions for the model's small tables)
-from .data import TrainingSet
+from .data import TrainingSet, subsample_negatives
 from .learnable import label_problem
 from .loop import ItemSide, train_epoch
 
@@ -151,10 +151,13 @@ def steps_per_round(n_examples: int, batch_size: int, local_epochs: int) -> tupl
 
 def train_round(model: ConversionModel, side: ItemSide, data: TrainingSet, *, lr: float, batch_size: int,
                 local_epochs: int, dp: DPConfig, ledger: PrivacyLedger | None, rounds: int, seed: int,
-                device: torch.device, proximal_mu: float = 0.0,
+                device: torch.device, proximal_mu: float = 0.0, negative_rate: float = 1.0,
                 progress: Callable[[int, float], None] | None = None) -> RoundResult:
     """Train `model` in place for one federated round on one merchant's training set. Declines (trained False,
-    with the reason) when the examples cannot be learned from (`learnable.label_problem`) or the budget is spent."""
+    with the reason) when the examples cannot be learned from (`learnable.label_problem`) or the budget is spent.
+    `negative_rate` < 1 keeps each negative example with that probability (`data.subsample_negatives`): drawn
+    anew each epoch without DP, once a round with DP (the accountant's sample rate is that of the examples kept,
+    which over-states the chance of each example being used, so the ε reported stays an upper bound)."""
     problem = label_problem(data, len(side.numeric))
     if problem is not None:  # nothing to learn: decline before any privacy is spent
         return RoundResult(False, 0, float("nan"), 0, problem)
@@ -165,13 +168,16 @@ def train_round(model: ConversionModel, side: ItemSide, data: TrainingSet, *, lr
     if not dp.enabled:
         optimizer = torch.optim.Adam(params, lr=lr)
         optimizer.step = _with_after(optimizer.step, lambda: _proximal_step(params, anchor, lr, proximal_mu))
-        losses = [train_epoch(model, side, data, optimizer, batch_size, rng, device, progress)
-                  for _ in range(local_epochs)]
-        steps = local_epochs * math.ceil(len(data) / batch_size)
-        return RoundResult(True, len(data) * local_epochs, float(np.mean(losses)), steps)
-    return _train_private(model, side, data, params, anchor, lr=lr, batch_size=batch_size, local_epochs=local_epochs,
-                          dp=dp, ledger=ledger, rounds=rounds, seed=seed, device=device, proximal_mu=proximal_mu,
-                          progress=progress)
+        losses, seen, steps = [], 0, 0
+        for _ in range(local_epochs):
+            epoch = subsample_negatives(data, negative_rate, rng)
+            losses.append(train_epoch(model, side, epoch, optimizer, batch_size, rng, device, progress))
+            seen += len(epoch)
+            steps += math.ceil(len(epoch) / batch_size)
+        return RoundResult(True, seen, float(np.mean(losses)), steps)
+    return _train_private(model, side, data, subsample_negatives(data, negative_rate, rng), params, anchor, lr=lr,
+                          batch_size=batch_size, local_epochs=local_epochs, dp=dp, ledger=ledger, rounds=rounds,
+                          seed=seed, device=device, proximal_mu=proximal_mu, progress=progress)
 
 
 def _with_after(step: Callable, after: Callable[[], None]) -> Callable:
@@ -183,18 +189,19 @@ def _with_after(step: Callable, after: Callable[[], None]) -> Callable:
     return wrapped
 
 
-def _train_private(model, side, data, params, anchor, *, lr, batch_size, local_epochs, dp, ledger, rounds, seed,
-                   device, proximal_mu, progress) -> RoundResult:
+def _train_private(model, side, full, data, params, anchor, *, lr, batch_size, local_epochs, dp, ledger, rounds,
+                   seed, device, proximal_mu, progress) -> RoundResult:
+    """DP-SGD on `data` (the examples kept of the merchant's `full` training set, whose size sets δ)."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     if ledger is None:
         raise ValueError("DP training needs the node's privacy ledger")
-    refusal = delta_refusal(ledger.run_delta(dp, len(data)), len(data))
+    refusal = delta_refusal(ledger.run_delta(dp, len(full)), len(full))
     if refusal:  # no guarantee at this δ: decline before any privacy is spent
         return RoundResult(False, 0, float("nan"), 0, refusal)
     sample_rate, steps = steps_per_round(len(data), batch_size, local_epochs)
-    noise = ledger.plan(dp, sample_rate=sample_rate, steps_per_round=steps, rounds=rounds, n_examples=len(data))
+    noise = ledger.plan(dp, sample_rate=sample_rate, steps_per_round=steps, rounds=rounds, n_examples=len(full))
     if not ledger.can_train(noise, sample_rate, steps, dp.target_epsilon):
         projected = ledger.projected_epsilon(noise, sample_rate, steps)
         return RoundResult(False, 0, float("nan"), 0,
