@@ -17,11 +17,8 @@ SuperNode's token, ended when its message is answered.
   a message is never lost to this speed-up.
 - `FLWR_SUPEREXEC_TASK_POLL_INTERVAL` (Flower's: how often the SuperExec asks the SuperNode for a new task, 1 s
   by default) is set to `POLL_SECONDS` unless the environment sets it.
-- The SuperNode hands a message to its SuperExec before the message's contents have arrived from the SuperLink
-  (`flwr/supernode/start_client_internal.py` stores it first, then pulls its objects), so the ClientApp's first
-  pull of the contents usually finds them missing and Flower's retry waits 1 s, then 2 s (`PULL_INITIAL_BACKOFF`):
-  3 s of every message, measured in the nodes' logs. Forked ClientApps start that back-off at
-  `PULL_FIRST_RETRY_S` instead (doubling to Flower's cap of 10 s, with Flower's limits on tries and time).
+- Forked ClientApps retry message contents their SuperNode has not stored yet within 20-100 ms instead of Flower's
+  1 s, 2 s, 4 s (`shared/object_pulls.py`).
 """
 
 from __future__ import annotations
@@ -34,10 +31,10 @@ import sys
 from collections.abc import Sequence
 
 from fedcvr.shared import superexec
+from fedcvr.shared.object_pulls import LOCAL, faster_object_pulls
 
 MODULE = "fedcvr.client.superexec"
 POLL_SECONDS = "0.1"
-PULL_FIRST_RETRY_S = 0.05
 # what a training message imports, in the order it needs them; preloaded once by the warm parent
 WARM_MODULES = ("numpy", "pandas", "pyarrow", "torch", "opacus", "flwr.supernode.cli.flwr_clientapp",
                 "fedcvr.client.app", "fedcvr.client.node", "fedcvr.client.secagg", "fedcvr.shared.training.local",
@@ -60,15 +57,6 @@ def _preload(modules: Sequence[str]) -> list[str]:
         except Exception:  # noqa: BLE001 - a broken import must fail the message that needs it, not the node
             failed.append(name)
     return failed
-
-
-def faster_object_pulls(first_retry: float = PULL_FIRST_RETRY_S) -> None:
-    """Start Flower's back-off for message contents not yet stored at `first_retry` seconds (see the module text)."""
-    from flwr.supercore.inflatable import inflatable_utils
-
-    for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        if function.__kwdefaults__ and "initial_backoff" in function.__kwdefaults__:
-            function.__kwdefaults__["initial_backoff"] = first_retry
 
 
 def _child(argv: list[str], quiet: bool) -> None:
@@ -112,10 +100,7 @@ def serve(read_fd: int, modules: Sequence[str] = WARM_MODULES) -> None:
     """The warm parent: import `modules`, then fork a child for each request (one JSON line: {"argv": [...],
     "quiet": bool}) read from `read_fd`, until it closes. Never returns."""
     _preload(modules)
-    try:
-        faster_object_pulls()
-    except (ImportError, AttributeError):  # another Flower: its own back-off
-        pass
+    faster_object_pulls(*LOCAL)
     pending = b""
     try:
         while True:

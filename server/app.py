@@ -26,6 +26,7 @@ from fedcvr.shared.model.config import ModelConfig
 from fedcvr.shared.model.esmm import initial_model
 from fedcvr.shared.model.folder import save_model_folder
 from fedcvr.shared.model.weights import load_trainable_state, trainable_state
+from fedcvr.shared.object_pulls import REMOTE, faster_object_pulls
 from fedcvr.shared.training.personalise import PersonaliseConfig
 
 from .checkpoint import Checkpoint, check_fits, load_checkpoint, save_checkpoint
@@ -210,4 +211,5 @@ def run_training(grid: Grid, run_config: dict, config: ServerConfig, context: Co
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    faster_object_pulls(*REMOTE)  # replies' contents not yet at the SuperLink: asked again within 0.05-0.5 s
     run_training(grid, dict(context.run_config), ServerConfig.from_run_config(context.run_config), context)
