@@ -138,13 +138,15 @@ def serve_command(
     console.print(f"API token in {token_path}: POST /items{'' if loopback else ' and every read'} needs the header "
                   "'Authorization: Bearer <token>'", highlight=False, soft_wrap=True)
     app = create_app(recommender, token=token, open_reads=loopback)
+    from fedcvr.client.workers import bind, limit_threads, serve_forked
+
     if workers == 1:
+        limit_threads(threads)
         uvicorn.run(app, host=host, port=port, log_level="info")
         return
-    from fedcvr.client.workers import bind, serve_forked
 
     try:
-        sock = bind(host, port)
+        sockets = bind(host, port, workers)
     except OSError as err:
         _fail(f"cannot listen on {host}:{port} ({err.strerror}): pick another --port or --host")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer's threads do not survive a fork
@@ -152,4 +154,4 @@ def serve_command(
     def run(listening: socket.socket) -> None:
         uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listening])
 
-    serve_forked(run, sock, workers, threads, log=lambda text: console.print(text, highlight=False))
+    serve_forked(run, sockets, workers, threads, log=lambda text: console.print(text, highlight=False))
