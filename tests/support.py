@@ -213,3 +213,31 @@ def a_shopper(folder: Path, with_purchase: bool = False) -> str:
     if with_purchase:
         events = events[events["event"] == "purchase"]
     return str(events["user_id"].value_counts().index[0])
+
+
+def start_serving(model_dir: Path, data_dir: Path, log: Path, *extra: str, timeout: float = 120
+                  ) -> tuple[subprocess.Popen, str]:
+    """`fedcvr serve` on 127.0.0.1 and a free port (with `extra` options), once GET /health answers 200 ->
+    (the process, to stop by its PID; the base URL). AssertionError with the log if it does not start."""
+    import time
+
+    import httpx
+
+    port = sim.free_ports(1)[0]
+    with log.open("wb") as handle:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "fedcvr"), "serve", "--model-dir",
+                                    str(model_dir), "--data-dir", str(data_dir), "--port", str(port), *extra],
+                                   stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"the server did not start:\n{log.read_text()}")
+        time.sleep(0.3)

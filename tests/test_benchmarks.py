@@ -91,6 +91,11 @@ def test_the_suite_summarises_every_figure_against_its_target():
         "serving": {"retrieval": {"ratio_of_medians": 1.3}, "http": {"recommend": {"p50_ms": 5.0, "p99_ms": 17.0}}},
         "scale": {"seconds_per_round_fit": {"slope": 1.5, "r2": 0.999}, "peak_mb_fit": {"slope": 20.0, "r2": 0.99}},
         "gpu": {"measured": False, "reason": "no CUDA device is visible"},
+        "serving_load": {"clients": 50, "catalog_items": 10_000, "runs": [
+            {"workers": 1, "load": {"p99_ms": 240.0, "requests_per_s": 150.0}, "sequential": {"p99_ms": 9.0}},
+            {"workers": 2, "load": {"p99_ms": 90.0, "requests_per_s": 400.0}, "sequential": {"p99_ms": 9.5}}]},
+        "training_throughput": {"measured": True, "train_examples": 1_000, "epochs": [
+            {"rate": 1.0, "seconds": 150.0}, {"rate": 0.25, "seconds": 60.0}], "dp": {"rate": 0.25, "epoch_s": 300.0}},
         "deployed_round": {"merchants": 3, "rounds": [
             {"mode": "plain", "overhead_per_message_s": 2.5}, {"mode": "plain", "overhead_per_message_s": 3.5},
             {"mode": "secagg", "overhead_per_message_s": 1.2}]},
@@ -103,6 +108,10 @@ def test_the_suite_summarises_every_figure_against_its_target():
     assert rows["re-encode: full forward / cached prefix"] == ("40.0x", ">= 3", "yes")
     assert rows["scale: s/round per merchant (fit)"][2] == "yes"
     assert rows["GPU / CPU step speed-up"][0].startswith("not measured")
+    assert rows["POST /recommend p99, 50 parallel clients, 10,000 items, 1 worker(s)"] == ("240 ms", "< 100 ms", "NO")
+    assert rows["POST /recommend p99, 50 parallel clients, 10,000 items, 2 worker(s)"][2] == "yes"
+    assert rows["epoch of 1,000 examples, negatives kept 1"] == ("150 s", "< 120 s", "NO")
+    assert rows["epoch of 1,000 examples, negatives kept 0.25"][2] == "yes"
     # the worst round counts
     assert rows["deployed round overhead per message (plain, 3 nodes, worst round)"] == ("3.5 s", "<= 3 s", "NO")
     assert rows["deployed round overhead per message (secagg, 3 nodes, worst round)"][2] == "yes"
@@ -141,3 +150,19 @@ def test_cold_start_benchmark_times_each_step_of_a_node_before_it_trains(tmp_pat
                                      "the catalog's prefix states"]
     assert all(seconds >= 0 for seconds in result["steps"].values()) and result["total_s"] > 0
     assert json.loads((tmp_path / "cold_start.json").read_text())["merchant"] == result["merchant"]
+
+
+def test_training_throughput_times_epochs_with_and_without_subsampling_and_dp_steps(tmp_path, tiny_bert, tiny_market,
+                                                                                      capsys):
+    from fedcvr.simulations.benchmarks import training_throughput
+
+    result = training_throughput.main(["--data", str(tiny_market), "--rates", "1", "0.5", "--dp-rate", "0.5",
+                                       "--dp-steps", "2", "--encoder", str(tiny_bert), "--out", str(tmp_path)])
+    full, half = result["epochs"]
+    assert full["examples"] == result["train_examples"] > half["examples"] > 0
+    assert full["examples_per_s"] > 0 and half["seconds"] > 0
+    assert result["dp"]["steps_timed"] >= 1 and result["dp"]["epoch_s"] > 0 and not result["dp"]["epoch_measured"]
+    assert "DP epoch, negatives kept 0.5" in capsys.readouterr().out
+    missing = training_throughput.main(["--data", f"online-retail:{tmp_path / 'nowhere.parquet'}",
+                                        "--out", str(tmp_path / "m")])
+    assert missing["measured"] is False and "not found" in missing["reason"]

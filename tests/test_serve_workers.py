@@ -6,16 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from support import descendants, make_model
+from support import descendants, make_model, start_serving
 
 from fedcvr.client.recommender import Recommender
-from fedcvr.simulations.launcher import free_ports
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="worker processes are forked (POSIX)")
 
@@ -45,23 +43,9 @@ def _workers(pid: int) -> set[int]:
 def test_served_by_two_workers_restarted_when_one_dies_and_stopped_together(tmp_path, tiny_bert, tiny_market):
     shop = tiny_market / "merchant-01"
     model_dir = make_model(tmp_path / "model", tiny_bert)
-    port = free_ports(1)[0]
     log = tmp_path / "serve.log"
-    with log.open("wb") as handle:
-        process = subprocess.Popen([str(Path(sys.executable).parent / "fedcvr"), "serve", "--model-dir",
-                                    str(model_dir), "--data-dir", str(shop), "--port", str(port), "--workers", "2"],
-                                   stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    base = f"http://127.0.0.1:{port}"
+    process, base = start_serving(model_dir, shop, log, "--workers", "2")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.3)
         workers = _workers(process.pid)
         assert len(workers) == 2, log.read_text()
         token = (model_dir / "serve.token").read_text().strip()

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import stat
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from support import a_shopper, make_model
+from support import a_shopper, make_model, start_serving
 from typer.testing import CliRunner
 
 from fedcvr.cli import app
@@ -25,7 +22,6 @@ from fedcvr.shared.data.loader import load_merchant
 from fedcvr.shared.integrity import write_digests
 from fedcvr.shared.model.errors import ModelConfigError
 from fedcvr.shared.model.folder import ENCODER
-from fedcvr.simulations.launcher import free_ports
 
 
 @pytest.fixture(scope="module")
@@ -178,23 +174,8 @@ def served(shop, tiny_bert, tmp_path_factory):
     -> (client, the token file the server made in its model folder)."""
     tmp_path = tmp_path_factory.mktemp("serve")
     model_dir = make_model(tmp_path / "model", tiny_bert)
-    port = free_ports(1)[0]
-    log = (tmp_path / "serve.log").open("wb")
-    process = subprocess.Popen([str(Path(sys.executable).parent / "fedcvr"), "serve", "--model-dir", str(model_dir),
-                                "--data-dir", str(shop), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    base = f"http://127.0.0.1:{port}"
+    process, base = start_serving(model_dir, shop, tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the server did not start:\n{(tmp_path / 'serve.log').read_text()}")
-            time.sleep(0.5)
         yield httpx.Client(base_url=base, timeout=30), model_dir / "serve.token"
     finally:
         process.send_signal(signal.SIGTERM)

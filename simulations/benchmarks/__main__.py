@@ -3,8 +3,8 @@ against their targets, written with the machine's description to `<out>/benchmar
 
     python -m fedcvr.simulations.benchmarks [--out runs/bench] [--only dp_overhead encoder ...]
 
-The benchmarks (each also runs alone, see its module): dp_overhead, encoder, communication, serving, scale,
-ranking, deployed_round, gpu.
+The benchmarks (each also runs alone, see its module): dp_overhead, encoder, communication, serving, serving_load,
+scale, ranking, training_throughput (needs the Online Retail file; says so without it), deployed_round, gpu.
 Each measures its figures side by side in one run, so the ratios hold on a busy machine; the whole suite takes
 about an hour and a half on 2 CPU cores (deployed_round alone about 16 minutes; the serving benchmark's 100k-item
 index is built once and kept in `<out>`).
@@ -20,7 +20,8 @@ from typing import Any
 
 from fedcvr.simulations.benchmarks.common import machine, print_table, write_result
 
-ORDER = ("dp_overhead", "encoder", "communication", "serving", "scale", "ranking", "deployed_round", "gpu")
+ORDER = ("dp_overhead", "encoder", "communication", "serving", "serving_load", "scale", "ranking",
+         "training_throughput", "deployed_round", "gpu")
 
 
 def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
@@ -56,6 +57,20 @@ def summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str
         add("top-10 retrieval / numpy matmul + argpartition (100k items)", ratio, "<= 1.5", ratio <= 1.5)
         rows.append(("POST /recommend p50 / p99", f"{r['http']['recommend']['p50_ms']:.1f} / "
                                                   f"{r['http']['recommend']['p99_ms']:.1f} ms", "", ""))
+    if "serving_load" in results:
+        r = results["serving_load"]
+        for run in r["runs"]:
+            load = run["load"]
+            add(f"POST /recommend p99, {r['clients']} parallel clients, {r['catalog_items']:,} items, "
+                f"{run['workers']} worker(s)", load["p99_ms"], "< 100 ms", load["p99_ms"] < 100, "{:.0f} ms")
+            rows.append((f"  requests/s at {run['workers']} worker(s) (sequential p99)",
+                         f"{load['requests_per_s']:.0f} ({run['sequential']['p99_ms']:.1f} ms)", "", ""))
+    if "training_throughput" in results and results["training_throughput"].get("measured"):
+        r = results["training_throughput"]
+        for e in r["epochs"]:
+            add(f"epoch of {r['train_examples']:,} examples, negatives kept {e['rate']:g}", e["seconds"], "< 120 s",
+                e["seconds"] < 120, "{:.0f} s")
+        rows.append((f"DP epoch, negatives kept {r['dp']['rate']:g}", f"{r['dp']['epoch_s']:.0f} s", "", ""))
     if "scale" in results:
         t, m = results["scale"]["seconds_per_round_fit"], results["scale"]["peak_mb_fit"]
         rows.append(("scale: s/round per merchant (fit)", f"{t['slope']:.3f} s (R^2 {t['r2']:.3f})", "linear",
