@@ -103,10 +103,14 @@ def app_run_config(app_dir: Path) -> dict[str, Any]:
 
 
 @functools.cache
+def _declared() -> dict[str, Any]:
+    return app_run_config(find_app_dir())
+
+
 def declared_defaults() -> dict[str, Any]:
     """The default run config of the fedcvr Flower App this code belongs to (`[tool.flwr.app.config]`): the one
-    place defaults are written. Read once."""
-    return app_run_config(find_app_dir())
+    place defaults are written. Read once; each caller gets its own copy (changing it changes no one else's)."""
+    return dict(_declared())
 
 
 def defaults_with(overrides: str, **fixed: Any) -> dict[str, Any]:

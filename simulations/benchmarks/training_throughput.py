@@ -60,7 +60,7 @@ def setup(folder: Path, test_from: str | None, out: Path, encoder: str = "") -> 
     from fedcvr.shared.training.loop import ItemSide, resolve_device
     from fedcvr.shared.training.prepare import prepare, select_merchants
 
-    run_config = flower_app.declared_defaults()
+    run_config = dict(flower_app.declared_defaults())  # a copy: the declared defaults are cached
     if encoder:
         run_config["model.encoder"] = encoder
     if test_from:
