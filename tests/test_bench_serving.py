@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fedcvr.simulations.benchmarks import serving
 
 
@@ -21,6 +23,7 @@ def test_serving_benchmark_reports_latency_and_the_retrieval_ratio(tmp_path, tin
     assert "POST /recommend k=10 p50 / p99" in printed and "retrieval ratio" in printed
 
 
+@pytest.mark.slow  # 15-30 s: the integration lane
 def test_the_load_benchmark_measures_sequential_and_parallel_clients_at_each_worker_count(tmp_path, tiny_bert, capsys):
     from fedcvr.simulations.benchmarks import serving_load
 

@@ -152,6 +152,7 @@ def test_cold_start_benchmark_times_each_step_of_a_node_before_it_trains(tmp_pat
     assert json.loads((tmp_path / "cold_start.json").read_text())["merchant"] == result["merchant"]
 
 
+@pytest.mark.slow  # 15-30 s: the integration lane
 def test_training_throughput_times_epochs_with_and_without_subsampling_and_dp_steps(tmp_path, tiny_bert, tiny_market,
                                                                                       capsys):
     from fedcvr.simulations.benchmarks import training_throughput
