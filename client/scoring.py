@@ -56,29 +56,34 @@ class Scores:
     attention: np.ndarray
 
 
+def _one_history(index: ItemIndex, rows: np.ndarray, history: History) -> tuple[torch.Tensor, ScoreInputs]:
+    """The embeddings of index `rows` followed by the history's items (U, D), and the history as one shopper's
+    inputs indexing into them (an empty history as one masked slot: scored as no history at all). Only the
+    history's fields are set: `score_against` and `score_masked` read nothing else."""
+    hist_rows = np.asarray([index.position[i] for i in history.item_ids], dtype=np.int64)
+    table = torch.from_numpy(index.embeddings[np.concatenate([rows, hist_rows])])  # candidates, then the history
+    seen = bool(len(hist_rows))
+    positions = torch.arange(len(rows), len(rows) + len(hist_rows)) if seen else torch.zeros(1, dtype=torch.long)
+    return table, ScoreInputs(
+        target=torch.zeros(1, dtype=torch.long),
+        history=positions[None],
+        history_mask=torch.full((1, max(len(hist_rows), 1)), seen),
+        events=torch.as_tensor(pd.Index(EVENT_TYPES).get_indexer(history.events) if seen else [0],
+                               dtype=torch.long)[None],
+        age_hours=torch.as_tensor(history.age_hours if seen else [0.0], dtype=torch.float32)[None],
+        position=torch.zeros(1, dtype=torch.long),
+        signals=torch.zeros(1, 0),
+    )
+
+
 @torch.no_grad()
 def score_rows(model: ConversionModel, index: ItemIndex, rows: np.ndarray, history: History,
                signals: np.ndarray) -> Scores:
     """Scores of index `rows` (B,) for `history` (an empty one is scored as no history at all), each row with its
     signals (B, N_SIGNALS) for this shopper (`Recommender.signals`). The one history is read once for all rows
     (`ConversionModel.score_against`: the same scores as `score` of each (history, row) pair)."""
-    hist_rows = np.asarray([index.position[i] for i in history.item_ids], dtype=np.int64)
-    length = max(len(hist_rows), 1)
-    table = torch.from_numpy(index.embeddings[np.concatenate([rows, hist_rows])])  # candidates, then the history
-    b_all = len(rows)
-    positions = torch.arange(b_all, b_all + len(hist_rows)) if len(hist_rows) else torch.zeros(1, dtype=torch.long)
-    codes = torch.as_tensor(pd.Index(EVENT_TYPES).get_indexer(history.events) if len(history) else [0],
-                            dtype=torch.long)
-    ages = torch.as_tensor(history.age_hours if len(history) else [0.0], dtype=torch.float32)
-    shopper = ScoreInputs(
-        target=torch.zeros(1, dtype=torch.long),  # unused by score_against
-        history=positions[None],
-        history_mask=torch.full((1, length), bool(len(hist_rows))),
-        events=codes[None],
-        age_hours=ages[None],
-        position=torch.zeros(1, dtype=torch.long),
-        signals=torch.zeros(1, signals.shape[-1] if signals.ndim == 2 else 0),  # unused by score_against
-    )
+    table, shopper = _one_history(index, rows, history)
+    length = shopper.history.shape[1]
     parts: list[tuple[np.ndarray, ...]] = []
     step = max(1, MAX_CELLS // length)
     for start in range(0, len(rows), step):
@@ -105,18 +110,8 @@ def contributions(model: ConversionModel, index: ItemIndex, rows: np.ndarray, hi
         return distinct, np.zeros((len(rows), len(distinct)))
     owner = np.asarray(history.item_ids, dtype=object)
     keep = torch.from_numpy(np.stack([owner != item for item in distinct]))  # (N, L): the history without item n
-    hist_rows = np.asarray([index.position[i] for i in history.item_ids], dtype=np.int64)
-    table = torch.from_numpy(index.embeddings[np.concatenate([rows, hist_rows])])
+    table, shopper = _one_history(index, rows, history)
     n, length = keep.shape
-    shopper = ScoreInputs(
-        target=torch.zeros(1, dtype=torch.long),  # unused by score_masked
-        history=torch.arange(len(rows), len(rows) + length)[None],
-        history_mask=torch.ones(1, length, dtype=torch.bool),
-        events=torch.as_tensor(pd.Index(EVENT_TYPES).get_indexer(history.events), dtype=torch.long)[None],
-        age_hours=torch.as_tensor(history.age_hours, dtype=torch.float32)[None],
-        position=torch.zeros(1, dtype=torch.long),
-        signals=torch.zeros(1, signals.shape[-1]),  # unused by score_masked
-    )
     step = max(1, MAX_CELLS // (n * length))
     # without item n, the rows that ARE item n lose their candidate-in-history signals (never touched)
     per_variant = np.repeat(signals[None], n, 0)  # (N, B, N_SIGNALS)

@@ -59,6 +59,22 @@ class UserTower(nn.Module):
         shopper and the attention's behaviour x target term as one matrix product. history (n, L, D), events /
         recency / mask (n, L), targets (k, D)."""
         behaviour = self._behaviour(history, events, recency)  # (n, L, D)
+        weights = self._pair_weights(behaviour, targets) * mask[None]  # (k, n, L)
+        return self._users(weights, behaviour, mask), weights
+
+    def against_masks(self, history: torch.Tensor, events: torch.Tensor, recency: torch.Tensor,
+                      masks: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The user vectors of one history read through each of N masks, against each of k targets, (N, k, D):
+        what `against` gives for the history repeated N times with mask n each, with the attention computed once
+        (a behaviour's attention weight depends on the behaviour and the target, never on the mask).
+        history (1, L, D), events / recency (1, L), masks (N, L) bool, targets (k, D)."""
+        behaviour = self._behaviour(history, events, recency)  # (1, L, D)
+        weights = self._pair_weights(behaviour, targets) * masks[None]  # (k, 1, L) x (1, N, L) -> (k, N, L)
+        return self._users(weights, behaviour.expand(len(masks), -1, -1), masks)
+
+    def _pair_weights(self, behaviour: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The attention weight of each behaviour of n histories (n, L, D) for each of k targets (k, D), before
+        any mask: (k, n, L) in [0, 1]."""
         first, second = self.attention[0], self.attention[2]
         w_b, w_q, w_diff, w_prod = first.weight.split(behaviour.shape[-1], dim=1)  # each (H, D)
         # W [b, q, b - q, b * q] + c = (W_b + W_diff) b + (W_q - W_diff) q + W_prod (b * q) + c
@@ -70,29 +86,14 @@ class UserTower(nn.Module):
         # laid out (k, n, L, H) so that the sums and the ReLU below run in place
         crossed = targets @ (behaviour[:, :, None, :] * w_prod[None, None]).reshape(n * length * hidden, dim).T
         pre = crossed.view(-1, n, length, hidden).add_(per_shopper[None]).add_(per_target[:, None, None, :]).relu_()
-        scores = pre @ second.weight[0] + second.bias[0]  # (k, n, L)
-        weights = torch.sigmoid(scores) * mask[None]
+        return torch.sigmoid(pre @ second.weight[0] + second.bias[0])  # (k, n, L)
+
+    def _users(self, weights: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The user vectors (n, k, D) from masked attention weights (k, n, L) over behaviours (n, L, D), mask (n, L):
+        the interest and the long-term interest, combined as `forward` combines them."""
         count = mask.sum(1, keepdim=True).clamp(min=1)  # (n, 1)
         interest = torch.einsum("knl,nld->nkd", weights, behaviour) / count[:, :, None]  # (n, k, D)
         long_term = self._long_term(behaviour, mask, count)  # (n, D)
-        linear, norm = self.out[0], self.out[1]
-        w_interest, w_long = linear.weight.split(dim, dim=1)
-        user = interest @ w_interest.T + (long_term @ w_long.T + linear.bias)[:, None, :]
-        return norm(user), weights
-
-    def against_masks(self, history: torch.Tensor, events: torch.Tensor, recency: torch.Tensor,
-                      masks: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The user vectors of one history read through each of N masks, against each of k targets, (N, k, D):
-        what `against` gives for the history repeated N times with mask n each, with the attention computed once
-        (a behaviour's attention weight depends on the behaviour and the target, never on the mask).
-        history (1, L, D), events / recency (1, L), masks (N, L) bool, targets (k, D)."""
-        _, raw = self.against(history, events, recency, torch.ones_like(masks[:1]), targets)  # (k, 1, L)
-        behaviour = self._behaviour(history, events, recency)[0]  # (L, D)
-        kept = masks.to(behaviour.dtype)  # (N, L)
-        count = kept.sum(1, keepdim=True).clamp(min=1)  # (N, 1)
-        weights = raw[:, 0, :][None] * kept[:, None, :]  # (N, k, L)
-        interest = (weights @ behaviour) / count[:, :, None]  # (N, k, D)
-        long_term = self.long_term((kept @ behaviour) / count)  # (N, D)
         linear, norm = self.out[0], self.out[1]
         w_interest, w_long = linear.weight.split(behaviour.shape[-1], dim=1)
         return norm(interest @ w_interest.T + (long_term @ w_long.T + linear.bias)[:, None, :])
