@@ -23,6 +23,7 @@ SuperNode's token, ended when its message is answered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 
 from fedcvr.shared import superexec
 from fedcvr.shared.object_pulls import LOCAL, faster_object_pulls
+from fedcvr.shared.processes import exit_after, reap_dead_children
 
 MODULE = "fedcvr.client.superexec"
 POLL_SECONDS = "0.1"
@@ -46,23 +48,19 @@ def command(python: str, flower_args: list[str]) -> list[str]:
     return [python, "-m", MODULE, *flower_args]
 
 
-def _preload(modules: Sequence[str]) -> list[str]:
-    """Import `modules`; the names that failed to import (their children import them again and raise there)."""
+def _preload(modules: Sequence[str]) -> None:
+    """Import `modules`; one that fails to import is left to the message that needs it (it raises there)."""
     import importlib
 
-    failed = []
     for name in modules:
-        try:
+        with contextlib.suppress(Exception):
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a broken import must fail the message that needs it, not the node
-            failed.append(name)
-    return failed
 
 
 def _child(argv: list[str], quiet: bool) -> None:
-    """In a forked child: run Flower's `flwr-clientapp` with `argv`, then leave without the parent's exit code."""
-    code = 1
-    try:
+    """In a forked child: run Flower's `flwr-clientapp` with `argv`, then leave without the parent's exit code
+    (nothing it raises reaches the warm parent's loop)."""
+    def run() -> None:
         if quiet:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
@@ -73,27 +71,8 @@ def _child(argv: list[str], quiet: bool) -> None:
 
         sys.argv = list(argv)
         flwr_clientapp()
-        code = 0
-    except SystemExit as end:
-        code = end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
-    except BaseException:  # noqa: BLE001 - report it as Flower would, then leave with a failure
-        import traceback
 
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    exit_after(run)
 
 
 def serve(read_fd: int, modules: Sequence[str] = WARM_MODULES) -> None:
@@ -105,7 +84,7 @@ def serve(read_fd: int, modules: Sequence[str] = WARM_MODULES) -> None:
     try:
         while True:
             ready, _, _ = select.select([read_fd], [], [], 1.0)
-            _reap()
+            reap_dead_children()
             if not ready:
                 continue
             chunk = os.read(read_fd, 65536)

@@ -22,9 +22,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
+
+from fedcvr.shared.processes import exit_after
 
 RESTART_PAUSE_S = 1.0  # between a worker's death and its replacement, so a crash loop cannot spin
 
@@ -65,23 +66,13 @@ def limit_threads(threads: int) -> None:
 
 def _worker(run: Callable[[socket.socket], None], sock: socket.socket, threads: int) -> None:
     """In a forked worker: serve until told to stop, then leave without the parent's exit handlers."""
-    code = 0
-    try:
+    def work() -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         limit_threads(threads)
         run(sock)
-    except SystemExit as end:
-        code = end.code if isinstance(end.code, int) else 0
-    except BaseException:  # noqa: BLE001 - shown, then the parent starts another worker
-        import traceback
 
-        traceback.print_exc()
-        code = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    exit_after(work)
 
 
 def serve_forked(run: Callable[[socket.socket], None], sockets: list[socket.socket], workers: int, threads: int,

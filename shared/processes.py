@@ -7,6 +7,7 @@
   ClientApp process per message) runs `start_reaper`.
 - `ChildGroup`: children that live and end together: SIGTERM or SIGINT of this process, or the end of any one
   of them, stops them all, each by its PID.
+- `exit_after`: how a forked child (a warm ClientApp, a serving worker) runs its work and leaves.
 - `start_watchdog`: a helper process in a session of its own that runs a clean-up command once this process has
   ended in any way (SIGKILL included): for what a child starts detached from us (`flwr run`'s local SuperLink).
 
@@ -23,7 +24,9 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 REAP_SECONDS = 1.0
@@ -58,6 +61,24 @@ def reap_dead_children() -> list[int]:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(info.si_pid, 0)
         reaped.append(info.si_pid)
+
+
+def exit_after(function: Callable[[], object]) -> NoReturn:
+    """In a forked child: run `function`, then leave without the parent's exit handlers (`os._exit`), with 0 when
+    it returns, the code of its `sys.exit` (None 0, a number that number, anything else 1), or 1 after any other
+    exception (its traceback printed first)."""
+    code = 1
+    try:
+        function()
+        code = 0
+    except SystemExit as end:
+        code = 0 if end.code is None else end.code if isinstance(end.code, int) else 1
+    except BaseException:  # noqa: BLE001 - shown, then the child ends with a failure
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def start_reaper(every: float = REAP_SECONDS) -> threading.Thread:

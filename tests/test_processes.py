@@ -262,3 +262,16 @@ def test_stop_also_ends_unmarked_processes_in_the_session_of_a_flower_process(tm
 def test_ancestors_hold_this_process_and_its_parent():
     parent = {os.getppid()} if os.getppid() > 1 else set()  # an orphan's parent is PID 1, which is never listed
     assert {os.getpid(), *parent} <= sim.ancestors()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child (POSIX)")
+@pytest.mark.parametrize(("body", "code"), [("pass", 0), ("sys.exit(3)", 3), ("sys.exit()", 0),
+                                            ("sys.exit('bad')", 1), ("raise ValueError('x')", 1)])
+def test_a_forked_child_leaves_with_its_own_exit_code(body, code):
+    from fedcvr.shared.processes import exit_after
+
+    pid = os.fork()
+    if pid == 0:
+        exit_after(lambda: exec(body, {"sys": sys}))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == code

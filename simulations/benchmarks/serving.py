@@ -91,8 +91,10 @@ def in_process(recommender, shoppers: list[str], requests: int, rng: np.random.G
     return out
 
 
-def end_to_end(model_dir: Path, data_dir: Path, shoppers: list[str], requests: int, warmup: int, k: int,
-               rng: np.random.Generator, log: Path) -> dict[str, object]:
+def start_server(model_dir: Path, data_dir: Path, log: Path, *options: str, timeout: float = 1800
+                 ) -> tuple[subprocess.Popen, int]:
+    """`fedcvr serve` on 127.0.0.1 and a free port (with `options`) in a session of its own, once GET /health
+    answers 200 (the first start builds the item index) -> (the process, its port); stop it with `stop_server`."""
     import httpx
 
     from fedcvr.simulations.launcher import free_ports
@@ -100,20 +102,37 @@ def end_to_end(model_dir: Path, data_dir: Path, shoppers: list[str], requests: i
     port = free_ports(1)[0]
     with log.open("wb") as handle:
         server = subprocess.Popen([str(Path(sys.executable).parent / "fedcvr"), "serve", "--model-dir",
-                                   str(model_dir), "--data-dir", str(data_dir), "--port", str(port)],
-                                  stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                   str(model_dir), "--data-dir", str(data_dir), "--port", str(port), *options],
+                                  stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                  start_new_session=True)
+    started = time.monotonic()
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return server, port
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() - started > timeout:
+            stop_server(server)
+            raise RuntimeError(f"fedcvr serve did not start; see {log}")
+        time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop a server from `start_server` by its PID, with every worker it forked."""
+    from fedcvr.shared.processes import end_session
+
+    end_session(server, grace=15)
+
+
+def end_to_end(model_dir: Path, data_dir: Path, shoppers: list[str], requests: int, warmup: int, k: int,
+               rng: np.random.Generator, log: Path) -> dict[str, object]:
+    import httpx
+
+    started = time.monotonic()
+    server, port = start_server(model_dir, data_dir, log, timeout=900)
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-        started = time.monotonic()
-        while True:
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() - started > 900:
-                raise RuntimeError(f"fedcvr serve did not start; see {log}")
-            time.sleep(0.5)
         startup = time.monotonic() - started
         times = []
         for i, user in enumerate(rng.choice(shoppers, size=warmup + requests)):
@@ -126,12 +145,7 @@ def end_to_end(model_dir: Path, data_dir: Path, shoppers: list[str], requests: i
                 times.append(elapsed)
         return {"recommend": percentiles(times), "server_start_s": startup}
     finally:
-        server.terminate()  # by PID
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -26,8 +26,6 @@ import asyncio
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from fedcvr.simulations.benchmarks.common import command, machine, print_table, write_result
-from fedcvr.simulations.benchmarks.serving import prepare
+from fedcvr.simulations.benchmarks.serving import prepare, start_server, stop_server
 
 
 class Connection:
@@ -134,41 +132,10 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _start_server(model_dir: Path, data_dir: Path, port: int, workers: int, log: Path) -> subprocess.Popen:
-    import httpx
-
-    with log.open("wb") as handle:
-        server = subprocess.Popen([str(Path(sys.executable).parent / "fedcvr"), "serve", "--model-dir",
-                                   str(model_dir), "--data-dir", str(data_dir), "--port", str(port),
-                                   "--workers", str(workers)],
-                                  stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                                  start_new_session=True)
-    started = time.monotonic()
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None or time.monotonic() - started > 1800:
-            _stop(server)
-            raise RuntimeError(f"fedcvr serve did not start; see {log}")
-        time.sleep(0.5)
-
-
-def _stop(server: subprocess.Popen) -> None:
-    from fedcvr.shared.processes import end_session
-
-    end_session(server, grace=15)
-
-
 def run_workers(model_dir: Path, data_dir: Path, shoppers: list[str], workers: int, args: argparse.Namespace,
                 out: Path) -> dict[str, Any]:
-    from fedcvr.simulations.launcher import free_ports
-
-    port = free_ports(1)[0]
     began = time.monotonic()
-    server = _start_server(model_dir, data_dir, port, workers, out / f"serve-workers-{workers}.log")
+    server, port = start_server(model_dir, data_dir, out / f"serve-workers-{workers}.log", "--workers", str(workers))
     try:
         startup = time.monotonic() - began
         sequential = asyncio.run(_sequential(port, shoppers, args.sequential, args.warmup, args.k))
@@ -177,7 +144,7 @@ def run_workers(model_dir: Path, data_dir: Path, shoppers: list[str], workers: i
         load["load_generator_cpu_s"] = _cpu_seconds() - cpu
         return {"workers": workers, "server_start_s": startup, "sequential": sequential, "load": load}
     finally:
-        _stop(server)
+        stop_server(server)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
